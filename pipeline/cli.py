@@ -1,0 +1,161 @@
+"""The `polytask` command: parses arguments and calls the pipeline's functions, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger("polytask")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("urllib3", "filelock", "matplotlib", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, object]:
+    """`--set train.epochs=3` pairs; values parsed as YAML (numbers, booleans, lists)."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.data import format_stats, load_tasks
+    from pipeline.features import resolve_encoder_path
+
+    config = load_config(args.config, data_dir=args.data_dir, overrides=_overrides(args.set))
+    resolve_encoder_path(config.encoder.path, config.encoder.allow_download)
+    tasks = load_tasks(config)
+    print(format_stats(tasks))
+    print(f"{args.config}: OK ({len(tasks)} tasks)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.train.driver import format_stage_table, train
+
+    config = load_config(args.config, data_dir=args.data_dir, overrides=_overrides(args.set))
+    if args.address:
+        config.scaling.address = args.address
+    result = train(config, run_name=args.run_name)
+    rec = result.record
+    print()
+    print("What each stage did (dev accuracy, %):")
+    print(format_stage_table(rec["stages"]))
+    print(f"\nselected model: dev macro-average accuracy {rec['dev_macro_accuracy']:.2f}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate_run, format_results
+
+    results = evaluate_run(args.run, data_dir=args.data_dir, split=args.split)
+    print(format_results(results))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_affinity(args: argparse.Namespace) -> int:
+    from pipeline.affinity import run_affinity
+    from pipeline.config import load_config
+
+    config = load_config(args.config, data_dir=args.data_dir)
+    out = run_affinity(config, output_dir=args.output, run_dir=args.run, split=args.split)
+    print(f"wrote {out['json']} and {', '.join(str(p) for p in out['plots'])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polytask", description="Train and evaluate multi-task text classifiers."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", type=Path, help="run config (YAML)")
+        p.add_argument("--data-dir", help="replaces the config's data_root (or POLYTASK_DATA_DIR)")
+
+    p = sub.add_parser("validate", help="check a config and its data, report every error")
+    with_config(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("train", help="train a run on Ray and print its run directory")
+    with_config(p)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.epochs=3",
+    )
+    p.add_argument("--address", help="Ray cluster to join (else RAY_ADDRESS, else local)")
+    p.add_argument("--run-name", help="run name (default: <name>-<timestamp>-<id>)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="per-task accuracy and macro-F1 of a run")
+    p.add_argument("run", type=Path, help="run directory printed by `polytask train`")
+    p.add_argument("--data-dir", type=Path, help="directory with <task>/<split>.<format>")
+    p.add_argument("--split", default="dev", help="dev, test, ... (default dev)")
+    p.add_argument("--output", type=Path, help="write the results as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("affinity", help="task covariance similarity (before/after alignment)")
+    with_config(p)
+    p.add_argument("--run", type=Path, help="a trained run: adds the after-alignment matrix")
+    p.add_argument("--split", default="train", help="split whose features are compared")
+    p.add_argument("--output", type=Path, default=Path("affinity"), help="output directory")
+    p.set_defaults(func=cmd_affinity)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.features import EncoderNotFoundError
+    from pipeline.runs import RunNotFoundError
+    from pipeline.train.driver import TrainingError
+
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+    except DataError as err:
+        print(f"error: {len(err.errors)} data problem(s):", file=sys.stderr)
+        for line in err.errors:
+            print(f"  {line}", file=sys.stderr)
+    except (EncoderNotFoundError, RunNotFoundError, TrainingError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

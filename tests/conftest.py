@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny random BERT saved with save_pretrained, and tiny task data.
+
+Everything is built offline in a session temp dir; no test downloads anything.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+POSITIVE = "good great excellent lovely superb fine wonderful nice".split()
+NEGATIVE = "bad awful terrible poor horrible dull boring nasty".split()
+TOPICS = {
+    "sport": "ball goal team match player score coach league".split(),
+    "food": "pizza bread soup cheese salad apple rice pasta".split(),
+    "tech": "computer phone software chip robot screen code laptop".split(),
+}
+FILLER = "the a it is was this that very quite and so with of to".split()
+
+
+def _sentence(rng: random.Random, keywords: list[str], n_key: int = 2) -> str:
+    words = rng.sample(FILLER, 4) + rng.sample(keywords, n_key)
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def make_task_rows(kind: str, n: int, seed: int) -> list[dict]:
+    """Rows of a learnable synthetic task: 'sentiment' (2 labels) or 'topic' (3 labels)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        if kind == "sentiment":
+            label = "positive" if i % 2 else "negative"
+            text = _sentence(rng, POSITIVE if label == "positive" else NEGATIVE)
+        else:
+            label = list(TOPICS)[i % 3]
+            text = _sentence(rng, TOPICS[label])
+        rows.append({"text": text, "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT with a word-level vocab covering the tiny data."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    words = sorted(set(POSITIVE + NEGATIVE + FILLER + sum(TOPICS.values(), [])))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    # transformers 5 takes the vocabulary itself (a dict), not a vocab file path.
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.save_pretrained(d)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """Two tasks in the SentEval layout: <task>/{train,dev}.jsonl."""
+    root = tmp_path_factory.mktemp("tiny-data")
+    for name, kind, seed in (("sentiment", "sentiment", 1), ("topic", "topic", 2)):
+        write_jsonl(root / name / "train.jsonl", make_task_rows(kind, 48, seed))
+        write_jsonl(root / name / "dev.jsonl", make_task_rows(kind, 24, seed + 100))
+    return root
+
+
+def tiny_config_dict(data_dir: Path, encoder_dir: Path, storage: Path, cache: Path) -> dict:
+    return {
+        "name": "tiny",
+        "data_root": str(data_dir),
+        "tasks": [{"name": "sentiment"}, {"name": "topic"}],
+        "encoder": {"path": str(encoder_dir), "max_length": 16, "batch_size": 32},
+        "shared": {"capacity": 16, "dropout": 0.0},
+        "aux": {"enabled": True, "kind": "linear", "gamma": 0.5},
+        "alignment": {"enabled": True, "epochs": 2, "lr": 1e-3},
+        "optim": {"lr": 1e-2},
+        "train": {"epochs": 4, "batch_size": 8, "seed": 0},
+        "scaling": {"num_workers": 0},
+        "storage_path": str(storage),
+        "cache_dir": str(cache),
+    }
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path, tiny_data_dir, tiny_encoder_dir) -> Path:
+    """A YAML run config on the tiny data and encoder, training in Ray Train local mode."""
+    cfg = tiny_config_dict(tiny_data_dir, tiny_encoder_dir, tmp_path / "runs", tmp_path / "cache")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
