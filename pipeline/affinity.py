@@ -196,16 +196,30 @@ def affinity_report(
     }
 
 
-def aligned_features(features: Mapping[str, np.ndarray], alignment: Mapping[str, np.ndarray]):
-    """Z_i = X_i R_i for every task: the inputs the shared module sees after Algorithm 1."""
-    return {t: np.asarray(x, dtype=np.float64) @ alignment[t] for t, x in features.items()}
+def model_inputs(
+    features: Mapping[str, np.ndarray],
+    mean: np.ndarray,
+    std: np.ndarray,
+    alignment: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """What the shared module B sees: standardized features, times R_i when given.
+
+    Before and after alignment are compared on the same standardized features, so the change
+    in the score is the alignment's alone.
+    """
+    out = {}
+    for t, x in features.items():
+        z = (np.asarray(x, dtype=np.float64) - mean) / std
+        out[t] = z @ alignment[t] if alignment is not None else z
+    return out
 
 
 def run_affinity(
     config: Any, output_dir: Path, run_dir: Path | None = None, split: str = "train"
 ) -> dict[str, Any]:
     """`polytask affinity`: the similarity matrix of the config's tasks on their encoder
-    features, and, for a trained run, again after its alignment R_i.
+    features; for a trained run, on the run's standardized features before (R_i = I) and after
+    its alignment R_i.
 
     Writes `affinity.json`, `affinity_before.png` and (with a run) `affinity_after.png`.
     """
@@ -216,6 +230,7 @@ def run_affinity(
 
     labels = None
     alignment = None
+    stats: tuple[np.ndarray, np.ndarray] | None = None
     if run_dir is not None:
         from pipeline.runs import load_run
 
@@ -226,7 +241,9 @@ def run_affinity(
                 f"{run_dir}: affinity after alignment needs a frozen-encoder run (the features "
                 "of a fine-tuned encoder differ from the ones the matrix is computed on)"
             )
-        alignment = {t: p.detach().double().numpy() for t, p in run.model.heads.alignment.items()}
+        heads = run.model.heads
+        alignment = {t: p.detach().double().numpy() for t, p in heads.alignment.items()}
+        stats = (heads.feature_mean.double().numpy(), heads.feature_std.double().numpy())
         unknown = sorted(set(config.task_names) - set(alignment))
         if unknown:
             raise ValueError(f"{run_dir}: the run has no tasks {unknown}")
@@ -240,18 +257,23 @@ def run_affinity(
         t.name: cache.get(t.splits[split].texts, desc=f"features {t.name}/{split}") for t in tasks
     }
     names = list(features)
-    before = similarity_matrix(features)
-    after = similarity_matrix(aligned_features(features, alignment)) if alignment else None
+    if alignment is None or stats is None:  # no run: the encoder's features as they are
+        before, after = similarity_matrix(features), None
+        title = "encoder features"
+    else:
+        before = similarity_matrix(model_inputs(features, *stats))
+        after = similarity_matrix(model_inputs(features, *stats, alignment))
+        title = "standardized features, R_i = I"
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     report = affinity_report(before, after, names)
     report["split"] = split
     report["run"] = str(run_dir) if run_dir else None
     plots = [output_dir / "affinity_before.png"]
-    plot_heatmap(before, names, plots[0], "Covariance similarity (encoder features)")
+    plot_heatmap(before, names, plots[0], f"Covariance similarity ({title})")
     if after is not None:
         plots.append(output_dir / "affinity_after.png")
-        plot_heatmap(after, names, plots[1], "Covariance similarity after alignment (X_i R_i)")
+        plot_heatmap(after, names, plots[1], "Covariance similarity after alignment (Z_i R_i)")
     json_path = output_dir / "affinity.json"
     json_path.write_text(json.dumps(report, indent=1))
     return {"json": json_path, "plots": plots, "report": report}

@@ -168,7 +168,7 @@ def check_cluster_fits(config: RunConfig) -> None:
     need = sc.num_workers * sc.cpus_per_worker
     if need > res.get("CPU", 0.0) + 1e-9:
         raise TrainingError(
-            f"scaling: {sc.num_workers} workers x {sc.cpus_per_worker} CPUs = {need:g} CPUs, but "
+            f"scaling: {sc.num_workers} workers x {sc.cpus_per_worker:g} CPUs = {need:g} CPUs, but "
             f"the Ray cluster has {res.get('CPU', 0):g}; lower scaling.num_workers or "
             "scaling.cpus_per_worker"
         )

@@ -663,6 +663,11 @@ def maybe_inject_fault(ctx: Context, stage: str, epoch: int) -> None:
         return
     marker = Path(fault["marker"])
     if ctx.rank == ctx.world_size - 1 and not marker.exists():
+        import ray.train
+
+        # Reports are registered asynchronously: wait until this epoch's checkpoint is, so the
+        # fault hits after a known checkpoint (as a real crash between epochs would).
+        ray.train.get_all_reported_checkpoints()
         marker.write_text(f"killed rank {ctx.rank} after {stage} epoch {epoch}\n")
         logger.warning("fault injection: killing rank %d (pid %d)", ctx.rank, os.getpid())
         os.kill(os.getpid(), signal.SIGKILL)
