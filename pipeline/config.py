@@ -510,6 +510,20 @@ def resolve_paths(config: RunConfig, base: Path, data_dir: str | Path | None = N
     return config.model_copy(update=update)
 
 
+def select_tasks(config: RunConfig, names: list[str]) -> RunConfig:
+    """The same run restricted to `names` (e.g. a single-task baseline), in config order."""
+    unknown = [n for n in names if n not in config.task_names]
+    if unknown:
+        raise ConfigError(
+            "--tasks", [f"tasks: unknown task(s) {unknown}; the config has {config.task_names}"]
+        )
+    tasks = [t for t in config.tasks if t.name in names]
+    raw = config_to_dict(config) | {"tasks": [t.model_dump(mode="json") for t in tasks]}
+    if raw["weighting"]["method"] == "svd" and len(tasks) < 2:
+        raw["weighting"] = {"method": "none", "rank": None}  # a lone task has nothing to weigh
+    return parse_config(raw, "--tasks")
+
+
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")

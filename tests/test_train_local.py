@@ -120,3 +120,18 @@ def test_affinity_before_and_after_alignment(trained_run, tmp_path):
     assert len(report["before"]) == 2 and len(report["after"]) == 2
     for name in ("affinity_before.png", "affinity_after.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_a_single_task_subset(tmp_path, tiny_data_dir, tiny_encoder_dir, capsys):
+    from tests.conftest import tiny_config_dict
+
+    cfg = tiny_config_dict(tiny_data_dir, tiny_encoder_dir, tmp_path / "runs", tmp_path / "c")
+    cfg["alignment"]["enabled"] = False
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--tasks", "topic"]) == 0
+    run_dir = Path(capsys.readouterr().out.split("run directory: ")[-1].strip())
+    rec = json.loads((run_dir / "run.json").read_text())
+    assert list(rec["tasks"]) == ["topic"]
+    assert main(["train", str(path), "--tasks", "nope"]) == 2
+    assert "unknown task(s) ['nope']" in capsys.readouterr().err

@@ -332,21 +332,12 @@ def joint_epoch(
     epoch: int,
 ) -> dict[str, float]:
     """One stage-1 epoch; returns the mean main loss per task."""
-    tcfg = ctx.cfg["train"]
     module.train()
-    schedule = sampler.task_schedule(probs, steps, tcfg["seed"], epoch)
-    batches = epoch_batches(ctx, tcfg["batch_size"], epoch)
-    totals = {t: [0.0, 0] for t in ctx.tasks}
-    progress = Progress(ctx, f"joint epoch {epoch + 1}", steps)
-    for step, ti in enumerate(schedule):
-        task = ctx.tasks[ti]
-        inputs, labels = ctx.train[task].batch(next(batches[task]))
-        loss = joint_step(model, optimizer, ctx, task, inputs, labels)
+    losses = LossMeans()
+    for task, inputs, labels in sampled_batches(ctx, probs, steps, epoch, stage_index=0):
+        losses.add(task, joint_step(model, optimizer, ctx, task, inputs, labels))
         scheduler.step()
-        totals[task][0] += loss
-        totals[task][1] += 1
-        progress.update(step + 1)
-    return {t: s / n for t, (s, n) in totals.items() if n}
+    return losses.means()
 
 
 def joint_step(
@@ -442,19 +433,11 @@ def alignment_epoch(
     module.heads.shared.eval()  # B is a fixed function in stage 2: no dropout noise for R_i
     if module.encoder is not None:
         module.encoder.eval()
-    tcfg = ctx.cfg["train"]
-    schedule = sampler.task_schedule(probs, steps, tcfg["seed"] + 1, epoch)
-    batches = epoch_batches(ctx, tcfg["batch_size"], epoch + 10_000)
-    totals = {t: [0.0, 0] for t in ctx.tasks}
-    progress = Progress(ctx, f"align epoch {epoch + 1}", steps)
-    for step, ti in enumerate(schedule):
-        task = ctx.tasks[ti]
-        inputs, labels = ctx.train[task].batch(next(batches[task]))
+    losses = LossMeans()
+    for task, inputs, labels in sampled_batches(ctx, probs, steps, epoch, stage_index=1):
         loss = alignment_step(model, module, tower_opt, align_opt, ctx, task, inputs, labels)
-        totals[task][0] += loss
-        totals[task][1] += 1
-        progress.update(step + 1)
-    return {t: s / n for t, (s, n) in totals.items() if n}
+        losses.add(task, loss)
+    return losses.means()
 
 
 def alignment_step(
@@ -487,14 +470,45 @@ def alignment_step(
 
 
 # ----------------------------------------------------------------------- shared epoch helpers
-def epoch_batches(ctx: Context, batch_size: int, epoch: int) -> dict[str, Iterator[np.ndarray]]:
-    seed = ctx.cfg["train"]["seed"]
-    return {
+def sampled_batches(
+    ctx: Context, probs: np.ndarray, steps: int, epoch: int, stage_index: int
+) -> Iterator[tuple[str, Batch, torch.Tensor]]:
+    """(task, inputs, labels) for each step of one epoch, with progress lines.
+
+    The task sequence and each task's batches are seeded by (seed, stage, epoch): identical on
+    every rank, and replayed exactly by a resumed run.
+    """
+    seed, batch_size = ctx.cfg["train"]["seed"], ctx.cfg["train"]["batch_size"]
+    schedule = sampler.task_schedule(probs, steps, seed + stage_index, epoch)
+    batch_epoch = epoch + 10_000 * stage_index
+    batches = {
         t: sampler.rank_batches(
-            len(ctx.train[t]), batch_size, seed, epoch, i, ctx.rank, ctx.world_size
+            len(ctx.train[t]), batch_size, seed, batch_epoch, i, ctx.rank, ctx.world_size
         )
         for i, t in enumerate(ctx.tasks)
     }
+    stage = ("joint", "align")[stage_index]
+    progress = Progress(ctx, f"{stage} epoch {epoch + 1}", steps)
+    for step, ti in enumerate(schedule):
+        task = ctx.tasks[ti]
+        inputs, labels = ctx.train[task].batch(next(batches[task]))
+        yield task, inputs, labels
+        progress.update(step + 1)
+
+
+class LossMeans:
+    """Mean training loss per task over an epoch."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, task: str, loss: float) -> None:
+        self.sums[task] = self.sums.get(task, 0.0) + loss
+        self.counts[task] = self.counts.get(task, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {t: self.sums[t] / self.counts[t] for t in self.sums}
 
 
 @torch.no_grad()
