@@ -49,10 +49,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.config import load_config, select_tasks
     from pipeline.train.driver import format_stage_table, train
 
     config = load_config(args.config, data_dir=args.data_dir, overrides=_overrides(args.set))
+    if args.tasks:
+        config = select_tasks(config, [t.strip() for t in args.tasks.split(",") if t.strip()])
     if args.address:
         config.scaling.address = args.address
     result = train(config, run_name=args.run_name)
@@ -87,6 +89,30 @@ def cmd_affinity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_run, format_quantization
+
+    result = export_run(
+        args.run,
+        quantize=args.quantize,
+        model_name=args.name,
+        register=not args.no_register,
+        output_dir=args.output,
+    )
+    meta = result.metadata
+    if meta.quantization is not None:
+        print("int8 vs fp32 dev accuracy (%):")
+        print(format_quantization(meta.quantization))
+    print(
+        f"parity: max abs diff {meta.parity.max_abs_diff:.2e} over {len(meta.parity.cases)} "
+        f"cases (tolerance {meta.parity.tolerance:g})"
+    )
+    print(f"precision: {meta.precision}")
+    print(f"artifact directory: {result.artifact_dir}")
+    print(f"model tag: {result.tag}" if result.tag else "model tag: (not registered)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polytask", description="Train and evaluate multi-task text classifiers."
@@ -114,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", help="Ray cluster to join (else RAY_ADDRESS, else local)")
     p.add_argument("--run-name", help="run name (default: <name>-<timestamp>-<id>)")
+    p.add_argument(
+        "--tasks", help="train only these tasks (comma-separated), e.g. a single-task baseline"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="per-task accuracy and macro-F1 of a run")
@@ -129,12 +158,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split whose features are compared")
     p.add_argument("--output", type=Path, default=Path("affinity"), help="output directory")
     p.set_defaults(func=cmd_affinity)
+
+    p = sub.add_parser("export", help="export a run to ONNX and register it in the model store")
+    p.add_argument("run", type=Path, help="run directory printed by `polytask train`")
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: dynamic quantization, kept only if no task loses > 0.5 dev accuracy points",
+    )
+    p.add_argument("--name", help="model store name (default: polytask-<config name>)")
+    p.add_argument("--output", type=Path, help="artifact directory (default: RUN/artifact)")
+    p.add_argument(
+        "--no-register", action="store_true", help="write the artifact only, skip the store"
+    )
+    p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.config import ConfigError
     from pipeline.data import DataError
+    from pipeline.export import ExportError
     from pipeline.features import EncoderNotFoundError
     from pipeline.runs import RunNotFoundError
     from pipeline.train.driver import TrainingError
@@ -149,7 +194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {len(err.errors)} data problem(s):", file=sys.stderr)
         for line in err.errors:
             print(f"  {line}", file=sys.stderr)
-    except (EncoderNotFoundError, RunNotFoundError, TrainingError, ValueError) as err:
+    except (
+        EncoderNotFoundError,
+        ExportError,
+        RunNotFoundError,
+        TrainingError,
+        ValueError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -82,6 +82,7 @@ RESERVED_TASK_NAMES = frozenset(
         "set_submodule",
         "setdefault",
         "share_memory",
+        "smart_apply",  # added to nn.Module by transformers
         "state_dict",
         "to",
         "to_empty",
@@ -351,6 +352,12 @@ class RunConfig(StrictModel):
         f"{DATA_DIR_ENV}.",
     )
     tasks: list[TaskConfig] = Field(min_length=1, description="The tasks, in output order.")
+    decontaminate: bool = Field(
+        default=False,
+        description="Drop training rows whose text (normalized) is a dev row of another task. "
+        "Related tasks cut from one corpus (MR, SUBJ, SST-2) share sentences; the overlap is "
+        "always measured and logged, this removes it so dev scores measure transfer alone.",
+    )
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     shared: SharedConfig = Field(default_factory=SharedConfig)
     towers: TowerConfig = Field(default_factory=TowerConfig)

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -260,3 +261,63 @@ def format_stats(tasks: list[TaskData]) -> str:
             words = np.mean([len(x.split()) for x in s.texts]) if s.texts else 0.0
             lines.append(f"{t.name:<10} {split:<6} {len(s):>7} {words:>10.1f}  {shares}")
     return "\n".join(lines)
+
+
+def normalize_text(text: str) -> str:
+    """Lower-cased letters and digits only: `it 's` and `it's` compare equal."""
+    return re.sub(r"[^0-9a-z]+", "", text.lower())
+
+
+def cross_task_overlap(tasks: list[TaskData]) -> list[dict[str, object]]:
+    """Dev sentences of one task that appear (normalized) in another task's training data.
+
+    Tasks cut from one corpus overlap: MR, SUBJ and SST-2 are all Rotten Tomatoes snippets, so a
+    third of one's dev set can sit in another's training set. Joint training then sees those
+    dev sentences, with labels of a related task, and dev scores overstate transfer.
+
+    Returns:
+        One {"dev_task", "train_task", "n", "n_dev", "share"} per overlapping pair.
+    """
+    train_sets = {t.name: {normalize_text(x) for x in t.splits["train"].texts} for t in tasks}
+    out: list[dict[str, object]] = []
+    for t in tasks:
+        if "dev" not in t.splits:
+            continue
+        dev = {normalize_text(x) for x in t.splits["dev"].texts}
+        for other, train in train_sets.items():
+            n = len(dev & train) if other != t.name else 0
+            if n:
+                out.append(
+                    {
+                        "dev_task": t.name,
+                        "train_task": other,
+                        "n": n,
+                        "n_dev": len(dev),
+                        "share": n / len(dev),
+                    }
+                )
+    return out
+
+
+def decontaminate(tasks: list[TaskData]) -> dict[str, int]:
+    """Drop training rows whose normalized text is a dev row of another task (in place).
+
+    Returns:
+        Rows removed per task.
+    """
+    dev_by_task = {
+        t.name: {normalize_text(x) for x in t.splits["dev"].texts}
+        for t in tasks
+        if "dev" in t.splits
+    }
+    removed: dict[str, int] = {}
+    for t in tasks:
+        others = set().union(*(d for name, d in dev_by_task.items() if name != t.name))
+        train = t.splits["train"]
+        keep = [i for i, x in enumerate(train.texts) if normalize_text(x) not in others]
+        removed[t.name] = len(train) - len(keep)
+        if removed[t.name]:
+            t.splits["train"] = Split(
+                path=train.path, texts=[train.texts[i] for i in keep], labels=train.labels[keep]
+            )
+    return removed

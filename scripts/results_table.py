@@ -17,6 +17,8 @@ ROWS = [
     ("+ self-auxiliary towers", "aux"),
     ("everything (aux + alignment + SVD)", "all"),
     ("shipped default (aux + alignment)", "default"),
+    ("plain MTL, decontaminated", "decon-mtl"),
+    ("shipped default, decontaminated", "decon-default"),
 ]
 
 

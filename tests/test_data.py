@@ -300,3 +300,33 @@ def test_fingerprint_changes_with_content_and_order(tmp_path):
     with b.open("a") as f:
         f.write(_row("one more", "tech") + "\n")
     assert base != fingerprint_files([a, b])
+
+
+def test_cross_task_overlap_is_measured_and_removed(tmp_path):
+    from pipeline.config import TaskConfig
+    from pipeline.data import cross_task_overlap, decontaminate, load_task
+
+    shared = [{"text": f"shared sentence {i} !", "label": "a"} for i in range(3)]
+    write_jsonl(
+        tmp_path / "one" / "train.jsonl",
+        [{"text": "x y", "label": "a"}, {"text": "z", "label": "b"}],
+    )
+    write_jsonl(
+        tmp_path / "one" / "dev.jsonl",
+        [{"text": "Shared  sentence 0!", "label": "a"}, {"text": "q", "label": "b"}],
+    )
+    write_jsonl(
+        tmp_path / "two" / "train.jsonl",
+        [*shared, {"text": "own", "label": "b"}],
+    )
+    write_jsonl(
+        tmp_path / "two" / "dev.jsonl", [{"text": "w", "label": "a"}, {"text": "v", "label": "b"}]
+    )
+    tasks = [load_task(TaskConfig(name=n), tmp_path) for n in ("one", "two")]
+    overlap = cross_task_overlap(tasks)
+    assert overlap == [{"dev_task": "one", "train_task": "two", "n": 1, "n_dev": 2, "share": 0.5}]
+    removed = decontaminate(tasks)
+    assert removed == {"one": 0, "two": 1}
+    assert "shared sentence 0 !" not in tasks[1].splits["train"].texts
+    assert len(tasks[1].splits["train"].labels) == 3
+    assert cross_task_overlap(tasks) == []

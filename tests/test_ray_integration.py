@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config_dict
 
 from pipeline.config import parse_config, resolve_paths
 from pipeline.train.driver import FAULT_ENV, TrainingError, train
-from tests.conftest import tiny_config_dict
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from pipeline.cli import main
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_data_dir, tiny_encoder_dir):
     """One tiny local-mode run shared by the tests below: (run_dir, stdout, config path)."""
-    from tests.conftest import tiny_config_dict
+    from conftest import tiny_config_dict
 
     tmp = tmp_path_factory.mktemp("local-run")
     cfg = tiny_config_dict(tiny_data_dir, tiny_encoder_dir, tmp / "runs", tmp / "cache")
@@ -123,7 +123,7 @@ def test_affinity_before_and_after_alignment(trained_run, tmp_path):
 
 
 def test_train_a_single_task_subset(tmp_path, tiny_data_dir, tiny_encoder_dir, capsys):
-    from tests.conftest import tiny_config_dict
+    from conftest import tiny_config_dict
 
     cfg = tiny_config_dict(tiny_data_dir, tiny_encoder_dir, tmp_path / "runs", tmp_path / "c")
     cfg["alignment"]["enabled"] = False

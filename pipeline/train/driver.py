@@ -25,7 +25,14 @@ import yaml
 
 from pipeline import __version__
 from pipeline.config import RunConfig, config_to_dict
-from pipeline.data import TaskData, fingerprint_files, format_stats, load_tasks
+from pipeline.data import (
+    TaskData,
+    cross_task_overlap,
+    decontaminate,
+    fingerprint_files,
+    format_stats,
+    load_tasks,
+)
 from pipeline.features import (
     FeatureCache,
     encoder_fingerprint,
@@ -103,6 +110,30 @@ def prepare_inputs(
         dim = int(AutoConfig.from_pretrained(encoder_path).hidden_size)
     train_features = {t: f["train"] for t, f in features.items()}
     return blobs["train"], blobs["dev"], dim, train_features
+
+
+def check_overlap(
+    config: RunConfig, tasks: list[TaskData]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Measure (and with `decontaminate`, remove) dev sentences leaking across tasks."""
+    overlap = cross_task_overlap(tasks)
+    for o in overlap:
+        if o["share"] >= 0.01:
+            logger.warning(
+                "%d of %d %s dev texts (%.0f%%) are in %s's training data%s",
+                o["n"],
+                o["n_dev"],
+                o["dev_task"],
+                100 * o["share"],
+                o["train_task"],
+                ""
+                if config.decontaminate
+                else " (joint training sees them; set decontaminate: true to drop them)",
+            )
+    removed = decontaminate(tasks) if config.decontaminate else {}
+    if removed:
+        logger.info("decontaminate: removed training rows %s", removed)
+    return overlap, removed
 
 
 def task_weights(
@@ -228,6 +259,7 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
     encoder_path = resolve_encoder_path(config.encoder.path, config.encoder.allow_download)
 
     tasks = load_tasks(config)
+    overlap, removed = check_overlap(config, tasks)
     logger.info("data:\n%s", format_stats(tasks))
     train_blob, dev_blob, dim, train_features = prepare_inputs(config, tasks, encoder_path)
     weights = task_weights(config, tasks, train_features)
@@ -290,6 +322,7 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
 
     record = build_record(config, run_name, tasks, weights, encoder_path, dim, state)
+    record["data_overlap"] = {"pairs": overlap, "removed_from_train": removed}
     record["duration_seconds"] = round(time.monotonic() - start, 1)
     (run_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

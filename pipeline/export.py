@@ -1,0 +1,760 @@
+"""Export a finished run to the serving artifact (DESIGN section 3) and register it.
+
+    run directory -> MultiTaskModel (encoder + R_i + B + A_i; no self-auxiliary towers)
+      -> model.onnx (torch.onnx.export, dynamo) -> parity: onnxruntime vs PyTorch eager
+      -> [int8: quantize_dynamic, kept only if no task's dev accuracy drops too much]
+      -> tokenizer files + metadata.json -> BentoML model store (a new version per export)
+
+The artifact is built in a temporary sibling directory and moved into place only when every
+check passed, so a failed export never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline import __version__
+from serving.artifact import (
+    INPUT_NAMES,
+    METADATA_FILE,
+    ONNX_FILE,
+    ArtifactMetadata,
+    EncoderInfo,
+    ParityCase,
+    ParityReport,
+    QuantizationReport,
+    QuantizedTask,
+    TaskInfo,
+    TaskMetrics,
+    output_name,
+)
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+DEFAULT_ARTIFACT_DIR = "artifact"
+PARITY_BATCH_SIZES = (1, 3, 8)
+# BentoML's rule for a tag's name (bentoml/_internal/tag.py), checked before any work is done.
+MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9]([-._a-z0-9]*[a-z0-9])?$")
+MODEL_NAME_MAX_LENGTH = 63
+
+Quantize = Literal["none", "int8"]
+
+
+class ExportError(Exception):
+    """The run cannot be exported, or the exported graph failed a check; the message says why."""
+
+
+@dataclass
+class ExportResult:
+    """What `export_run` produced.
+
+    Attributes:
+        artifact_dir: The artifact directory (model.onnx, tokenizer files, metadata.json).
+        tag: `name:version` in the BentoML model store, None when not registered.
+        metadata: The artifact's metadata, as written to metadata.json.
+    """
+
+    artifact_dir: Path
+    tag: str | None
+    metadata: ArtifactMetadata
+
+
+# --------------------------------------------------------------------------- entry point
+def export_run(
+    run_dir: str | Path,
+    quantize: Quantize = "none",
+    model_name: str | None = None,
+    register: bool = True,
+    output_dir: str | Path | None = None,
+    tolerance: float = 1e-4,
+) -> ExportResult:
+    """Export a finished run to an artifact directory and register it in the model store.
+
+    Args:
+        run_dir: A finished run directory (what `polytask train` prints).
+        quantize: "int8" tries dynamic int8 quantization, kept only if no task's dev accuracy
+            drops by more than 0.5 points.
+        model_name: Name in the model store; default `polytask-<config name>`.
+        register: Copy the artifact into the BentoML model store (under BENTOML_HOME).
+        output_dir: Where the artifact goes; default `<run_dir>/artifact`. An existing
+            artifact there is replaced.
+        tolerance: Largest max-abs logit difference allowed between onnxruntime and PyTorch.
+
+    Returns:
+        The artifact directory, the store tag (None if not registered) and the metadata.
+
+    Raises:
+        ExportError: a bad model name, an export that fails parity, a tokenizer without
+            tokenizer.json, ...
+        RunNotFoundError: `run_dir` is not a finished run, or its encoder changed.
+    """
+    from pipeline.runs import read_record
+
+    run_dir = Path(run_dir)
+    name = model_name or default_model_name(read_record(run_dir)["config"]["name"])
+    check_model_name(name)
+    out = Path(output_dir) if output_dir is not None else run_dir / DEFAULT_ARTIFACT_DIR
+    start = time.monotonic()
+    metadata = write_artifact(run_dir, out, quantize=quantize, tolerance=tolerance, model_name=name)
+    tag = register_artifact(out, name) if register else None
+    logger.info(
+        "export of %s done in %.1fs: %s%s",
+        metadata.run_id,
+        time.monotonic() - start,
+        out,
+        f" registered as {tag}" if tag else "",
+    )
+    return ExportResult(artifact_dir=out, tag=tag, metadata=metadata)
+
+
+def default_model_name(config_name: str) -> str:
+    """`polytask-<config name>`, lower-cased and trimmed to a valid BentoML model name."""
+    name = f"polytask-{config_name}".lower()[:MODEL_NAME_MAX_LENGTH]
+    return name.rstrip("-._")
+
+
+def check_model_name(name: str) -> None:
+    """Raise ExportError unless `name` is a valid BentoML model name."""
+    if len(name) > MODEL_NAME_MAX_LENGTH or not MODEL_NAME_PATTERN.match(name):
+        raise ExportError(
+            f"model name {name!r}: must be at most {MODEL_NAME_MAX_LENGTH} characters of "
+            "lower-case letters, digits, '-', '_' or '.', starting and ending with a letter or "
+            "digit"
+        )
+
+
+# --------------------------------------------------------------------------- the artifact
+def write_artifact(
+    run_dir: Path,
+    out_dir: Path,
+    quantize: Quantize = "none",
+    tolerance: float = 1e-4,
+    max_int8_drop: float = 0.5,
+    model_name: str | None = None,
+) -> ArtifactMetadata:
+    """Write the artifact of a finished run: model.onnx, tokenizer files and metadata.json.
+
+    Everything is written into a temporary sibling of `out_dir` and moved into place at the
+    end: when a check fails, `out_dir` is left as it was.
+
+    Args:
+        run_dir: A finished run directory.
+        out_dir: The artifact directory to create (replaced if it holds an earlier artifact).
+        quantize: "int8" tries dynamic int8 quantization of the exported graph.
+        tolerance: Largest max-abs logit difference allowed between onnxruntime and PyTorch.
+        max_int8_drop: int8 is kept only if no task's dev accuracy drops by more than this
+            many points.
+        model_name: Name recorded in the metadata; default `polytask-<config name>`.
+
+    Returns:
+        The metadata written to `out_dir/metadata.json`.
+
+    Raises:
+        ExportError: parity above `tolerance`, unexpected graph inputs or outputs, a tokenizer
+            without tokenizer.json, or an `out_dir` that holds something else than an artifact.
+    """
+    from pipeline.data import load_tasks
+    from pipeline.runs import load_run
+
+    if quantize not in ("none", "int8"):
+        raise ExportError(f"quantize: {quantize!r}; expected 'none' or 'int8'")
+    out_dir = Path(out_dir)
+    _check_replaceable(out_dir)
+    run = load_run(run_dir)
+    record = run.record
+    enc = record["encoder"]
+    tasks = list(run.model.heads.tasks)
+    if tasks != list(record["tasks"]):
+        raise ExportError(
+            f"{run_dir}: the model's tasks {tasks} differ from run.json's {list(record['tasks'])}"
+        )
+    name = model_name or default_model_name(run.config.name)
+    check_model_name(name)
+    threads = ort_threads()
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        onnx_path = work / ONNX_FILE
+        step = time.monotonic()
+        export_onnx(run.model, tasks, enc["max_length"], onnx_path)
+        logger.info("exported %s in %.1fs", onnx_path.name, time.monotonic() - step)
+
+        tokenizer = save_tokenizer(enc["path"], work, enc["max_length"])
+        step = time.monotonic()
+        parity = check_parity(
+            run.model,
+            onnx_path,
+            tasks,
+            vocab_size=int(run.model.encoder.transformer.config.vocab_size),
+            pad_id=int(tokenizer.pad_token_id or 0),
+            max_length=enc["max_length"],
+            tolerance=tolerance,
+            threads=threads,
+        )
+        logger.info(
+            "parity: max abs diff %.2e over %d cases (tolerance %.0e) in %.1fs",
+            parity.max_abs_diff,
+            len(parity.cases),
+            tolerance,
+            time.monotonic() - step,
+        )
+        if not parity.passed:
+            worst = max(parity.cases, key=lambda c: c.max_abs_diff)
+            raise ExportError(
+                f"{run_dir}: onnxruntime and PyTorch disagree: max abs logit difference "
+                f"{parity.max_abs_diff:.3g} > tolerance {tolerance:g} (worst case: batch "
+                f"{worst.batch_size}, seq {worst.seq_len}, "
+                f"{'padded' if worst.padded else 'unpadded'})"
+            )
+
+        quantization = None
+        if quantize == "int8":
+            dev = load_tasks(run.config, splits=["dev"], labels=run.labels)
+            quantization = quantize_if_accurate(
+                onnx_path,
+                {t.name: (t.splits["dev"].texts, t.splits["dev"].labels) for t in dev},
+                work / TOKENIZER_FILE,
+                max_drop=max_int8_drop,
+                threads=threads,
+            )
+
+        metadata = ArtifactMetadata(
+            model_name=name,
+            run_id=record["run_name"],
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            polytask_version=__version__,
+            precision="int8" if quantization is not None and quantization.kept else "fp32",
+            encoder=EncoderInfo(
+                name=str(enc["path"]),
+                fingerprint=enc["fingerprint"],
+                max_length=int(enc["max_length"]),
+                pooling=enc["pooling"],
+                dim=int(enc["dim"]),
+            ),
+            tasks=[
+                TaskInfo(
+                    name=t,
+                    labels=list(record["tasks"][t]["labels"]),
+                    output=output_name(t),
+                    dev=_task_metrics(record.get("dev", {}).get(t)),
+                )
+                for t in tasks
+            ],
+            dev_macro_accuracy=record.get("dev_macro_accuracy"),
+            config_fingerprint=config_fingerprint(record["config"]),
+            data_fingerprints={t: record["tasks"][t]["data_fingerprint"] for t in tasks},
+            parity=parity,
+            quantization=quantization,
+        )
+        metadata.write(work)
+        _publish(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    logger.info("artifact written: %s (%s, %d tasks)", out_dir, metadata.precision, len(tasks))
+    return metadata
+
+
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """sha256 of the config's canonical JSON (sorted keys, no whitespace)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _task_metrics(m: dict[str, Any] | None) -> TaskMetrics | None:
+    if m is None:
+        return None
+    return TaskMetrics(accuracy=m["accuracy"], macro_f1=m["macro_f1"], n=int(m["n"]))
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a directory that is neither empty nor an earlier artifact."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / METADATA_FILE).is_file():
+        raise ExportError(
+            f"{out_dir}: not empty and not a polytask artifact; choose another output directory"
+        )
+
+
+def _publish(work: Path, out_dir: Path) -> None:
+    """Move the finished artifact into place, replacing an earlier one."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        out_dir.rename(old)
+        try:
+            work.rename(out_dir)
+        except OSError:
+            old.rename(out_dir)  # put the earlier artifact back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        work.rename(out_dir)
+
+
+# --------------------------------------------------------------------------- ONNX graph
+def export_onnx(model: Any, tasks: list[str], max_length: int, path: Path) -> None:
+    """Write the serving graph of `model` (a MultiTaskModel) to `path` as one ONNX file.
+
+    Inputs `input_ids` and `attention_mask` (int64 [batch, seq], both dynamic, seq up to
+    `max_length`); outputs `logits_<task>` (float [batch, C_task]) in task order. The
+    self-auxiliary towers are never called, so they are not in the graph.
+    """
+    import onnx
+    import torch
+
+    graph = _serving_module(model, tasks).eval()
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("seq", min=1, max=max_length)
+    # Example shapes > 1: torch.export specializes dimensions whose example size is 1.
+    example_len = min(8, max_length)
+    ids = torch.ones(2, example_len, dtype=torch.long)
+    mask = torch.ones(2, example_len, dtype=torch.long)
+    outputs = [output_name(t) for t in tasks]
+    try:
+        with warnings.catch_warnings():
+            # Both inputs share the `batch` and `seq` dims; the exporter warns about that.
+            warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
+            # torch.export's own pytree code trips a deprecation of torch's; not ours to fix.
+            warnings.filterwarnings(
+                "ignore", message=r".*treespec, LeafSpec", category=FutureWarning
+            )
+            torch.onnx.export(
+                graph,
+                (ids, mask),
+                str(path),
+                input_names=list(INPUT_NAMES),
+                output_names=outputs,
+                dynamic_shapes={
+                    "input_ids": {0: batch, 1: seq},
+                    "attention_mask": {0: batch, 1: seq},
+                },
+                dynamo=True,
+                external_data=False,  # weights inside model.onnx, not a .onnx.data file
+                verbose=False,  # the dynamo exporter prints progress to stdout otherwise
+            )
+    except Exception as err:  # the exporter raises many types; name the cause in one line
+        raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
+    proto = onnx.load(str(path))
+    if fix_io_names(proto, list(INPUT_NAMES), outputs):
+        onnx.save(proto, str(path))
+    aux = [i.name for i in proto.graph.initializer if i.name.startswith("heads.aux.")]
+    if aux:
+        raise ExportError(f"self-auxiliary weights leaked into the graph: {aux[:3]}")
+    onnx.checker.check_model(str(path))
+
+
+def _serving_module(model: Any, tasks: list[str]) -> Any:
+    """A module whose forward is exactly the serving path: one encoder pass, then every task's
+    main tower (R_i -> B -> A_i), returning a tuple of logits in task order."""
+    from torch import nn
+
+    class ServingGraph(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = model.encoder
+            self.heads = model.heads
+
+        def forward(self, input_ids, attention_mask):  # int64 [B, L] x 2
+            x = self.encoder(input_ids, attention_mask)  # [B, d]
+            return tuple(self.heads(x, t, with_aux=False)[0] for t in tasks)  # [B, C_t] each
+
+    return ServingGraph()
+
+
+def fix_io_names(proto: Any, inputs: list[str], outputs: list[str]) -> bool:
+    """Rename the graph's inputs and outputs (in order) to the contract's names.
+
+    The dynamo exporter names inputs after forward's arguments and honours `output_names`
+    today; this guards the contract against exporter versions that do not.
+
+    Returns:
+        Whether anything was renamed.
+
+    Raises:
+        ExportError: the graph has a different number of inputs or outputs, or wrong dtypes.
+    """
+    import onnx
+
+    graph = proto.graph
+    got_in, got_out = [i.name for i in graph.input], [o.name for o in graph.output]
+    if len(got_in) != len(inputs) or len(got_out) != len(outputs):
+        raise ExportError(
+            f"exported graph has inputs {got_in} and outputs {got_out}; expected {inputs} and "
+            f"{outputs}"
+        )
+    for value in graph.input:
+        if value.type.tensor_type.elem_type != onnx.TensorProto.INT64:
+            raise ExportError(f"graph input {value.name} is not int64")
+    for value in graph.output:
+        if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            raise ExportError(f"graph output {value.name} is not float32")
+    mapping = {a: b for a, b in zip(got_in + got_out, inputs + outputs, strict=True) if a != b}
+    if not mapping:
+        return False
+    for value in [*graph.input, *graph.output]:
+        value.name = mapping.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [mapping.get(n, n) for n in node.input]
+        node.output[:] = [mapping.get(n, n) for n in node.output]
+    logger.info("renamed graph inputs/outputs: %s", mapping)
+    return True
+
+
+def ort_threads() -> int:
+    """Threads for onnxruntime: the CPUs this process may use (ORT's default counts the host's
+    cores, not the container's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def ort_session(path: Path, threads: int) -> Any:
+    """A CPU onnxruntime session with explicit thread counts."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------- parity
+def parity_inputs(
+    batch_size: int, seq_len: int, padded: bool, vocab_size: int, pad_id: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random int64 input_ids and attention_mask [batch_size, seq_len].
+
+    Padded: like a tokenizer's padded batch, the first row is full length and the others are
+    shorter (a single row is shorter), with `pad_id` and mask 0 after their end.
+    """
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, size=(batch_size, seq_len), dtype=np.int64)
+    mask = np.ones((batch_size, seq_len), dtype=np.int64)
+    if padded:
+        lengths = rng.integers(1, seq_len, size=batch_size)
+        if batch_size > 1:
+            lengths[0] = seq_len
+        for row, n in enumerate(lengths):
+            ids[row, n:] = pad_id
+            mask[row, n:] = 0
+    return ids, mask
+
+
+def check_parity(
+    model: Any,
+    onnx_path: Path,
+    tasks: list[str],
+    vocab_size: int,
+    pad_id: int,
+    max_length: int,
+    tolerance: float,
+    threads: int,
+) -> ParityReport:
+    """onnxruntime vs PyTorch eager logits on batch sizes 1, 3, 8, short/medium/max sequence
+    lengths, padded and unpadded; the max abs difference over all tasks' logits per case."""
+    session = ort_session(onnx_path, threads)
+    outputs = [output_name(t) for t in tasks]
+    lengths = sorted({min(5, max_length), max(max_length // 2, 2), max_length})
+    cases: list[ParityCase] = []
+    seed = 0
+    for batch_size in PARITY_BATCH_SIZES:
+        for seq_len in lengths:
+            for padded in (False, True):
+                seed += 1
+                ids, mask = parity_inputs(batch_size, seq_len, padded, vocab_size, pad_id, seed)
+                got = session.run(outputs, {"input_ids": ids, "attention_mask": mask})
+                want = eager_logits(model, tasks, ids, mask)
+                diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+                cases.append(
+                    ParityCase(
+                        batch_size=batch_size, seq_len=seq_len, padded=padded, max_abs_diff=diff
+                    )
+                )
+    worst = max(c.max_abs_diff for c in cases)
+    # `not worst > tol` rather than `worst <= tol`: a NaN difference must fail the check.
+    passed = not (worst > tolerance or np.isnan(worst))
+    return ParityReport(tolerance=tolerance, max_abs_diff=worst, passed=passed, cases=cases)
+
+
+def eager_logits(
+    model: Any, tasks: list[str], ids: np.ndarray, mask: np.ndarray
+) -> list[np.ndarray]:
+    """PyTorch eager main logits of every task, in task order (the parity reference)."""
+    import torch
+
+    with torch.inference_mode():
+        x = model.encoder(torch.from_numpy(ids), torch.from_numpy(mask))
+        return [model.heads(x, t)[0].numpy() for t in tasks]
+
+
+# --------------------------------------------------------------------------- tokenizer
+def save_tokenizer(encoder_path: str, out_dir: Path, max_length: int) -> Any:
+    """Save the encoder's fast tokenizer into `out_dir` and return it.
+
+    Serving tokenizes with the `tokenizers` library (no transformers), so tokenizer.json must
+    exist; truncation to `max_length` and padding to the longest text are written into it,
+    so `Tokenizer.from_file(...).encode_batch(texts)` gives the model's inputs as they are.
+    """
+    from tokenizers import Tokenizer
+
+    from pipeline.features import load_tokenizer
+
+    tokenizer = load_tokenizer(encoder_path)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(
+            f"{encoder_path}: the tokenizer has no fast (tokenizers) version, which serving "
+            f"needs as {TOKENIZER_FILE}"
+        )
+    tokenizer.save_pretrained(str(out_dir))
+    path = out_dir / TOKENIZER_FILE
+    if not path.is_file():
+        raise ExportError(f"{encoder_path}: saving the tokenizer wrote no {TOKENIZER_FILE}")
+    fast = Tokenizer.from_file(str(path))
+    fast.enable_truncation(max_length)
+    fast.enable_padding(pad_id=int(tokenizer.pad_token_id or 0), pad_token=tokenizer.pad_token)
+    fast.save(str(path))
+    return tokenizer
+
+
+def onnx_predictions(
+    session: Any, tokenizer: Any, texts: list[str], task: str, batch_size: int = 64
+) -> np.ndarray:
+    """Class indices [n] of `task` for `texts`.
+
+    Args:
+        session: An onnxruntime session of an artifact's model.onnx.
+        tokenizer: The artifact's `tokenizers.Tokenizer` (tokenizer.json), as serving uses it:
+            truncation and padding come from the file.
+        texts: The texts; batched by length so little compute goes to padding.
+        task: Whose output to read.
+        batch_size: Texts per session run.
+    """
+    pred = np.zeros(len(texts), dtype=np.int64)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    for i in range(0, len(texts), batch_size):
+        idx = order[i : i + batch_size]
+        enc = tokenizer.encode_batch([texts[j] for j in idx])
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        (logits,) = session.run([output_name(task)], {"input_ids": ids, "attention_mask": mask})
+        pred[idx] = logits.argmax(axis=-1)
+    return pred
+
+
+# --------------------------------------------------------------------------- int8
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantization: int8 weights (one scale per output channel), activations
+    quantized on the fly, for the weight matmuls (MatMul, Gemm) only.
+
+    Measured on a six-task MiniLM run (dev accuracy, points lost, average over tasks): the
+    defaults (per-tensor scales, embedding Gather quantized too) lost 1.6; per-channel scales
+    with the embedding lookups left in fp32 lost 0.2. A lookup does no arithmetic, so
+    quantizing it saves memory but no time.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = onnx.load(str(src))
+    # The dynamo exporter's value_info carries shapes the quantizer's type inference trips
+    # over; without it (and with float as the default tensor type) quantization succeeds.
+    del proto.graph.value_info[:]
+    unshare_gemm_weights(proto)
+    # The quantizer logs a line per tensor at INFO through the root logger.
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.INFO))
+    try:
+        quantize_dynamic(
+            proto,
+            str(dst),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    finally:
+        logging.disable(previous)
+
+
+def unshare_gemm_weights(proto: Any) -> int:
+    """Give every Gemm node a weight initializer of its own.
+
+    The shared module B runs once per task, so its Linear layers become k Gemm nodes reading
+    the same weights. onnxruntime's quantizer rewrites Gemm(transB=1) as MatMul by transposing
+    the weight initializer in place, once per node: a shared weight is transposed k times and
+    the int8 graph fails to load ("Incompatible dimensions for matrix multiplication"). Copies
+    cost (k - 1) x |B| bytes, small next to the encoder.
+
+    Returns:
+        The number of copies made.
+    """
+    import onnx
+
+    graph = proto.graph
+    initializers = {i.name: i for i in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    copies = 0
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Gemm" or len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        if weight in initializers and uses[weight] > 1:
+            uses[weight] -= 1  # the last consumer keeps the original
+            copy = onnx.TensorProto()
+            copy.CopyFrom(initializers[weight])
+            copy.name = f"{weight}.copy{index}"
+            graph.initializer.append(copy)
+            node.input[1] = copy.name
+            copies += 1
+    return copies
+
+
+def quantization_decision(
+    fp32: dict[str, float], int8: dict[str, float], max_drop: float
+) -> QuantizationReport:
+    """Keep int8 only if no task's accuracy (percent) drops by more than `max_drop` points."""
+    tasks = {
+        t: QuantizedTask(fp32_accuracy=fp32[t], int8_accuracy=int8[t], drop=fp32[t] - int8[t])
+        for t in fp32
+    }
+    kept = all(q.drop <= max_drop for q in tasks.values())
+    return QuantizationReport(max_drop_allowed=max_drop, kept=kept, tasks=tasks)
+
+
+def quantize_if_accurate(
+    onnx_path: Path,
+    dev: dict[str, tuple[list[str], np.ndarray]],
+    tokenizer_file: Path,
+    max_drop: float,
+    threads: int,
+) -> QuantizationReport:
+    """Quantize `onnx_path` to int8 and replace it if the dev accuracy allows.
+
+    Args:
+        onnx_path: The fp32 graph; replaced by the int8 graph when that is kept.
+        dev: Per task, dev texts and their label indices.
+        tokenizer_file: The artifact's tokenizer.json.
+        max_drop: Largest dev accuracy drop (points) allowed on any task.
+        threads: onnxruntime intra-op threads.
+
+    Returns:
+        Per-task fp32 and int8 dev accuracy and whether int8 was kept.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    int8_path = onnx_path.with_name("model.int8.onnx")
+    step = time.monotonic()
+    quantize_int8(onnx_path, int8_path)
+    logger.info("quantized to int8 in %.1fs", time.monotonic() - step)
+    accuracy: dict[str, dict[str, float]] = {"fp32": {}, "int8": {}}
+    for precision, path in (("fp32", onnx_path), ("int8", int8_path)):
+        session = ort_session(path, threads)
+        for task, (texts, labels) in dev.items():
+            step = time.monotonic()
+            pred = onnx_predictions(session, tokenizer, texts, task)
+            # Percent, as in pipeline.metrics and the run's dev metrics.
+            accuracy[precision][task] = (
+                100.0 * float(np.mean(pred == labels)) if len(texts) else 0.0
+            )
+            logger.info(
+                "%s %s dev accuracy %.2f (%d texts, %.0f texts/s)",
+                precision,
+                task,
+                accuracy[precision][task],
+                len(texts),
+                len(texts) / max(time.monotonic() - step, 1e-9),
+            )
+    report = quantization_decision(accuracy["fp32"], accuracy["int8"], max_drop)
+    if report.kept:
+        int8_path.replace(onnx_path)
+    else:
+        int8_path.unlink()
+        worst = max(report.tasks.items(), key=lambda kv: kv[1].drop)
+        logger.warning(
+            "int8 not kept: %s dev accuracy drops %.2f points (> %.2f allowed); keeping fp32",
+            worst[0],
+            worst[1].drop,
+            max_drop,
+        )
+    return report
+
+
+def format_quantization(report: QuantizationReport) -> str:
+    """The per-task fp32 vs int8 dev accuracy table."""
+    lines = [f"{'task':<12} {'fp32':>8} {'int8':>8} {'drop':>8}"]
+    for task, q in report.tasks.items():
+        lines.append(f"{task:<12} {q.fp32_accuracy:>8.2f} {q.int8_accuracy:>8.2f} {q.drop:>8.2f}")
+    verdict = "kept" if report.kept else "not kept (fp32 exported)"
+    lines.append(f"int8 {verdict}: max drop allowed {report.max_drop_allowed:.2f} points")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- model store
+def register_artifact(artifact_dir: Path, model_name: str | None = None) -> str:
+    """Copy an artifact directory into the BentoML model store as a new version.
+
+    The store is `$BENTOML_HOME/models` (default `~/bentoml/models`); BentoML reads
+    BENTOML_HOME once per process, when the store is first used.
+
+    Args:
+        artifact_dir: A directory written by `write_artifact`.
+        model_name: Name in the store; default the metadata's `model_name`. The stored copy's
+            metadata.json carries the name it is registered under.
+
+    Returns:
+        The tag, `name:version`.
+    """
+    import bentoml
+
+    artifact_dir = Path(artifact_dir)
+    metadata = ArtifactMetadata.read(artifact_dir)
+    name = model_name or metadata.model_name
+    check_model_name(name)
+    renamed = name != metadata.model_name
+    if renamed:
+        metadata = metadata.model_copy(update={"model_name": name})
+    with bentoml.models.create(
+        name,
+        labels={
+            "run_id": metadata.run_id,
+            "precision": metadata.precision,
+            "polytask_version": metadata.polytask_version,
+        },
+        # Small, for `bentoml models get`; the full record is metadata.json inside the model.
+        metadata={
+            "tasks": metadata.task_names,
+            "encoder": metadata.encoder.name,
+            "max_length": metadata.encoder.max_length,
+            "dev_macro_accuracy": metadata.dev_macro_accuracy,
+            "parity_max_abs_diff": metadata.parity.max_abs_diff,
+            "config_fingerprint": metadata.config_fingerprint,
+        },
+    ) as model:
+        shutil.copytree(artifact_dir, model.path, dirs_exist_ok=True)
+        if renamed:
+            metadata.write(Path(model.path))
+    tag = str(model.tag)
+    logger.info("registered %s in the BentoML model store", tag)
+    return tag

@@ -1,0 +1,345 @@
+"""Export (DESIGN section 3): a tiny local-mode run -> model.onnx + tokenizer + metadata.json ->
+BentoML model store. Claims checked: onnxruntime equals PyTorch on several shapes, padded and
+unpadded; the graph has the contract's names and no self-auxiliary towers; served predictions
+equal `pipeline.evaluate`'s; a failed check leaves nothing behind; int8 is gated on accuracy."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.cli import main
+from serving.artifact import ArtifactMetadata
+
+TASKS = ["sentiment", "topic"]
+MAX_LENGTH = 16  # tiny_config_dict's encoder.max_length
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_data_dir, tiny_encoder_dir) -> Path:
+    """One tiny local-mode run shared by the tests below."""
+    from conftest import tiny_config_dict
+
+    tmp = tmp_path_factory.mktemp("export-run")
+    cfg = tiny_config_dict(tiny_data_dir, tiny_encoder_dir, tmp / "runs", tmp / "cache")
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", str(path)]) == 0
+    return Path(out.getvalue().split("run directory: ")[-1].strip())
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    """The fp32 artifact of the run (not registered)."""
+    from pipeline.export import export_run
+
+    out = tmp_path_factory.mktemp("export-out") / "artifact"
+    return export_run(run_dir, register=False, output_dir=out)
+
+
+@pytest.fixture
+def reuse_graph(exported, monkeypatch) -> None:
+    """Skip torch.onnx.export (seconds per call) in tests about later steps: the graph of this
+    run is deterministic, so the one exported by `exported` stands in for a fresh export."""
+    import shutil
+
+    import pipeline.export as export
+
+    def copy_graph(model, tasks, max_length, path):
+        shutil.copyfile(exported.artifact_dir / "model.onnx", path)
+
+    monkeypatch.setattr(export, "export_onnx", copy_graph)
+
+
+def _reset_bentoml_store() -> None:
+    """BentoML resolves BENTOML_HOME once per process (cached providers); forget it so the next
+    store access follows the current environment."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    for name in (
+        "bentoml_home",
+        "model_store_dir",
+        "model_store",
+        "bento_store_dir",
+        "bento_store",
+        "tmp_bento_store_dir",
+        "tmp_bento_store",
+        "env_store_dir",
+        "result_store_file",
+        "cloud_config",
+    ):
+        getattr(BentoMLContainer, name).reset()
+
+
+@pytest.fixture
+def bentoml_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "bentoml"
+    monkeypatch.setenv("BENTOML_HOME", str(home))
+    _reset_bentoml_store()
+    yield home
+    monkeypatch.undo()
+    _reset_bentoml_store()
+
+
+def _ort_predict(artifact: Path, task: str, texts: list[str]) -> np.ndarray:
+    """Predictions as serving computes them: tokenizers + onnxruntime, no torch."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(artifact / "model.onnx"), options)
+    enc = tokenizer.encode_batch(texts)
+    feeds = {
+        "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+    }
+    (logits,) = session.run([f"logits_{task}"], feeds)
+    return logits.argmax(axis=-1)
+
+
+def test_parity_on_several_shapes_padded_and_unpadded(exported):
+    parity = exported.metadata.parity
+    assert parity.passed and parity.tolerance == 1e-4
+    assert parity.max_abs_diff <= 1e-4
+    shapes = {(c.batch_size, c.seq_len, c.padded) for c in parity.cases}
+    seq_lens = {s for _, s, _ in shapes}
+    assert {b for b, _, _ in shapes} == {1, 3, 8}
+    assert len(seq_lens) >= 3 and MAX_LENGTH in seq_lens
+    for b, s, _ in shapes:  # every shape both padded and unpadded
+        assert (b, s, True) in shapes and (b, s, False) in shapes
+    assert all(c.max_abs_diff <= 1e-4 for c in parity.cases)
+    assert parity.max_abs_diff == max(c.max_abs_diff for c in parity.cases)
+
+
+def test_onnx_graph_has_contract_names_and_no_aux_towers(exported):
+    import onnx
+
+    files = sorted(p.name for p in exported.artifact_dir.iterdir())
+    assert "model.onnx" in files and "tokenizer.json" in files and "metadata.json" in files
+    assert not [f for f in files if f.endswith(".data")]  # weights inside model.onnx
+    proto = onnx.load(str(exported.artifact_dir / "model.onnx"))
+    graph = proto.graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    for value in graph.input:
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.INT64
+        dims = value.type.tensor_type.shape.dim
+        assert all(d.dim_param for d in dims), "batch and seq must be dynamic"
+    assert [o.name for o in graph.output] == [f"logits_{t}" for t in TASKS]
+    classes = [o.type.tensor_type.shape.dim[1].dim_value for o in graph.output]
+    assert classes == [len(t.labels) for t in exported.metadata.tasks] == [2, 3]
+    assert not [i.name for i in graph.initializer if "aux" in i.name]
+    assert any("towers" in i.name for i in graph.initializer)  # the main towers are there
+
+
+def test_onnx_predictions_equal_pipeline_evaluate(exported, run_dir):
+    from pipeline.data import load_tasks
+    from pipeline.evaluate import predict_features, run_features
+    from pipeline.runs import load_run
+
+    run = load_run(run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    for task in load_tasks(run.config, splits=["dev"], labels=run.labels):
+        split = task.splits["dev"]
+        want = predict_features(run, task.name, run_features(run, split.texts, "dev"))
+        got = _ort_predict(exported.artifact_dir, task.name, split.texts)
+        np.testing.assert_array_equal(got, want)
+        accuracy = 100 * float(np.mean(got == split.labels))
+        assert accuracy == pytest.approx(record["dev"][task.name]["accuracy"], abs=1e-6)
+
+
+def test_tokenizer_json_tokenizes_like_transformers(exported, tiny_encoder_dir):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    texts = ["good pizza", "the team was very nice " * 10, "a"]
+    want = AutoTokenizer.from_pretrained(str(tiny_encoder_dir))(
+        texts, padding=True, truncation=True, max_length=MAX_LENGTH
+    )
+    enc = Tokenizer.from_file(str(exported.artifact_dir / "tokenizer.json")).encode_batch(texts)
+    assert [e.ids for e in enc] == want["input_ids"]
+    assert [e.attention_mask for e in enc] == want["attention_mask"]
+    assert len(enc[1].ids) == MAX_LENGTH  # the long text is truncated
+
+
+def test_metadata_validates_and_records_the_run(exported, run_dir):
+    meta = ArtifactMetadata.read(exported.artifact_dir)
+    assert meta == exported.metadata
+    record = json.loads((run_dir / "run.json").read_text())
+    assert meta.model_name == "polytask-tiny"
+    assert meta.run_id == record["run_name"] == run_dir.name
+    assert meta.precision == "fp32" and meta.quantization is None
+    assert meta.task_names == TASKS
+    for info in meta.tasks:
+        assert info.labels == record["tasks"][info.name]["labels"]  # index order
+        assert info.output == f"logits_{info.name}"
+        assert info.dev.accuracy == pytest.approx(record["dev"][info.name]["accuracy"])
+    assert meta.tasks[1].labels == ["food", "sport", "tech"]
+    assert meta.dev_macro_accuracy == pytest.approx(record["dev_macro_accuracy"])
+    assert meta.encoder.max_length == MAX_LENGTH
+    assert meta.encoder.fingerprint == record["encoder"]["fingerprint"]
+    assert meta.data_fingerprints == {t: record["tasks"][t]["data_fingerprint"] for t in TASKS}
+    canonical = json.dumps(
+        record["config"], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    assert meta.config_fingerprint == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_failed_parity_fails_loudly_and_leaves_no_artifact(
+    run_dir, tmp_path, monkeypatch, capsys, reuse_graph
+):
+    """A graph that diverges from PyTorch on padded batches: exit 2, worst case named, no
+    directory written (not even a temporary one)."""
+    import pipeline.export as export
+
+    real = export.eager_logits
+
+    def diverging(model, tasks, ids, mask):
+        shift = 1e-3 if (mask == 0).any() else 0.0
+        return [x + shift for x in real(model, tasks, ids, mask)]
+
+    monkeypatch.setattr(export, "eager_logits", diverging)
+    out = tmp_path / "art"
+    assert main(["export", str(run_dir), "--output", str(out), "--no-register"]) == 2
+    err = capsys.readouterr().err
+    assert "onnxruntime and PyTorch disagree" in err
+    assert "> tolerance 0.0001" in err and ", padded)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_is_kept_only_if_no_task_drops_too_much(run_dir, tmp_path, reuse_graph):
+    import onnx
+
+    from pipeline.export import export_run, write_artifact
+
+    record = json.loads((run_dir / "run.json").read_text())
+    # The tiny model's shared module B feeds both tasks: two Gemm nodes share its weights,
+    # which onnxruntime's quantizer mishandles unless export un-shares them first.
+    result = export_run(run_dir, quantize="int8", register=False, output_dir=tmp_path / "q")
+    report = result.metadata.quantization
+    assert report is not None and report.method == "dynamic-int8"
+    assert report.max_drop_allowed == 0.5 and set(report.tasks) == set(TASKS)
+    for task, q in report.tasks.items():
+        # fp32 ONNX accuracy is the trained run's dev accuracy (same predictions).
+        assert q.fp32_accuracy == pytest.approx(record["dev"][task]["accuracy"], abs=1e-6)
+        assert 0 <= q.int8_accuracy <= 100
+        assert q.drop == pytest.approx(q.fp32_accuracy - q.int8_accuracy)
+    assert report.kept == all(q.drop <= 0.5 for q in report.tasks.values())
+    assert result.metadata.precision == ("int8" if report.kept else "fp32")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node}
+    assert ("MatMulInteger" in ops) == report.kept
+    assert not (tmp_path / "q" / "model.int8.onnx").exists()
+    assert ArtifactMetadata.read(tmp_path / "q") == result.metadata
+
+    # A generous gate keeps int8: model.onnx is then the int8 graph, still the same contract.
+    kept = write_artifact(run_dir, tmp_path / "k", quantize="int8", max_int8_drop=100.0)
+    assert kept.quantization.kept and kept.precision == "int8"
+    graph = onnx.load(str(tmp_path / "k" / "model.onnx")).graph
+    assert "MatMulInteger" in {n.op_type for n in graph.node}
+    assert [o.name for o in graph.output] == [f"logits_{t}" for t in TASKS]
+    texts = ["good pizza", "the team was bad"]
+    assert _ort_predict(tmp_path / "k", "topic", texts).shape == (2,)
+
+
+def test_quantization_decision_gates_on_the_largest_task_drop():
+    from pipeline.export import quantization_decision
+
+    fp32 = {"a": 80.0, "b": 90.0}
+    kept = quantization_decision(fp32, {"a": 79.5, "b": 91.0}, max_drop=0.5)
+    assert kept.kept and kept.tasks["a"].drop == pytest.approx(0.5)
+    assert kept.tasks["b"].drop == pytest.approx(-1.0)  # a gain is not a drop
+    dropped = quantization_decision(fp32, {"a": 79.4, "b": 95.0}, max_drop=0.5)
+    assert not dropped.kept  # one task losing 0.6 points is enough, whatever the average
+
+
+def test_register_and_cli_export_create_new_versions(
+    exported, run_dir, tmp_path, bentoml_home, reuse_graph
+):
+    import bentoml
+
+    from pipeline.export import register_artifact
+
+    tag1 = register_artifact(exported.artifact_dir, "polytask-tiny")
+    model = bentoml.models.get(tag1)
+    stored = Path(model.path)
+    assert stored.is_relative_to(bentoml_home)
+    assert (stored / "model.onnx").read_bytes() == (
+        exported.artifact_dir / "model.onnx"
+    ).read_bytes()
+    assert ArtifactMetadata.read(stored).run_id == run_dir.name
+    assert model.info.labels["run_id"] == run_dir.name
+    assert model.info.metadata["tasks"] == TASKS
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        argv = ["export", str(run_dir), "--output", str(tmp_path / "a2"), "--name", "polytask-tiny"]
+        assert main(argv) == 0
+    stdout = out.getvalue()
+    tag2 = stdout.split("model tag: ")[-1].strip()
+    assert tag2.startswith("polytask-tiny:") and tag2 != tag1
+    assert "parity: max abs diff" in stdout and f"artifact directory: {tmp_path / 'a2'}" in stdout
+    assert bentoml.models.get(tag2).tag.version != model.tag.version
+    assert {str(m.tag) for m in bentoml.models.list("polytask-tiny")} == {tag1, tag2}
+
+    renamed = register_artifact(exported.artifact_dir, "other-name")
+    assert ArtifactMetadata.read(Path(bentoml.models.get(renamed).path)).model_name == "other-name"
+
+
+def test_model_names_are_checked_before_any_work(tmp_path):
+    from pipeline.export import ExportError, check_model_name, default_model_name, export_run
+
+    assert default_model_name("My_Exp.") == "polytask-my_exp"
+    check_model_name(default_model_name("x" * 100))
+    with pytest.raises(ExportError, match="lower-case"):
+        check_model_name("Bad Name")
+    with pytest.raises(ExportError, match="lower-case"):
+        export_run(tmp_path, model_name="Bad Name")
+
+
+def test_export_replaces_an_earlier_artifact_but_nothing_else(run_dir, tmp_path, reuse_graph):
+    from pipeline.export import ExportError, export_run
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not a polytask artifact"):
+        export_run(run_dir, register=False, output_dir=other)
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
+
+    out = tmp_path / "art"
+    first = export_run(run_dir, register=False, output_dir=out).metadata
+    (out / "stale.txt").write_text("from an earlier export")
+    second = export_run(run_dir, register=False, output_dir=out).metadata
+    assert ArtifactMetadata.read(out) == second and second.run_id == first.run_id
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "notes"]  # no temp dirs left
+    assert export_run(run_dir, register=False).artifact_dir == run_dir / "artifact"
+
+
+def test_fix_io_names_restores_the_contract_names(exported):
+    """Guard against exporters that ignore input/output names: positional renaming, wired
+    through the nodes, so the graph still runs."""
+    import onnx
+    import onnxruntime as ort
+
+    from pipeline.export import fix_io_names
+
+    proto = onnx.load(str(exported.artifact_dir / "model.onnx"))
+    fix_io_names(proto, ["ids", "mask"], ["out0", "out1"])  # what another exporter might do
+    wanted = [f"logits_{t}" for t in TASKS]
+    assert fix_io_names(proto, ["input_ids", "attention_mask"], wanted)
+    assert not fix_io_names(proto, ["input_ids", "attention_mask"], wanted)
+    session = ort.InferenceSession(proto.SerializeToString())
+    ids = np.array([[2, 7, 3]], dtype=np.int64)
+    out = session.run(wanted, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert [o.shape for o in out] == [(1, 2), (1, 3)]
