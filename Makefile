@@ -37,10 +37,11 @@ format:
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The main job: train on the six SentEval tasks, then evaluate the run on dev.
+# The main job: train on the six SentEval tasks, evaluate the run on dev, export it.
 train: install
 	$(BIN)/polytask train $(CONFIG)
 	$(BIN)/polytask evaluate runs/latest --split dev --output runs/latest/eval_dev.json
+	$(BIN)/polytask export runs/latest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
