@@ -113,6 +113,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.commands import serve
+
+    serve(model=args.model, port=args.port, host=args.host, workers=args.workers)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from serving.commands import format_prediction, predict_local
+
+    print(format_prediction(args.texts, predict_local(args.texts, model=args.model)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polytask", description="Train and evaluate multi-task text classifiers."
@@ -173,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-register", action="store_true", help="write the artifact only, skip the store"
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve the model over HTTP (BentoML): POST /predict")
+    p.add_argument("--model", help="model tag to pin (default: promoted, else latest)")
+    p.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000)")
+    p.add_argument("--host", default="0.0.0.0", help="interface to bind (default 0.0.0.0)")
+    p.add_argument("--workers", type=int, help="model worker processes (default 1)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("predict", help="every task's answer for some texts, from the model store")
+    p.add_argument("texts", nargs="+", help="texts to classify")
+    p.add_argument("--model", help="model tag (default: promoted, else latest)")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -5,7 +5,10 @@ Everything is built offline in a session temp dir; no test downloads anything.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import random
 from pathlib import Path
 
@@ -108,3 +111,58 @@ def tiny_config_file(tmp_path, tiny_data_dir, tiny_encoder_dir) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def train_tiny_run(tmp: Path, data_dir: Path, encoder_dir: Path, **train: object) -> Path:
+    """Train a tiny local-mode run through the CLI (seconds); returns its run directory."""
+    from pipeline.cli import main
+
+    cfg = tiny_config_dict(data_dir, encoder_dir, tmp / "runs", tmp / "cache")
+    cfg["train"].update(train)
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", str(path)]) == 0
+    return Path(out.getvalue().split("run directory: ")[-1].strip())
+
+
+def reset_bentoml_store() -> None:
+    """BentoML resolves BENTOML_HOME once per process and memoizes the store paths
+    (simple_di SingletonFactory): drop overrides *and* the memoized values, so that the next
+    store access follows the current BENTOML_HOME. `reset()` alone keeps the memoized value."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from simple_di import sentinel
+
+    for name in (
+        "bentoml_home",
+        "model_store_dir",
+        "model_store",
+        "bento_store_dir",
+        "bento_store",
+        "tmp_bento_store_dir",
+        "tmp_bento_store",
+        "env_store_dir",
+        "result_store_file",
+        "cloud_config",
+    ):
+        provider = getattr(BentoMLContainer, name)
+        provider.reset()
+        if hasattr(provider, "_cache"):
+            provider._cache = sentinel
+
+
+@contextlib.contextmanager
+def use_bentoml_home(path: Path):
+    """Point the BentoML model store at `path` for the duration."""
+    old = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(path)
+    reset_bentoml_store()
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("BENTOML_HOME", None)
+        else:
+            os.environ["BENTOML_HOME"] = old
+        reset_bentoml_store()

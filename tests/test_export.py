@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from conftest import train_tiny_run, use_bentoml_home
 
 from pipeline.cli import main
 from serving.artifact import ArtifactMetadata
@@ -25,16 +25,7 @@ MAX_LENGTH = 16  # tiny_config_dict's encoder.max_length
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_data_dir, tiny_encoder_dir) -> Path:
     """One tiny local-mode run shared by the tests below."""
-    from conftest import tiny_config_dict
-
-    tmp = tmp_path_factory.mktemp("export-run")
-    cfg = tiny_config_dict(tiny_data_dir, tiny_encoder_dir, tmp / "runs", tmp / "cache")
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["train", str(path)]) == 0
-    return Path(out.getvalue().split("run directory: ")[-1].strip())
+    return train_tiny_run(tmp_path_factory.mktemp("export-run"), tiny_data_dir, tiny_encoder_dir)
 
 
 @pytest.fixture(scope="module")
@@ -60,34 +51,10 @@ def reuse_graph(exported, monkeypatch) -> None:
     monkeypatch.setattr(export, "export_onnx", copy_graph)
 
 
-def _reset_bentoml_store() -> None:
-    """BentoML resolves BENTOML_HOME once per process (cached providers); forget it so the next
-    store access follows the current environment."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    for name in (
-        "bentoml_home",
-        "model_store_dir",
-        "model_store",
-        "bento_store_dir",
-        "bento_store",
-        "tmp_bento_store_dir",
-        "tmp_bento_store",
-        "env_store_dir",
-        "result_store_file",
-        "cloud_config",
-    ):
-        getattr(BentoMLContainer, name).reset()
-
-
 @pytest.fixture
-def bentoml_home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "bentoml"
-    monkeypatch.setenv("BENTOML_HOME", str(home))
-    _reset_bentoml_store()
-    yield home
-    monkeypatch.undo()
-    _reset_bentoml_store()
+def bentoml_home(tmp_path) -> Path:
+    with use_bentoml_home(tmp_path / "bentoml") as home:
+        yield home
 
 
 def _ort_predict(artifact: Path, task: str, texts: list[str]) -> np.ndarray:

@@ -1,0 +1,408 @@
+"""Serving benchmark: measures side by side, in one run on one machine, and prints ratios.
+
+    (a) the six-task endpoint vs six single-task services (one `polytask serve` per task,
+        each a full encoder pass), same clients, same concurrency: texts/s of complete
+        answers (all six tasks per text); a single-task "answer" is six requests, sent at once
+    (b) model engines: onnxruntime fp32 and dynamic int8 vs PyTorch eager, batch 1 and 32
+        (texts/s, all tasks' logits, tokenization excluded; same thread count for all)
+    (c) POST /predict at saturation (a real `polytask serve` on loopback) vs the raw ORT
+        session at the same batch size, tokenization included on both sides
+    (d) p50 / p99 latency of 1-text requests sent at a fixed rate (open loop)
+
+Usage (the run is exported to a temporary directory unless --artifact is given; (a) runs
+only with one exported single-task artifact per task of the run):
+
+    python bench/serve.py runs/<six-task run> [--artifact DIR] [--seconds 8] \
+        [--single mr=DIR --single cr=DIR ...]
+
+Figures depend on the machine's load: compare ratios within one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def dev_texts(data_dir: Path, limit: int = 2048) -> list[str]:
+    """Dev texts of every task under data_dir, interleaved (realistic lengths)."""
+    per_task = []
+    for path in sorted(data_dir.glob("*/dev.jsonl")):
+        per_task.append([json.loads(line)["text"] for line in path.open()])
+    if not per_task:
+        raise SystemExit(f"{data_dir}: no <task>/dev.jsonl files")
+    out = [t for group in zip(*per_task, strict=False) for t in group]
+    return out[:limit]
+
+
+def rate(fn, n_items: int, seconds: float) -> float:
+    """Items per second of calling fn() (each call handles n_items) for about `seconds`."""
+    for _ in range(2):
+        fn()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        done += n_items
+    return done / (time.perf_counter() - start)
+
+
+def interleaved_rates(fns: dict, n_items: int, seconds: float, rounds: int = 4) -> dict:
+    """Items/s of each fn, measured in alternating slices so that load from elsewhere on the
+    machine hits every engine alike."""
+    done = dict.fromkeys(fns, 0.0)
+    spent = dict.fromkeys(fns, 0.0)
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds / rounds:
+                fn()
+                done[name] += n_items
+            spent[name] += time.perf_counter() - start
+    return {name: done[name] / spent[name] for name in fns}
+
+
+def tokenize(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+    enc = tokenizer.encode_batch(texts)
+    return {
+        "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+    }
+
+
+# --------------------------------------------------------------------------- (b) engines
+def bench_engines(run_dir: Path, artifact: Path, texts: list[str], threads: int, seconds: float):
+    import onnxruntime as ort
+    import torch
+    from tokenizers import Tokenizer
+
+    from pipeline.export import eager_logits, quantize_int8
+    from pipeline.runs import load_run
+
+    torch.set_num_threads(threads)
+    model = load_run(run_dir).model.eval()
+    tasks = list(model.heads.tasks)
+    tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    int8 = Path(tempfile.mkdtemp(prefix="bench-int8-")) / "model.int8.onnx"
+    quantize_int8(artifact / "model.onnx", int8)
+
+    def session(path: Path):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    fp32_s, int8_s = session(artifact / "model.onnx"), session(int8)
+    outputs = [o.name for o in fp32_s.get_outputs()]
+    rows = []
+    for batch in (1, 32):
+        feeds = tokenize(tokenizer, texts[:batch])
+        r = interleaved_rates(
+            {
+                "torch": lambda f=feeds: eager_logits(
+                    model, tasks, f["input_ids"], f["attention_mask"]
+                ),
+                "fp32": lambda f=feeds: fp32_s.run(outputs, f),
+                "int8": lambda f=feeds: int8_s.run(outputs, f),
+            },
+            batch,
+            seconds,
+        )
+        rows.append((batch, r))
+    return rows
+
+
+# --------------------------------------------------------------------------- (c), (d) service
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`polytask serve` on loopback with the artifact registered in a temporary store."""
+
+    def __init__(self, artifact: Path, threads: int) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="bench-bentoml-"))
+        self.artifact = artifact
+        self.threads = threads
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        import httpx
+
+        env = {**os.environ, "BENTOML_HOME": str(self.home), "BENTOML_DO_NOT_TRACK": "True"}
+        code = (
+            "import sys; from pipeline.export import register_artifact; "
+            "print(register_artifact(sys.argv[1], 'polytask-bench'))"
+        )
+        tag = subprocess.run(
+            [sys.executable, "-c", code, str(self.artifact)],
+            env=env,
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()[-1]
+        env.update(POLYTASK_MODEL=tag, POLYTASK_ORT_THREADS=str(self.threads))
+        self.log = (self.home / "serve.log").open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "serve", "--host", "127.0.0.1"]
+            + ["--port", str(self.port)],
+            env=env,
+            cwd=REPO,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"server did not start; see {self.home / 'serve.log'}")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc: object) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def saturate(url: str, texts: list[str], batch: int, concurrency: int, seconds: float):
+    """Texts/s of /predict with `batch`-text requests from `concurrency` closed-loop clients."""
+    import httpx
+
+    done = [0] * concurrency
+    errors = [0] * concurrency
+    stop = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        i = k * batch
+        with httpx.Client(timeout=60) as http:
+            while time.perf_counter() < stop:
+                chunk = [texts[(i + j) % len(texts)] for j in range(batch)]
+                r = http.post(f"{url}/predict", json={"texts": chunk})
+                if r.status_code == 200:
+                    done[k] += batch
+                else:
+                    errors[k] += 1
+                i += batch * concurrency
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(done) / (time.perf_counter() - start), sum(errors)
+
+
+def saturate_split(urls: list[str], texts: list[str], batch: int, concurrency: int, seconds):
+    """Like `saturate`, but each client's request goes to every url at once (one per
+    single-task service) and counts when all have answered."""
+    import httpx
+
+    done = [0] * concurrency
+    errors = [0] * concurrency
+    stop = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        i = k * batch
+        with httpx.Client(timeout=60) as http, ThreadPoolExecutor(len(urls)) as fan:
+            while time.perf_counter() < stop:
+                chunk = [texts[(i + j) % len(texts)] for j in range(batch)]
+                codes = list(
+                    fan.map(lambda u, c=chunk: http.post(f"{u}/predict", json={"texts": c}), urls)
+                )
+                if all(r.status_code == 200 for r in codes):
+                    done[k] += batch
+                else:
+                    errors[k] += 1
+                i += batch * concurrency
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(done) / (time.perf_counter() - start), sum(errors)
+
+
+def bench_split(artifact: Path, singles: dict[str, Path], texts, threads, args):
+    """(a): texts/s of every task's answer, six-task endpoint vs one service per task."""
+    from contextlib import ExitStack
+
+    from serving.artifact import ArtifactMetadata
+
+    tasks = ArtifactMetadata.read(artifact).task_names
+    for task, path in singles.items():
+        if ArtifactMetadata.read(path).task_names != [task]:
+            raise SystemExit(f"--single {task}={path}: not a single-task artifact of {task!r}")
+    if sorted(singles) != sorted(tasks):
+        raise SystemExit(f"--single: need one artifact per task {tasks}, got {sorted(singles)}")
+    with Server(artifact, threads) as server:
+        multi, multi_err = saturate(server.url, texts, args.batch, args.concurrency, args.seconds)
+    # Six servers share the cores: each gets its share of the threads (more would only make
+    # them fight over the same cores).
+    share = max(1, threads // len(tasks))
+    with ExitStack() as stack:
+        servers = [stack.enter_context(Server(singles[t], share)) for t in tasks]
+        split, split_err = saturate_split(
+            [s.url for s in servers], texts, args.batch, args.concurrency, args.seconds
+        )
+    return multi, multi_err, split, split_err
+
+
+def fixed_rate(url: str, texts: list[str], per_second: float, seconds: float):
+    """p50, p99 latency (ms) of 1-text requests sent every 1/per_second s (open loop: latency
+    counts from the scheduled send time, so queueing behind slow requests is included)."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    start = time.perf_counter() + 0.2
+    n = int(per_second * seconds)
+    local = threading.local()
+
+    def send(i: int) -> None:
+        scheduled = start + i / per_second
+        time.sleep(max(0.0, scheduled - time.perf_counter()))
+        if not hasattr(local, "http"):
+            local.http = httpx.Client(timeout=60)
+        r = local.http.post(f"{url}/predict", json={"texts": [texts[i % len(texts)]]})
+        with lock:
+            if r.status_code == 200:
+                latencies.append(1000 * (time.perf_counter() - scheduled))
+            else:
+                errors[0] += 1
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        list(pool.map(send, range(n)))
+    q = statistics.quantiles(latencies, n=100)
+    return q[49], q[98], errors[0]
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a finished six-task run directory")
+    parser.add_argument("--artifact", type=Path, help="its exported artifact (else exported)")
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/data/senteval")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    parser.add_argument("--threads", type=int, help="ORT/torch threads (default: all CPUs)")
+    parser.add_argument("--batch", type=int, default=32, help="(c) texts per request")
+    parser.add_argument("--concurrency", type=int, default=4, help="(c) clients")
+    parser.add_argument("--rate", type=float, default=10.0, help="(d) requests per second")
+    parser.add_argument(
+        "--single",
+        action="append",
+        default=[],
+        metavar="TASK=DIR",
+        help="(a) a single-task artifact per task of the run",
+    )
+    args = parser.parse_args(argv)
+    singles = {}
+    for pair in args.single:
+        task, sep, path = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--single {pair!r}: expected TASK=DIR")
+        singles[task] = Path(path)
+
+    from serving.runtime import Runtime, ort_threads
+
+    threads = args.threads or ort_threads()
+    texts = dev_texts(args.data_dir)
+    artifact = args.artifact
+    if artifact is None:
+        from pipeline.export import export_run
+
+        out = Path(tempfile.mkdtemp(prefix="bench-artifact-")) / "artifact"
+        artifact = export_run(args.run, register=False, output_dir=out).artifact_dir
+    print(f"{len(texts)} dev texts; {threads} threads; {args.seconds:g} s per measurement\n")
+
+    print("(b) texts/s, model only (tokenized inputs), all tasks")
+    print(
+        f"{'batch':>5} {'torch':>8} {'ort fp32':>9} {'ort int8':>9} {'fp32/torch':>11} "
+        f"{'int8/torch':>11}"
+    )
+    for batch, r in bench_engines(args.run, artifact, texts, threads, args.seconds):
+        print(
+            f"{batch:>5} {r['torch']:>8.1f} {r['fp32']:>9.1f} {r['int8']:>9.1f} "
+            f"{r['fp32'] / r['torch']:>10.2f}x {r['int8'] / r['torch']:>10.2f}x"
+        )
+
+    runtime = Runtime(artifact, threads=threads)
+    b = args.batch
+
+    def raw_rate() -> float:
+        i = [0]
+
+        def step() -> None:
+            runtime.run([texts[(i[0] + j) % len(texts)] for j in range(b)])
+            i[0] += b
+
+        return rate(step, b, args.seconds)
+
+    raw_before = raw_rate()
+    with Server(artifact, threads) as server:
+        served, errors = saturate(server.url, texts, b, args.concurrency, args.seconds)
+        p50, p99, late_errors = fixed_rate(server.url, texts, args.rate, args.seconds)
+    raw_after = raw_rate()
+    raw = (raw_before + raw_after) / 2
+    print(f"\n(c) texts/s, tokenization included, {b} texts per call")
+    print(f"raw ORT session: {raw:.1f} (before {raw_before:.1f}, after {raw_after:.1f})")
+    print(
+        f"/predict at saturation ({args.concurrency} clients): {served:.1f}, "
+        f"{errors} failed requests"
+    )
+    print(f"ratio /predict / raw ORT: {served / raw:.2f}")
+    print(
+        f"\n(d) 1-text requests at {args.rate:g}/s for {args.seconds:g} s: p50 {p50:.1f} ms, "
+        f"p99 {p99:.1f} ms, {late_errors} failed requests"
+    )
+    if singles:
+        multi, multi_err, split, split_err = bench_split(artifact, singles, texts, threads, args)
+        print(
+            f"\n(a) texts/s with every task's answer, {args.concurrency} clients, "
+            f"{b} texts per request"
+        )
+        print(f"six-task endpoint: {multi:.1f} ({multi_err} failed requests)")
+        print(
+            f"{len(singles)} single-task services ({max(1, threads // len(singles))} ORT "
+            f"thread(s) each): {split:.1f} ({split_err} failed requests)"
+        )
+        print(f"ratio: {multi / split:.2f}x")
+    else:
+        print("\n(a) six-task endpoint vs single-task services: skipped (no --single)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""What `polytask serve` and `polytask predict` do, as plain functions the CLI and tests call."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from serving.model_store import MODEL_ENV, resolve_model
+from serving.runtime import Prediction, Runtime
+
+SERVICE = "serving.service:Polytask"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve(
+    model: str | None = None,
+    port: int = 3000,
+    host: str = "0.0.0.0",
+    workers: int | None = None,
+    api_workers: int | None = None,
+) -> None:
+    """Serve the model over HTTP until interrupted (BentoML, blocking).
+
+    Args:
+        model: A model tag to pin (else $POLYTASK_MODEL, else promoted, else latest).
+        port: HTTP port.
+        host: Interface to bind.
+        workers: Encoder (model) worker processes; default $POLYTASK_WORKERS or 1.
+        api_workers: HTTP front worker processes; default $POLYTASK_API_WORKERS or 1.
+
+    Raises:
+        ModelNotFoundError: no model to serve (checked before any process starts).
+    """
+    import bentoml
+
+    if model:
+        os.environ[MODEL_ENV] = model
+    # Fail fast with the store's message rather than a worker that never becomes ready.
+    resolve_model()
+    # Read by serving.service when the supervisor and its workers import it.
+    if workers is not None:
+        os.environ["POLYTASK_WORKERS"] = str(workers)
+    if api_workers is not None:
+        os.environ["POLYTASK_API_WORKERS"] = str(api_workers)
+    bentoml.serve(SERVICE, host=host, port=port, working_dir=str(REPO_ROOT), blocking=True)
+
+
+def predict_local(texts: list[str], model: str | None = None) -> Prediction:
+    """Every task's answer for `texts` from the local model store, without a server."""
+    resolved = resolve_model(tag=model)
+    return Runtime(resolved.path, version=resolved.tag).predict(texts, return_all=False)
+
+
+def format_prediction(texts: list[str], prediction: Prediction) -> str:
+    """One block per text: every task's label and probability."""
+    lines = [f"model: {prediction.model_version}"]
+    for text, result in zip(texts, prediction.results, strict=True):
+        shown = text if len(text) <= 70 else text[:67] + "..."
+        lines.append(f"\n{shown!r}{'  (truncated)' if result.truncated else ''}")
+        width = max(len(t) for t in result.tasks)
+        label_width = max(len(a.label) for a in result.tasks.values())
+        for task, answer in result.tasks.items():
+            lines.append(
+                f"  {task:<{width}}  {answer.label:<{label_width}}  {answer.probability:.3f}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""The service's Prometheus metrics (prometheus_client), served on BentoML's /metrics.
+
+Correct with several workers: BentoML sets PROMETHEUS_MULTIPROC_DIR before it starts a worker,
+every worker writes its samples there, and /metrics aggregates them (MultiProcessCollector).
+prometheus_client picks its storage when a metric is created, so the metrics are created on
+first use (`get_metrics()`), inside the worker, never at import.
+
+    polytask_predictions_total{task,label}          counter    answers given (valid requests)
+    polytask_prediction_confidence{task}            histogram  probability of the answered label
+    polytask_inference_latency_seconds              histogram  one model call (tokenize + ORT)
+    polytask_batch_size_texts                       histogram  texts per model call
+    polytask_rejected_requests_total{reason}        counter    refused requests: 4xx by reason,
+                                                               503 as reason="unavailable"
+    polytask_model_active{version}                  gauge      1 for the version a worker serves
+    polytask_model_swaps_total                      counter    hot swaps to a newer model
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    predictions: Any
+    confidence: Any
+    latency: Any
+    batch_size: Any
+    rejected: Any
+    model_active: Any
+    swaps: Any
+
+    def record_answers(self, task: str, labels: list[str], confidences: list[float]) -> None:
+        """Count one answer per text for `task`."""
+        counts: dict[str, int] = {}
+        for label in labels:
+            counts[label] = counts.get(label, 0) + 1
+        for label, n in counts.items():
+            self.predictions.labels(task=task, label=label).inc(n)
+        hist = self.confidence.labels(task=task)
+        for p in confidences:
+            hist.observe(p)
+
+    def set_active_version(self, version: str, previous: str | None = None) -> None:
+        if previous is not None and previous != version:
+            self.model_active.labels(version=previous).set(0)
+        self.model_active.labels(version=version).set(1)
+
+
+@functools.cache
+def get_metrics() -> Metrics:
+    """The process's metrics, created on first call (after BentoML set up multiprocess mode)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return Metrics(
+        predictions=Counter(
+            "polytask_predictions",
+            "Answers given, by task and predicted label.",
+            ["task", "label"],
+        ),
+        confidence=Histogram(
+            "polytask_prediction_confidence",
+            "Probability of the predicted label, by task.",
+            ["task"],
+            buckets=CONFIDENCE_BUCKETS,
+        ),
+        latency=Histogram(
+            "polytask_inference_latency_seconds",
+            "Seconds per model call (tokenization and onnxruntime, all tasks).",
+            buckets=LATENCY_BUCKETS,
+        ),
+        batch_size=Histogram(
+            "polytask_batch_size_texts",
+            "Texts per model call (after adaptive batching).",
+            buckets=BATCH_BUCKETS,
+        ),
+        rejected=Counter(
+            "polytask_rejected_requests",
+            "Requests refused: bad input (4xx) by reason, or unavailable (503).",
+            ["reason"],
+        ),
+        # livemax: the value of live workers only; 1 while any worker serves that version.
+        model_active=Gauge(
+            "polytask_model_active",
+            "1 for the model version a worker serves.",
+            ["version"],
+            multiprocess_mode="livemax",
+        ),
+        swaps=Counter("polytask_model_swaps", "Hot swaps to a newer model."),
+    )

@@ -1,0 +1,281 @@
+"""Inference on one artifact directory: tokenizers + onnxruntime + numpy, no torch.
+
+    texts -> tokenizer.json (truncation and padding built in) -> model.onnx (one encoder pass,
+    every task's logits) -> softmax per task -> label, probability, truncated flag
+
+The runtime is the only place that runs the model; the BentoML service and `polytask predict`
+both call it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from serving.artifact import INPUT_NAMES, ONNX_FILE, ArtifactMetadata
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+THREADS_ENV = "POLYTASK_ORT_THREADS"
+DEVICE_ENV = "POLYTASK_ORT_DEVICE"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+# Texts per session.run: bounds memory and padding waste for large inputs.
+CHUNK_SIZE = 64
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class UnknownTaskError(ValueError):
+    """A requested task is not in the model; the message lists the valid ones."""
+
+
+@dataclass
+class TaskPrediction:
+    """One task's answer for one text.
+
+    Attributes:
+        label: The most probable label.
+        probability: Its probability.
+        probabilities: Every label's probability, when asked for.
+    """
+
+    label: str
+    probability: float
+    probabilities: dict[str, float] | None = None
+
+
+@dataclass
+class TextPrediction:
+    """Every requested task's answer for one text; `truncated` when it exceeded max length."""
+
+    tasks: dict[str, TaskPrediction]
+    truncated: bool
+
+
+@dataclass
+class Prediction:
+    """The answers for a list of texts, in input order, and the model version that gave them."""
+
+    results: list[TextPrediction]
+    model_version: str
+
+
+@dataclass
+class BatchOutput:
+    """Raw model output for a batch: per task, probabilities [n, classes]; truncated [n]."""
+
+    probabilities: dict[str, np.ndarray]
+    truncated: np.ndarray
+    model_version: str = field(default="")
+
+
+# --------------------------------------------------------------------------- ORT settings
+def ort_threads(env: dict[str, str] | None = None) -> int:
+    """intra-op threads: $POLYTASK_ORT_THREADS, else the CPUs this process may use.
+
+    ORT's own default counts the host's cores, not the container's (DESIGN section 4); with
+    several workers on one machine set POLYTASK_ORT_THREADS to cores / workers.
+    """
+    env = os.environ if env is None else env
+    raw = env.get(THREADS_ENV, "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV}={raw!r}: expected a positive integer") from None
+        if value < 1:
+            raise ValueError(f"{THREADS_ENV}={raw!r}: expected a positive integer")
+        return value
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_providers(requested: str, available: list[str]) -> list[str]:
+    """onnxruntime execution providers for `requested` ("auto", "cpu" or "cuda").
+
+    CUDA is used when it is requested ("cuda" or "auto") and onnxruntime has it (the
+    onnxruntime-gpu wheel); CPU stays as the fallback for ops CUDA lacks. "cuda" without a CUDA
+    provider logs a warning and runs on CPU rather than refusing to serve.
+    """
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV}={requested!r}: expected 'auto', 'cpu' or 'cuda'")
+    if requested != "cpu" and CUDA in available:
+        return [CUDA, CPU]
+    if requested == "cuda":
+        logger.warning("CUDA requested but onnxruntime has no %s; running on CPU", CUDA)
+    return [CPU]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax [n, classes], stable for large logits."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- runtime
+class Runtime:
+    """A loaded artifact: tokenizer, onnxruntime session and metadata.
+
+    Thread-safe for `predict` (onnxruntime sessions and tokenizers are).
+
+    Args:
+        artifact_dir: Directory with model.onnx, tokenizer.json and metadata.json.
+        version: The version reported with predictions (the model store tag); default the
+            metadata's `model_name:run_id`.
+        threads: onnxruntime intra-op threads; default `ort_threads()`.
+        device: "auto", "cpu" or "cuda"; default $POLYTASK_ORT_DEVICE, else "auto".
+    """
+
+    def __init__(
+        self,
+        artifact_dir: str | Path,
+        version: str | None = None,
+        threads: int | None = None,
+        device: str | None = None,
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.artifact_dir = Path(artifact_dir)
+        self.metadata = ArtifactMetadata.read(self.artifact_dir)
+        self.version = version or f"{self.metadata.model_name}:{self.metadata.run_id}"
+        for name in (ONNX_FILE, TOKENIZER_FILE):
+            if not (self.artifact_dir / name).is_file():
+                raise FileNotFoundError(f"{self.artifact_dir}: artifact has no {name}")
+        self.tokenizer = Tokenizer.from_file(str(self.artifact_dir / TOKENIZER_FILE))
+        if self.tokenizer.truncation is None:
+            # Older artifacts: truncation is part of the contract, not optional.
+            self.tokenizer.enable_truncation(self.metadata.encoder.max_length)
+        if self.tokenizer.padding is None:
+            self.tokenizer.enable_padding()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or ort_threads()
+        options.inter_op_num_threads = 1
+        self.providers = choose_providers(
+            device or os.environ.get(DEVICE_ENV, "auto"), ort.get_available_providers()
+        )
+        self.session = ort.InferenceSession(
+            str(self.artifact_dir / ONNX_FILE), options, providers=self.providers
+        )
+        self.labels: dict[str, list[str]] = {t.name: list(t.labels) for t in self.metadata.tasks}
+        self.outputs: dict[str, str] = {t.name: t.output for t in self.metadata.tasks}
+        missing = set(self.outputs.values()) - {o.name for o in self.session.get_outputs()}
+        if missing:
+            raise ValueError(f"{self.artifact_dir}: model.onnx lacks outputs {sorted(missing)}")
+        logger.info(
+            "loaded %s (%s, %d tasks, %d threads, %s)",
+            self.version,
+            self.metadata.precision,
+            len(self.labels),
+            options.intra_op_num_threads,
+            self.providers[0],
+        )
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.labels)
+
+    def check_tasks(self, tasks: list[str] | None) -> list[str]:
+        """The tasks to answer: all when None; UnknownTaskError names any the model lacks."""
+        if tasks is None:
+            return self.task_names
+        unknown = [t for t in tasks if t not in self.labels]
+        if unknown:
+            raise UnknownTaskError(
+                f"unknown task(s) {unknown}; this model's tasks are {self.task_names}"
+            )
+        return list(dict.fromkeys(tasks))
+
+    def run(self, texts: list[str], tasks: list[str] | None = None) -> BatchOutput:
+        """Probabilities of `tasks` (default all) for `texts`: one encoder pass per chunk.
+
+        Texts are sorted by length and run in chunks of CHUNK_SIZE so little compute goes to
+        padding; results come back in input order.
+        """
+        tasks = self.check_tasks(tasks)
+        n = len(texts)
+        probs = {t: np.zeros((n, len(self.labels[t])), dtype=np.float32) for t in tasks}
+        truncated = np.zeros(n, dtype=bool)
+        if n == 0:
+            return BatchOutput(probs, truncated, self.version)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        outputs = [self.outputs[t] for t in tasks]
+        for start in range(0, n, CHUNK_SIZE):
+            idx = order[start : start + CHUNK_SIZE]
+            enc = self.tokenizer.encode_batch([texts[i] for i in idx])
+            feeds = {
+                INPUT_NAMES[0]: np.array([e.ids for e in enc], dtype=np.int64),
+                INPUT_NAMES[1]: np.array([e.attention_mask for e in enc], dtype=np.int64),
+            }
+            logits = self.session.run(outputs, feeds)
+            for task, out in zip(tasks, logits, strict=True):
+                probs[task][idx] = softmax(out.astype(np.float32))
+            # The tokenizer keeps what truncation cut off in `overflowing`.
+            truncated[idx] = [bool(e.overflowing) for e in enc]
+        return BatchOutput(probs, truncated, self.version)
+
+    def predict(
+        self, texts: list[str], tasks: list[str] | None = None, return_all: bool = False
+    ) -> Prediction:
+        """Every requested task's label and probability for each text.
+
+        Args:
+            texts: The texts (validated by the caller: non-empty strings).
+            tasks: A subset of the model's tasks; default all.
+            return_all: Also return every label's probability.
+
+        Raises:
+            UnknownTaskError: a task the model does not have.
+        """
+        out = self.run(texts, tasks)
+        return Prediction(
+            results=decode(out, self.labels, return_all), model_version=out.model_version
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Tasks with their labels and dev metrics, and the model version."""
+        return {
+            "model_version": self.version,
+            "precision": self.metadata.precision,
+            "max_length": self.metadata.encoder.max_length,
+            "tasks": {
+                t.name: {
+                    "labels": list(t.labels),
+                    "dev_accuracy": t.dev.accuracy if t.dev is not None else None,
+                }
+                for t in self.metadata.tasks
+            },
+        }
+
+
+def decode(
+    out: BatchOutput, labels: dict[str, list[str]], return_all: bool = False
+) -> list[TextPrediction]:
+    """Per text, per task: the argmax label and its probability (and all, on request)."""
+    results: list[TextPrediction] = []
+    best = {t: p.argmax(axis=-1) for t, p in out.probabilities.items()}
+    for i in range(len(out.truncated)):
+        answers: dict[str, TaskPrediction] = {}
+        for task, p in out.probabilities.items():
+            k = int(best[task][i])
+            answers[task] = TaskPrediction(
+                label=labels[task][k],
+                probability=float(p[i, k]),
+                probabilities=(
+                    {lab: float(v) for lab, v in zip(labels[task], p[i], strict=True)}
+                    if return_all
+                    else None
+                ),
+            )
+        results.append(TextPrediction(tasks=answers, truncated=bool(out.truncated[i])))
+    return results

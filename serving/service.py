@@ -1,0 +1,389 @@
+"""The BentoML service (bentoml==1.4.39): every task's answer from one encoder pass.
+
+Two services, so that BentoML's adaptive batching applies across HTTP requests:
+
+    client --HTTP--> Polytask (main)                        Encoder (dependency)
+                     POST /predict: validate, 4xx   --->    infer(texts) batchable: requests
+                     GET  /tasks                            merged into one ORT call
+                     /healthz /livez /readyz /metrics       hot swap of the model
+
+BentoML batches only calls that reach a batchable API through its server (a call inside the
+same instance is a plain call), so the model sits behind `bentoml.depends(Encoder)`.
+`/predict` and `/tasks` are a small Starlette app mounted on the main service: it validates the
+raw body itself, so every rejection (malformed JSON included) gets a 4xx with a message and is
+counted by reason. `/healthz`, `/livez`, `/readyz` and `/metrics` are BentoML's; `/readyz` is
+503 until the Encoder has loaded a model (`__is_ready__`), and `/metrics` aggregates our
+prometheus_client metrics over all workers of both services.
+
+Environment (read when the service module is imported / a worker starts):
+    POLYTASK_MODEL             pinned model tag (never swapped); else promoted, else latest
+    POLYTASK_MODEL_NAME        model name for promoted/latest (default polytask-senteval6)
+    POLYTASK_RELOAD_SECONDS    how often the Encoder looks for a newer model (default 30; 0 off)
+    POLYTASK_WORKERS           Encoder workers (default 1)
+    POLYTASK_API_WORKERS       main service workers (default 1)
+    POLYTASK_MAX_BATCH_SIZE    texts per adaptive batch (default 64)
+    POLYTASK_MAX_LATENCY_MS    queueing bound before the batcher sheds load with 503 (5000)
+    POLYTASK_MAX_TEXTS         texts per request (default 64)
+    POLYTASK_ORT_THREADS       onnxruntime intra-op threads per Encoder worker
+    POLYTASK_ORT_DEVICE        auto | cpu | cuda
+
+Run: `polytask serve` or `bentoml serve serving.service:Polytask`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import bentoml
+from bentoml.exceptions import ServiceUnavailable
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from serving.metrics import get_metrics
+from serving.model_store import MODEL_ENV, ResolvedModel, model_name, resolve_model
+from serving.runtime import Runtime, ort_threads
+from serving.schemas import (
+    ErrorResponse,
+    PredictRequest,
+    PredictResponse,
+    RequestError,
+    TasksResponse,
+    max_texts,
+    parse_predict_request,
+)
+
+logger = logging.getLogger(__name__)
+
+RELOAD_ENV = "POLYTASK_RELOAD_SECONDS"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ValueError(f"{name}={raw!r}: expected a non-negative integer")
+    return int(raw)
+
+
+ENCODER_WORKERS = max(1, _env_int("POLYTASK_WORKERS", 1))
+API_WORKERS = max(1, _env_int("POLYTASK_API_WORKERS", 1))
+MAX_BATCH_SIZE = max(2, _env_int("POLYTASK_MAX_BATCH_SIZE", 64))
+# BentoML's dispatcher picks the batching wait itself; max_latency_ms is the bound beyond which
+# it sheds queued requests with a 503 ("process is overloaded"), so it must not be tight.
+MAX_LATENCY_MS = max(1, _env_int("POLYTASK_MAX_LATENCY_MS", 5000))
+
+
+# --------------------------------------------------------------------------- the model
+@bentoml.service(workers=ENCODER_WORKERS, traffic={"timeout": 60})
+class Encoder:
+    """Runs the model: one ORT call per adaptive batch, answers for every task."""
+
+    def __init__(self) -> None:
+        self._runtime: Runtime | None = None
+        self._error: str | None = None
+        self._pinned = bool(os.environ.get(MODEL_ENV, "").strip())
+        self._interval = _env_int(RELOAD_ENV, 30)
+        self._threads = (
+            ort_threads()
+            if os.environ.get("POLYTASK_ORT_THREADS")
+            else max(1, ort_threads() // ENCODER_WORKERS)
+        )
+        self._stop = threading.Event()
+        # Load in the background: /livez answers at once, /readyz once the model is loaded.
+        threading.Thread(target=self._load_and_watch, name="polytask-model", daemon=True).start()
+
+    def _load(self, resolved: ResolvedModel) -> Runtime:
+        return Runtime(resolved.path, version=resolved.tag, threads=self._threads)
+
+    def _load_and_watch(self) -> None:
+        metrics = get_metrics()
+        while self._runtime is None and not self._stop.is_set():
+            try:
+                resolved = resolve_model()
+                self._runtime = self._load(resolved)
+                metrics.set_active_version(resolved.tag)
+                logger.info("serving %s (%s)", resolved.tag, resolved.source)
+            except Exception as err:  # keep trying: a model may be exported later
+                self._error = str(err)
+                logger.error("no model loaded: %s", err)
+                self._stop.wait(max(self._interval, 5))
+        if self._pinned or self._interval <= 0:
+            return
+        while not self._stop.wait(self._interval):
+            self.check_for_new_model()
+
+    def check_for_new_model(self) -> bool:
+        """Load the promoted/latest model if it changed, then swap the reference.
+
+        Requests in flight keep the Runtime they started with; the swap is one assignment,
+        so no request sees a half-loaded model and none fails.
+        """
+        try:
+            resolved = resolve_model(name=model_name())
+            current = self._runtime
+            if current is not None and resolved.tag == current.version:
+                return False
+            new = self._load(resolved)
+        except Exception:
+            logger.exception("model check failed; keeping the current model")
+            return False
+        previous = current.version if current is not None else None
+        self._runtime = new
+        metrics = get_metrics()
+        metrics.set_active_version(new.version, previous)
+        metrics.swaps.inc()
+        logger.info("swapped model %s -> %s (%s)", previous, new.version, resolved.source)
+        return True
+
+    @bentoml.on_shutdown
+    def _stop_watching(self) -> None:
+        self._stop.set()
+
+    def __is_ready__(self) -> bool:
+        return self._runtime is not None
+
+    def _require(self) -> Runtime:
+        runtime = self._runtime
+        if runtime is None:
+            raise ServiceUnavailable(
+                f"no model loaded yet{f': {self._error}' if self._error else ''}"
+            )
+        return runtime
+
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def infer(self, texts: list[str]) -> list[dict[str, Any]]:
+        """Per text: model version, truncated flag and every task's probabilities."""
+        runtime = self._require()
+        metrics = get_metrics()
+        start = time.perf_counter()
+        out = runtime.run(texts)
+        metrics.latency.observe(time.perf_counter() - start)
+        metrics.batch_size.observe(len(texts))
+        # Labels travel with the probabilities: during a swap, two model workers may serve two
+        # versions, and each answer must be decoded with the labels of the model that gave it.
+        probs = {t: p.tolist() for t, p in out.probabilities.items()}
+        return [
+            {
+                "version": out.model_version,
+                "truncated": bool(out.truncated[i]),
+                "probabilities": {
+                    t: dict(zip(runtime.labels[t], p[i], strict=True)) for t, p in probs.items()
+                },
+            }
+            for i in range(len(texts))
+        ]
+
+    @bentoml.api
+    def describe(self) -> dict[str, Any]:
+        """Tasks, labels and version of the loaded model; `{"error": ...}` while none is.
+
+        An answer rather than an exception: BentoML replaces a 5xx's message with a generic
+        one, and the caller should see why no model is loaded."""
+        runtime = self._runtime
+        if runtime is None:
+            return {"error": f"no model loaded yet: {self._error or 'loading'}"}
+        return runtime.describe()
+
+
+# --------------------------------------------------------------------------- HTTP endpoints
+async def _predict(request: Request) -> JSONResponse:
+    service: Polytask = bentoml.get_current_service()
+    try:
+        req = parse_predict_request(await request.body(), limit=max_texts())
+        return JSONResponse(await service.predict(req))
+    except RequestError as err:
+        get_metrics().rejected.labels(reason=err.reason).inc()
+        return JSONResponse(err.body(), status_code=err.status)
+    except Exception as err:  # the Encoder failed or timed out: not the client's fault
+        logger.exception("prediction failed")
+        get_metrics().rejected.labels(reason="unavailable").inc()
+        body = ErrorResponse(error=f"model unavailable: {type(err).__name__}", reason="unavailable")
+        return JSONResponse(body.model_dump(), status_code=503)
+
+
+async def _tasks(_: Request) -> JSONResponse:
+    service: Polytask = bentoml.get_current_service()
+    try:
+        info = await service.model_info(refresh=True)
+    except RequestError as err:
+        return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(TasksResponse.model_validate(info).model_dump())
+
+
+async def _openapi(_: Request) -> JSONResponse:
+    return JSONResponse(openapi_schema())
+
+
+def openapi_schema() -> dict[str, Any]:
+    """OpenAPI 3 description of /predict and /tasks, with examples."""
+    from pydantic.json_schema import models_json_schema
+
+    _, defs = models_json_schema(
+        [
+            (m, "validation" if m is PredictRequest else "serialization")
+            for m in (PredictRequest, PredictResponse, TasksResponse, ErrorResponse)
+        ],
+        ref_template="#/components/schemas/{model}",
+    )
+
+    def body(model: type, description: str) -> dict[str, Any]:
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        return {"description": description, "content": {"application/json": {"schema": ref}}}
+
+    errors = {
+        "400": body(ErrorResponse, "Malformed JSON."),
+        "422": body(ErrorResponse, "Invalid request (the message names the problem)."),
+        "503": body(ErrorResponse, "No model loaded yet."),
+    }
+    return {
+        "openapi": "3.0.2",
+        "info": {"title": "polytask", "version": "1"},
+        "paths": {
+            "/predict": {
+                "post": {
+                    "summary": "Every requested task's label and probability for each text.",
+                    "requestBody": body(PredictRequest, "Texts to classify."),
+                    "responses": {"200": body(PredictResponse, "Answers."), **errors},
+                }
+            },
+            "/tasks": {
+                "get": {
+                    "summary": "The model's tasks and their labels.",
+                    "responses": {"200": body(TasksResponse, "Tasks."), "503": errors["503"]},
+                }
+            },
+        },
+        "components": {"schemas": defs["$defs"]},
+    }
+
+
+app = Starlette(
+    routes=[
+        Route("/predict", _predict, methods=["POST"]),
+        Route("/tasks", _tasks, methods=["GET"]),
+        Route("/openapi.json", _openapi, methods=["GET"]),
+    ]
+)
+
+
+@bentoml.asgi_app(app)
+@bentoml.service(workers=API_WORKERS, traffic={"timeout": 60})
+class Polytask:
+    """Multi-task text classification: POST /predict, GET /tasks (see /openapi.json)."""
+
+    encoder = bentoml.depends(Encoder)
+
+    def __init__(self) -> None:
+        # The Encoder's describe(), for validating `tasks` before inference; refreshed when an
+        # answer comes from another model version.
+        self._info: dict[str, Any] | None = None
+        self._client_tuned = False
+
+    async def __is_ready__(self) -> bool:
+        if not await self.encoder.is_ready(5):  # its /readyz: model loaded
+            return False
+        try:
+            await self.model_info(refresh=True)
+        except RequestError:
+            return False
+        return True
+
+    async def model_info(self, refresh: bool = False) -> dict[str, Any]:
+        """The Encoder's model description: version, tasks and labels.
+
+        Raises:
+            RequestError: 503 while no model is loaded.
+        """
+        info = self._info
+        if info is not None and not refresh:
+            return info
+        try:
+            info = await self.encoder.to_async.describe()
+        except Exception as err:
+            raise RequestError(503, "not_ready", f"model not available: {err}") from None
+        if "error" in info:
+            raise RequestError(503, "not_ready", info["error"])
+        self._info = info
+        return info
+
+    async def _infer(self, texts: list[str]) -> list[dict[str, Any]]:
+        if not self._client_tuned:
+            _keep_sessions_open(self.encoder)
+            self._client_tuned = True
+        return await _infer_with_retry(self.encoder, texts)
+
+    async def predict(self, req: PredictRequest) -> dict[str, Any]:
+        """Validate tasks against the model, run the Encoder, pick each task's label."""
+        info = await self.model_info()
+        tasks = _check_tasks(req.tasks, list(info["tasks"]))
+        rows = await self._infer(req.texts)
+        # One request is one job in one batch, so all its rows come from one model.
+        version = rows[0]["version"]
+        if version != info["model_version"]:  # the Encoder swapped models since
+            self._info = None
+            tasks = _check_tasks(req.tasks, list(rows[0]["probabilities"]))
+        metrics = get_metrics()
+        results = []
+        for row in rows:
+            answers = {}
+            for task in tasks:
+                probs: dict[str, float] = row["probabilities"][task]
+                label = max(probs, key=probs.__getitem__)
+                answers[task] = {"label": label, "probability": probs[label]}
+                if req.return_all_probabilities:
+                    answers[task]["probabilities"] = probs
+            results.append({"tasks": answers, "truncated": row["truncated"]})
+        for task in tasks:
+            metrics.record_answers(
+                task,
+                [r["tasks"][task]["label"] for r in results],
+                [r["tasks"][task]["probability"] for r in results],
+            )
+        return PredictResponse(results=results, model_version=version).model_dump(exclude_none=True)
+
+
+def _keep_sessions_open(encoder: Any) -> None:
+    """Stop BentoML's dependency client from recycling its session every 100 requests.
+
+    bentoml 1.4.39 (`_bentoml_impl/client/proxy2.py`, SessionManager) closes its aiohttp
+    session every 100 requests or 5 minutes while other requests are still in flight on it;
+    those fail with "Server disconnected" (bentoml/BentoML#4971, fix proposed in #5698). Under
+    32 concurrent requests that was ~2% of calls here. Only the request-count refresh is turned
+    off; the 5-minute one stays, and `_infer_with_retry` covers it.
+    """
+    manager = getattr(encoder.to_async, "_session_manager", None)
+    if manager is not None and hasattr(manager, "max_requests"):
+        manager.max_requests = 2**62
+    else:
+        logger.warning("bentoml client internals changed; session recycling left as is")
+
+
+async def _infer_with_retry(encoder: Any, texts: list[str]) -> list[dict[str, Any]]:
+    """The Encoder's answer; one retry when the connection dropped under the request (see
+    `_keep_sessions_open`; `infer` has no side effects beyond metrics, so a retry is safe)."""
+    import aiohttp
+
+    try:
+        return await encoder.to_async.infer(texts=texts)
+    except aiohttp.ClientConnectionError as err:
+        logger.warning("Encoder connection dropped (%s); retrying once", err)
+        return await encoder.to_async.infer(texts=texts)
+
+
+def _check_tasks(tasks: list[str] | None, known: list[str]) -> list[str]:
+    """The tasks to answer: all when None; 422 naming the valid ones for an unknown task."""
+    if tasks is None:
+        return known
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise RequestError(
+            422, "unknown_task", f"tasks: unknown task(s) {unknown}; valid tasks are {known}"
+        )
+    return list(dict.fromkeys(tasks))

@@ -1,0 +1,341 @@
+"""The service over real HTTP: `polytask serve` (BentoML) in a subprocess on loopback, on a
+tiny exported model in a temporary model store, with 2 HTTP workers and 2 model workers.
+
+Claims: /predict answers every task for each text, as the runtime does; every bad input gets a
+4xx naming the problem and /readyz stays 200; /tasks lists the labels; /metrics (aggregated
+over workers) counts exactly the valid predictions per task and the rejections by reason;
+promoting a new model swaps it in under load with zero failed requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import train_tiny_run, use_bentoml_home
+from test_serving import REPO
+
+pytestmark = pytest.mark.integration
+
+MODEL_NAME = "polytask-tiny"
+TASKS = ["sentiment", "topic"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_data_dir, tiny_encoder_dir):
+    """A model store with one exported tiny model; yields (home, artifact dir, tag)."""
+    from pipeline.export import export_run
+
+    tmp = tmp_path_factory.mktemp("serving-http")
+    run_dir = train_tiny_run(tmp, tiny_data_dir, tiny_encoder_dir)
+    home = tmp / "bentoml"
+    with use_bentoml_home(home):
+        result = export_run(
+            run_dir, register=True, output_dir=tmp / "artifact", model_name=MODEL_NAME
+        )
+    return home, result.artifact_dir, result.tag
+
+
+@contextlib.contextmanager
+def running(command: list[str], env: dict[str, str], log: Path, wait_ready: bool = True):
+    """Run a server command in its own process group on a free loopback port; yield its URL
+    (after /readyz is 200 when `wait_ready`, else once /livez answers); stop it after."""
+    port = _free_port()
+    command = [*command, "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # stopped with all its workers below
+        )
+    url = f"http://127.0.0.1:{port}"
+    probe = "/readyz" if wait_ready else "/livez"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}{probe}", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no 200 from {probe} in 90 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    """`polytask serve` with 2 HTTP and 2 model workers; yields its URL once ready."""
+    home, _, _ = store
+    env = {
+        "BENTOML_HOME": str(home),
+        "POLYTASK_MODEL_NAME": MODEL_NAME,
+        "POLYTASK_RELOAD_SECONDS": "1",
+        "POLYTASK_API_WORKERS": "2",
+        "POLYTASK_ORT_THREADS": "1",
+        "POLYTASK_MAX_TEXTS": "8",
+        "POLYTASK_MODEL": "",
+    }
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    command = [sys.executable, "-m", "pipeline.cli", "serve", "--workers", "2"]
+    with running(command, env, log) as url:
+        yield url
+    text = log.read_text()
+    assert "Traceback" not in text, text[-5000:]
+
+
+def _metrics(url: str) -> dict[tuple[str, frozenset], float]:
+    """/metrics as {(sample name, labels): value}, polytask_* samples only."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("polytask_"):
+                out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def _sum(metrics: dict, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in metrics.items() if n == name and want <= ls)
+
+
+def _post(url: str, body: object, client: httpx.Client | None = None) -> httpx.Response:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    client = client or httpx.Client()
+    return client.post(
+        f"{url}/predict", content=raw, headers={"content-type": "application/json"}, timeout=30
+    )
+
+
+# --------------------------------------------------------------------------- tests
+def test_predict_returns_every_task_like_the_runtime(server, store):
+    from serving.runtime import Runtime
+
+    _, artifact, tag = store
+    texts = ["good great film", "the soup was awful", "phone " * 40]
+    resp = _post(server, {"texts": texts, "return_all_probabilities": True})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model_version"] == tag
+    want = Runtime(artifact, threads=1).predict(texts, return_all=True)
+    assert [r["truncated"] for r in body["results"]] == [False, False, True]
+    for got, ref in zip(body["results"], want.results, strict=True):
+        assert list(got["tasks"]) == TASKS
+        for task in TASKS:
+            assert got["tasks"][task]["label"] == ref.tasks[task].label
+            assert got["tasks"][task]["probability"] == pytest.approx(
+                ref.tasks[task].probability, abs=1e-5
+            )
+            assert set(got["tasks"][task]["probabilities"]) == set(ref.tasks[task].probabilities)
+    subset = _post(server, {"texts": ["good"], "tasks": ["topic"]}).json()
+    assert list(subset["results"][0]["tasks"]) == ["topic"]
+    assert "probabilities" not in subset["results"][0]["tasks"]["topic"]
+
+
+def test_tasks_lists_labels(server, store):
+    body = httpx.get(f"{server}/tasks", timeout=10).json()
+    assert body["model_version"] == store[2]
+    assert body["tasks"]["sentiment"]["labels"] == ["negative", "positive"]
+    assert body["tasks"]["topic"]["labels"] == ["food", "sport", "tech"]
+    assert body["max_length"] == 16
+    spec = httpx.get(f"{server}/openapi.json", timeout=10).json()
+    assert spec["components"]["schemas"]["PredictRequest"]["examples"]
+
+
+BAD_INPUTS = [
+    (b'{"texts": ["good"', 400, "malformed_json", "malformed JSON"),
+    (b"not json at all", 400, "malformed_json", "malformed JSON"),
+    ({"text": ["good"]}, 422, "missing_texts", "texts: required"),
+    ({"texts": []}, 422, "empty_list", "empty"),
+    ({"texts": ["good", "   "]}, 422, "empty_text", r"texts\[1\]"),
+    ({"texts": ["good", 7]}, 422, "non_string_text", "texts.1"),
+    ({"texts": ["good"] * 9}, 422, "too_many_texts", "at most 8"),
+    ({"texts": ["good"], "tasks": ["mr"]}, 422, "unknown_task", r"\['sentiment', 'topic'\]"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "reason", "message"), BAD_INPUTS)
+def test_bad_input_gets_4xx_and_service_stays_ready(server, body, status, reason, message):
+    resp = _post(server, body)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["reason"] == reason
+    assert re.search(message, resp.json()["error"]), resp.json()
+    assert httpx.get(f"{server}/readyz", timeout=10).status_code == 200
+    assert _post(server, {"texts": ["still works"]}).status_code == 200
+
+
+def test_metrics_count_exactly_the_valid_predictions(server):
+    """1,000 requests at concurrency 32, a fifth of them bad, over 2 HTTP workers: no 5xx, the
+    service stays ready, and the aggregated counters equal what was sent."""
+    before = _metrics(server)
+    bodies: list[object] = []
+    for i in range(1000):
+        if i % 5 == 0:
+            bodies.append(BAD_INPUTS[i // 5 % len(BAD_INPUTS)][0])
+        else:
+            bodies.append({"texts": ["good film"] * (1 + i % 3)})
+    statuses: list[int] = []
+
+    def worker(chunk: list[object]) -> None:
+        with httpx.Client() as client:
+            statuses.extend(_post(server, b, client).status_code for b in chunk)
+
+    threads = [threading.Thread(target=worker, args=(bodies[k::32],)) for k in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = _metrics(server)
+
+    valid_texts = sum(len(b["texts"]) for b in bodies if isinstance(b, dict) and _valid(b))
+    n_bad = sum(1 for b in bodies if not (isinstance(b, dict) and _valid(b)))
+    assert max(statuses) < 500 and statuses.count(200) == len(bodies) - n_bad
+    for task in TASKS:
+        delta = _sum(after, "polytask_predictions_total", task=task) - _sum(
+            before, "polytask_predictions_total", task=task
+        )
+        assert delta == valid_texts, task
+        hist = "polytask_prediction_confidence_count"
+        assert _sum(after, hist, task=task) - _sum(before, hist, task=task) == valid_texts
+    rejected = _sum(after, "polytask_rejected_requests_total") - _sum(
+        before, "polytask_rejected_requests_total"
+    )
+    assert rejected == n_bad
+    # Every valid text went through the model exactly once, in some adaptive batch.
+    batched = _sum(after, "polytask_batch_size_texts_sum") - _sum(
+        before, "polytask_batch_size_texts_sum"
+    )
+    assert batched == valid_texts
+    calls = _sum(after, "polytask_batch_size_texts_count") - _sum(
+        before, "polytask_batch_size_texts_count"
+    )
+    # Adaptive batching: concurrent requests share model calls.
+    assert calls < statuses.count(200), (calls, statuses.count(200))
+    assert _sum(after, "polytask_inference_latency_seconds_count") > 0
+    assert httpx.get(f"{server}/readyz", timeout=10).status_code == 200
+
+
+def _valid(body: dict) -> bool:
+    texts = body.get("texts")
+    return (
+        isinstance(texts, list)
+        and 0 < len(texts) <= 8
+        and all(isinstance(t, str) and t.strip() for t in texts)
+        and body.get("tasks") in (None, ["sentiment"], ["topic"], TASKS)
+        and set(body) <= {"texts", "tasks", "return_all_probabilities"}
+    )
+
+
+def test_promoted_model_is_swapped_in_under_load_without_failures(server, store):
+    from test_serving import register_copy
+
+    from serving.model_store import promote
+
+    home, artifact, old_tag = store
+    stop = threading.Event()
+    seen: Counter[str] = Counter()
+    failures: list[str] = []
+
+    def load() -> None:
+        with httpx.Client() as client:
+            while not stop.is_set():
+                r = _post(server, {"texts": ["good film", "pizza"]}, client)
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                else:
+                    seen[r.json()["model_version"]] += 1
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        with use_bentoml_home(home):
+            new_tag = register_copy(artifact, MODEL_NAME)
+            promote(new_tag)
+        deadline = time.monotonic() + 30
+        while seen[new_tag] < 20 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not failures, failures[:5]
+    assert seen[old_tag] > 0 and seen[new_tag] >= 20, seen
+    deadline = time.monotonic() + 10  # both model workers check every second
+    while True:
+        metrics = _metrics(server)
+        active = [_sum(metrics, "polytask_model_active", version=v) for v in (old_tag, new_tag)]
+        if active == [0, 1] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert active == [0, 1]
+    assert _sum(metrics, "polytask_model_swaps_total") >= 2  # each of the 2 model workers
+    assert httpx.get(f"{server}/tasks", timeout=10).json()["model_version"] == new_tag
+
+
+def test_not_ready_until_a_model_is_loaded(store, tmp_path):
+    """An empty store: alive but not ready, /predict 503 with a message; once a model is
+    exported the service loads it and becomes ready, without a restart."""
+    from test_serving import register_copy
+
+    _, artifact, _ = store
+    home = tmp_path / "bentoml"
+    env = {
+        "BENTOML_HOME": str(home),
+        "POLYTASK_MODEL_NAME": MODEL_NAME,
+        "POLYTASK_RELOAD_SECONDS": "1",
+        "POLYTASK_ORT_THREADS": "1",
+        "POLYTASK_MODEL": "",
+    }
+    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Polytask"]
+    with running(command, env, tmp_path / "serve.log", wait_ready=False) as url:
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
+        assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+        resp = _post(url, {"texts": ["good"]})
+        assert resp.status_code == 503 and resp.json()["reason"] == "not_ready"
+        assert "no model named 'polytask-tiny'" in resp.json()["error"]
+        with use_bentoml_home(home):
+            tag = register_copy(artifact, MODEL_NAME)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "not ready 30 s after a model was exported"
+            time.sleep(0.5)
+        resp = _post(url, {"texts": ["good"]})
+        assert resp.status_code == 200 and resp.json()["model_version"] == tag
