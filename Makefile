@@ -1,4 +1,6 @@
 # The targets the README and CI run. PYTHON is the interpreter used to create the virtualenv.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -37,11 +39,14 @@ format:
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The main job: train on the six SentEval tasks, evaluate the run on dev, export it.
+# The main job: train on the six SentEval tasks, evaluate the run on dev, export it, serve it
+# over HTTP and send one query.
 train: install
 	$(BIN)/polytask train $(CONFIG)
 	$(BIN)/polytask evaluate runs/latest --split dev --output runs/latest/eval_dev.json
-	$(BIN)/polytask export runs/latest
+	$(BIN)/polytask export runs/latest | tee runs/latest/export.log
+	$(BIN)/python scripts/serve_query.py --model $$(sed -n 's/^model tag: //p' runs/latest/export.log) \
+	  "a gripping , funny and moving film ." "what is the capital of peru ?"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
