@@ -166,3 +166,23 @@ def use_bentoml_home(path: Path):
         else:
             os.environ["BENTOML_HOME"] = old
         reset_bentoml_store()
+
+
+def ort_logits(artifact: Path, texts: list[str], tasks: list[str]) -> dict[str, object]:
+    """Reference logits per task: the artifact's tokenizer.json + model.onnx run directly
+    (tokenizers + onnxruntime, one batch), as serving computes them without torch."""
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(artifact / "model.onnx"), options)
+    enc = tokenizer.encode_batch(texts)
+    feeds = {
+        "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+    }
+    logits = session.run([f"logits_{t}" for t in tasks], feeds)
+    return dict(zip(tasks, logits, strict=True))

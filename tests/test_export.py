@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import train_tiny_run, use_bentoml_home
+from conftest import ort_logits, train_tiny_run, use_bentoml_home
 
 from pipeline.cli import main
 from serving.artifact import ArtifactMetadata
@@ -59,20 +59,7 @@ def bentoml_home(tmp_path) -> Path:
 
 def _ort_predict(artifact: Path, task: str, texts: list[str]) -> np.ndarray:
     """Predictions as serving computes them: tokenizers + onnxruntime, no torch."""
-    import onnxruntime as ort
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(artifact / "model.onnx"), options)
-    enc = tokenizer.encode_batch(texts)
-    feeds = {
-        "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
-    }
-    (logits,) = session.run([f"logits_{task}"], feeds)
-    return logits.argmax(axis=-1)
+    return ort_logits(artifact, texts, [task])[task].argmax(axis=-1)
 
 
 def test_parity_on_several_shapes_padded_and_unpadded(exported):

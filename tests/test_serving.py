@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import train_tiny_run, use_bentoml_home
+from conftest import ort_logits, train_tiny_run, use_bentoml_home
 
 from serving.schemas import RequestError, parse_predict_request
 
@@ -53,21 +53,8 @@ def runtime(artifact):
 
 def _ort_probabilities(artifact: Path, texts: list[str]) -> dict[str, np.ndarray]:
     """Reference: tokenizers + onnxruntime directly, one unsorted batch, numpy softmax."""
-    import onnxruntime as ort
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(artifact / "model.onnx"), options)
-    enc = tokenizer.encode_batch(texts)
-    feeds = {
-        "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
-    }
-    logits = session.run([f"logits_{t}" for t in TASKS], feeds)
     out = {}
-    for task, z in zip(TASKS, logits, strict=True):
+    for task, z in ort_logits(artifact, texts, TASKS).items():
         e = np.exp(z - z.max(axis=1, keepdims=True))
         out[task] = e / e.sum(axis=1, keepdims=True)
     return out
