@@ -193,8 +193,9 @@ class Server:
         self.log.close()
 
 
-def saturate(url: str, texts: list[str], batch: int, concurrency: int, seconds: float):
-    """Texts/s of /predict with `batch`-text requests from `concurrency` closed-loop clients."""
+def _closed_loop(texts: list[str], batch: int, concurrency: int, seconds: float, send):
+    """Texts/s and failed requests of `concurrency` closed-loop clients, each sending
+    `batch`-text chunks with `send(http, fan, chunk) -> ok` for about `seconds`."""
     import httpx
 
     done = [0] * concurrency
@@ -203,11 +204,10 @@ def saturate(url: str, texts: list[str], batch: int, concurrency: int, seconds: 
 
     def client(k: int) -> None:
         i = k * batch
-        with httpx.Client(timeout=60) as http:
+        with httpx.Client(timeout=60) as http, ThreadPoolExecutor(8) as fan:
             while time.perf_counter() < stop:
                 chunk = [texts[(i + j) % len(texts)] for j in range(batch)]
-                r = http.post(f"{url}/predict", json={"texts": chunk})
-                if r.status_code == 200:
+                if send(http, fan, chunk):
                     done[k] += batch
                 else:
                     errors[k] += 1
@@ -220,38 +220,26 @@ def saturate(url: str, texts: list[str], batch: int, concurrency: int, seconds: 
     for w in workers:
         w.join()
     return sum(done) / (time.perf_counter() - start), sum(errors)
+
+
+def saturate(url: str, texts: list[str], batch: int, concurrency: int, seconds: float):
+    """Texts/s of /predict with `batch`-text requests from `concurrency` closed-loop clients."""
+
+    def send(http, fan, chunk) -> bool:
+        return http.post(f"{url}/predict", json={"texts": chunk}).status_code == 200
+
+    return _closed_loop(texts, batch, concurrency, seconds, send)
 
 
 def saturate_split(urls: list[str], texts: list[str], batch: int, concurrency: int, seconds):
     """Like `saturate`, but each client's request goes to every url at once (one per
     single-task service) and counts when all have answered."""
-    import httpx
 
-    done = [0] * concurrency
-    errors = [0] * concurrency
-    stop = time.perf_counter() + seconds
+    def send(http, fan, chunk) -> bool:
+        codes = fan.map(lambda u: http.post(f"{u}/predict", json={"texts": chunk}), urls)
+        return all(r.status_code == 200 for r in codes)
 
-    def client(k: int) -> None:
-        i = k * batch
-        with httpx.Client(timeout=60) as http, ThreadPoolExecutor(len(urls)) as fan:
-            while time.perf_counter() < stop:
-                chunk = [texts[(i + j) % len(texts)] for j in range(batch)]
-                codes = list(
-                    fan.map(lambda u, c=chunk: http.post(f"{u}/predict", json={"texts": c}), urls)
-                )
-                if all(r.status_code == 200 for r in codes):
-                    done[k] += batch
-                else:
-                    errors[k] += 1
-                i += batch * concurrency
-
-    start = time.perf_counter()
-    workers = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return sum(done) / (time.perf_counter() - start), sum(errors)
+    return _closed_loop(texts, batch, concurrency, seconds, send)
 
 
 def bench_split(artifact: Path, singles: dict[str, Path], texts, threads, args):
