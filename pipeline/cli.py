@@ -127,6 +127,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.jobs.gate import format_decision
+    from pipeline.jobs.retrain import retrain
+
+    config = load_config(args.config, data_dir=args.data_dir, overrides=_overrides(args.set))
+    record = retrain(config, run_name=args.run_name, model_name=args.name)
+    print(f"\nchallenger {record.tag} vs champion {record.champion or '(none)'}:")
+    print(format_decision(record.decision))
+    print(f"run directory: {record.run_dir}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from pipeline.jobs.models import format_versions, list_versions
+
+    print(format_versions(list_versions(args.name)))
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    from pipeline.jobs.models import promote
+
+    print(f"promoted {promote(args.tag, by='promote', reason='polytask models promote')}")
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from pipeline.jobs.models import rollback
+    from serving.model_store import model_name
+
+    print(f"promoted {rollback(args.name or model_name())}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polytask", description="Train and evaluate multi-task text classifiers."
@@ -187,6 +222,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-register", action="store_true", help="write the artifact only, skip the store"
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "retrain", help="train, export, and promote the new model only if the gate lets it through"
+    )
+    with_config(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run-name", help="run name (default: <name>-<timestamp>-<id>)")
+    p.add_argument("--name", help="model store name (default: polytask-<config name>)")
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("models", help="model store versions: list, promote, rollback")
+    models = p.add_subparsers(dest="models_command", required=True)
+    q = models.add_parser("list", help="versions with creation time, stage and dev macro")
+    q.add_argument("--name", help="only this model name (default: every model in the store)")
+    q.set_defaults(func=cmd_models_list)
+    q = models.add_parser("promote", help="promote a version (the service follows it)")
+    q.add_argument("tag", help="name:version")
+    q.set_defaults(func=cmd_models_promote)
+    q = models.add_parser("rollback", help="promote the previously promoted version again")
+    q.add_argument("--name", help="model name (default: POLYTASK_MODEL_NAME or polytask-senteval6)")
+    q.set_defaults(func=cmd_models_rollback)
 
     p = sub.add_parser("serve", help="serve the model over HTTP (BentoML): POST /predict")
     p.add_argument("--model", help="model tag to pin (default: promoted, else latest)")

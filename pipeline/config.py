@@ -338,6 +338,35 @@ class ScalingConfig(StrictModel):
     )
 
 
+class PromotionConfig(StrictModel):
+    """The promotion gate of `polytask retrain` (pipeline/jobs/gate.py): when a new model
+    replaces the promoted one. Accuracies are percentages on the evaluation set."""
+
+    tolerance: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Largest fall of any task's accuracy, in points, that still lets a "
+        "challenger replace the champion (whose macro average it must also match).",
+    )
+    minimums: dict[str, Annotated[float, Field(ge=0.0, le=100.0)]] = Field(
+        default_factory=dict,
+        description="Task -> accuracy floor the first model of a name must clear to be "
+        "promoted (and a task the champion lacks). Empty: no per-task floor.",
+    )
+    min_macro: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        description="Macro-average accuracy floor for the first model; None: no floor.",
+    )
+    eval_data_dir: Path | None = Field(
+        default=None,
+        description="Fixed evaluation set: a directory with `<task>/dev.<format>` per task, "
+        "on which champion and challenger are both evaluated. Relative paths are taken from "
+        "`data_root`. None: the config's own dev files.",
+    )
+
+
 class RunConfig(StrictModel):
     """A whole training run."""
 
@@ -368,6 +397,7 @@ class RunConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     storage_path: Path = Field(
         default=Path("runs"),
         description="Where run directories and Ray checkpoints go (shared storage on a "

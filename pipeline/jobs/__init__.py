@@ -1,0 +1,1 @@
+"""Operations jobs: retraining with a champion/challenger promotion gate, model store commands."""

@@ -1,0 +1,199 @@
+"""The promotion gate: does a newly trained model (the challenger) replace the promoted one
+(the champion)? A pure function of per-task accuracies (percent), so it is tested without
+training anything.
+
+With a champion, the challenger is promoted only if
+    1. it answers every task the champion answers (a missing task would break clients),
+    2. its macro-average accuracy over the tasks both answer is not below the champion's, and
+    3. no task both answer falls by more than `tolerance` points.
+A task only the challenger answers (a new task) takes no part in the comparison; it must clear
+its minimum when one is configured.
+
+Without a champion (the first model of a name), the challenger is promoted only if it clears
+the configured minimums: every per-task minimum and the macro-average minimum. With no
+minimums configured, the first model is promoted.
+
+Comparisons allow EPSILON for float noise, so "exactly at the tolerance" and "equal macro
+average" both pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+EPSILON = 1e-9
+DEFAULT_TOLERANCE = 1.0
+
+
+@dataclass(frozen=True)
+class TaskComparison:
+    """One row of the gate's table (accuracies in percent).
+
+    Attributes:
+        task: Task name.
+        champion: The champion's accuracy; None when the champion lacks the task (or there is
+            no champion).
+        challenger: The challenger's accuracy; None when the challenger lacks the task.
+        delta: challenger - champion, when both have the task.
+        minimum: The configured minimum checked on this row, if any.
+        ok: Whether this row lets the challenger through.
+        note: Why the row is (not) ok, in a few words.
+    """
+
+    task: str
+    champion: float | None
+    challenger: float | None
+    delta: float | None
+    minimum: float | None
+    ok: bool
+    note: str
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The gate's verdict and the table behind it.
+
+    Attributes:
+        promote: Whether the challenger replaces the champion.
+        reason: One sentence for the log and the run record.
+        tasks: One row per task of either model, champion's tasks first.
+        champion_macro: The champion's macro average over the compared tasks (None: no champion).
+        challenger_macro: The challenger's macro average over the same tasks (all its tasks
+            when there is no champion).
+        tolerance: Largest per-task fall allowed, points.
+    """
+
+    promote: bool
+    reason: str
+    tasks: list[TaskComparison]
+    champion_macro: float | None
+    challenger_macro: float | None
+    tolerance: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def decide(
+    challenger: Mapping[str, float],
+    champion: Mapping[str, float] | None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    minimums: Mapping[str, float] | None = None,
+    min_macro: float | None = None,
+) -> GateDecision:
+    """Decide champion vs challenger from per-task accuracies (see the module docstring).
+
+    Args:
+        challenger: Task -> accuracy (percent) of the new model on the evaluation set.
+        champion: The same for the promoted model on the same set; None when nothing is
+            promoted yet.
+        tolerance: Largest fall of any task, in points, that still lets the challenger through.
+        minimums: Task -> accuracy floor for the first model, and for new tasks.
+        min_macro: Macro-average floor for the first model.
+
+    Returns:
+        The decision, its reason and the per-task table.
+    """
+    if tolerance < 0:
+        raise ValueError(f"tolerance: {tolerance} must be >= 0")
+    minimums = dict(minimums or {})
+    rows: list[TaskComparison] = []
+
+    def floor_row(task: str, note_ok: str) -> TaskComparison:
+        value = challenger.get(task)
+        floor = minimums.get(task)
+        if value is None:
+            return TaskComparison(task, None, None, None, floor, False, "missing in challenger")
+        if floor is not None and value + EPSILON < floor:
+            return TaskComparison(task, None, value, None, floor, False, f"below minimum {floor:g}")
+        return TaskComparison(task, None, value, None, floor, True, note_ok)
+
+    if champion is None:
+        tasks = list(challenger) + [t for t in minimums if t not in challenger]
+        rows = [floor_row(t, "clears minimum" if t in minimums else "no minimum") for t in tasks]
+        macro = _mean(list(challenger.values()))
+        failed = [r.task for r in rows if not r.ok]
+        macro_ok = min_macro is None or (macro is not None and macro + EPSILON >= min_macro)
+        if failed:
+            reason = f"first model refused: {', '.join(failed)} below minimum or missing"
+        elif not macro_ok:
+            reason = f"first model refused: macro average {macro:.2f} below minimum {min_macro:g}"
+        elif minimums or min_macro is not None:
+            reason = "first model promoted: it clears the configured minimums"
+        else:
+            reason = "first model promoted: no champion and no minimums configured"
+        return GateDecision(
+            promote=not failed and macro_ok,
+            reason=reason,
+            tasks=rows,
+            champion_macro=None,
+            challenger_macro=macro,
+            tolerance=tolerance,
+        )
+
+    shared = [t for t in champion if t in challenger]
+    for task, old in champion.items():
+        new = challenger.get(task)
+        if new is None:
+            rows.append(TaskComparison(task, old, None, None, None, False, "missing in challenger"))
+            continue
+        delta = new - old
+        ok = delta + tolerance + EPSILON >= 0
+        note = "ok" if ok else f"falls by {-delta:.2f} > {tolerance:g}"
+        rows.append(TaskComparison(task, old, new, delta, None, ok, note))
+    rows += [floor_row(t, "new task") for t in challenger if t not in champion]
+
+    old_macro = _mean([champion[t] for t in shared])
+    new_macro = _mean([challenger[t] for t in shared])
+    macro_ok = old_macro is not None and new_macro is not None and new_macro + EPSILON >= old_macro
+    failed = [r for r in rows if not r.ok]
+    if failed:
+        worst = ", ".join(f"{r.task} ({r.note})" for r in failed)
+        reason = f"challenger refused: {worst}"
+    elif not shared:
+        reason = "challenger refused: it shares no task with the champion"
+    elif not macro_ok:
+        reason = (
+            f"challenger refused: macro average {new_macro:.2f} below the champion's "
+            f"{old_macro:.2f}"
+        )
+    else:
+        reason = (
+            f"challenger promoted: macro average {new_macro:.2f} >= {old_macro:.2f} and no task "
+            f"falls by more than the tolerance ({tolerance:g})"
+        )
+    return GateDecision(
+        promote=not failed and macro_ok,
+        reason=reason,
+        tasks=rows,
+        champion_macro=old_macro,
+        challenger_macro=new_macro,
+        tolerance=tolerance,
+    )
+
+
+def format_decision(decision: GateDecision) -> str:
+    """The per-task table and the verdict, for the log and the CLI."""
+
+    def f(x: float | None, sign: bool = False) -> str:
+        if x is None:
+            return "-"
+        return f"{x:+.2f}" if sign else f"{x:.2f}"
+
+    lines = [f"{'task':<12} {'champion':>9} {'challenger':>10} {'delta':>7} {'ok':>3}  note"]
+    for r in decision.tasks:
+        lines.append(
+            f"{r.task:<12} {f(r.champion):>9} {f(r.challenger):>10} {f(r.delta, True):>7} "
+            f"{'yes' if r.ok else 'no':>3}  {r.note}"
+        )
+    lines.append(
+        f"{'MACRO AVG':<12} {f(decision.champion_macro):>9} {f(decision.challenger_macro):>10}"
+    )
+    lines.append(("PROMOTE: " if decision.promote else "REFUSE: ") + decision.reason)
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""One retraining job: train, export, compare with the promoted model, promote or refuse.
+
+    train (pipeline.train.driver) -> export_run (ONNX artifact, registered as a new version)
+      -> evaluate challenger AND champion on one fixed evaluation set -> gate -> promote/refuse
+      -> RUN/retrain.json + the log
+
+Fair comparison: both models are evaluated the same way, here and now: their exported ONNX
+artifacts (what the service runs; the champion's is its directory in the model store, so no
+run directory is needed) on the same files (`promotion.eval_data_dir`, split dev; default the
+config's dev files). The dev numbers in a model's metadata are not used: they come from
+whatever data that run had, and per-task model selection made them optimistic.
+
+A refused challenger stays in the store (so `polytask models promote TAG` can override the
+gate), except when nothing is promoted yet: the service would then fall back to serving the
+latest version, i.e. the refused model, so it is deleted from the store. Its artifact stays in
+`RUN/artifact` (`polytask export RUN` registers it again).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.jobs.gate import GateDecision, decide, format_decision
+from pipeline.jobs.models import promote, promoted_tag
+
+logger = logging.getLogger(__name__)
+
+RETRAIN_RECORD = "retrain.json"
+EVAL_SPLIT = "dev"
+
+
+@dataclass
+class RetrainRecord:
+    """What one retraining job did; also written to `run_dir/retrain.json`.
+
+    Attributes:
+        run_name: The training run's name.
+        run_dir: Its directory.
+        model_name: The model store name.
+        tag: The challenger's tag (registered even when refused, see the module docstring).
+        champion: The tag promoted before this job, None for the first model.
+        promoted: Whether the challenger is now the promoted model.
+        removed_from_store: The refused first model was deleted from the store.
+        decision: The gate's verdict and per-task table.
+        evaluation: Evaluation set and per-task metrics of both models.
+        durations: Seconds spent in train, export, evaluate and in total.
+        started: UTC, ISO 8601.
+    """
+
+    run_name: str
+    run_dir: Path
+    model_name: str
+    tag: str
+    champion: str | None
+    promoted: bool
+    removed_from_store: bool
+    decision: GateDecision
+    evaluation: dict[str, Any]
+    durations: dict[str, float]
+    started: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["run_dir"] = str(self.run_dir)
+        return out
+
+
+def check_promotion_config(config: RunConfig) -> None:
+    """Minimums must name tasks of the config; checked before any training."""
+    unknown = sorted(set(config.promotion.minimums) - set(config.task_names))
+    if unknown:
+        raise ConfigError(
+            "config",
+            [f"promotion.minimums: unknown task(s) {unknown}; the config has {config.task_names}"],
+        )
+
+
+def evaluation_config(config: RunConfig) -> RunConfig:
+    """The config whose dev files are the fixed evaluation set."""
+    path = config.promotion.eval_data_dir
+    if path is None:
+        return config
+    path = path.expanduser()
+    root = path if path.is_absolute() or config.data_root is None else config.data_root / path
+    tasks = [
+        t.model_copy(update={"data_dir": None, "train": None, "dev": None}) for t in config.tasks
+    ]
+    return config.model_copy(update={"data_root": root.resolve(), "tasks": tasks})
+
+
+def evaluate_artifact(artifact_dir: Path, eval_config: RunConfig) -> dict[str, Any]:
+    """Per-task accuracy and macro-F1 (percent) of an exported artifact, run with onnxruntime
+    as the service runs it, on the evaluation set's tasks that the artifact answers.
+
+    Returns:
+        {"tasks": {task: {"accuracy", "macro_f1", "n"}}, "missing": [artifact tasks without
+         evaluation data]}
+    """
+    from tokenizers import Tokenizer
+
+    from pipeline.data import load_tasks
+    from pipeline.export import onnx_predictions, ort_session, ort_threads
+    from pipeline.metrics import classification_metrics
+    from serving.artifact import ONNX_FILE, ArtifactMetadata
+
+    meta = ArtifactMetadata.read(artifact_dir)
+    labels = {t.name: t.labels for t in meta.tasks}
+    tasks = [t for t in eval_config.tasks if t.name in labels]
+    data = load_tasks(eval_config.model_copy(update={"tasks": tasks}), [EVAL_SPLIT], labels)
+    session = ort_session(Path(artifact_dir) / ONNX_FILE, ort_threads())
+    tokenizer = Tokenizer.from_file(str(Path(artifact_dir) / "tokenizer.json"))
+    per_task = {}
+    for t in data:
+        split = t.splits[EVAL_SPLIT]
+        pred = onnx_predictions(session, tokenizer, split.texts, t.name)
+        per_task[t.name] = classification_metrics(split.labels, pred, t.num_classes)
+    return {"tasks": per_task, "missing": [t for t in labels if t not in per_task]}
+
+
+def _champion_accuracies(artifact_dir: Path, evaluation: dict[str, Any]) -> dict[str, float]:
+    """Task -> accuracy for the gate; a champion task without evaluation data keeps its
+    metadata dev accuracy, or 0 (the challenger lacks that task, so the gate refuses anyway)."""
+    from serving.artifact import ArtifactMetadata
+
+    acc = {t: m["accuracy"] for t, m in evaluation["tasks"].items()}
+    for info in ArtifactMetadata.read(artifact_dir).tasks:
+        if info.name not in acc:
+            acc[info.name] = info.dev.accuracy if info.dev is not None else 0.0
+    return acc
+
+
+def retrain(
+    config: RunConfig, run_name: str | None = None, model_name: str | None = None
+) -> RetrainRecord:
+    """Train a new model and promote it only if the gate lets it through.
+
+    Args:
+        config: The run config; its `promotion` section configures the gate.
+        run_name: Default `<name>-<timestamp>-<id>`.
+        model_name: Model store name; default `polytask-<config name>`.
+
+    Returns:
+        The record also written to `run_dir/retrain.json`.
+
+    Raises:
+        ConfigError, DataError, TrainingError, ExportError: as `train` and `export_run`.
+    """
+    import bentoml
+
+    from pipeline.export import default_model_name, export_run
+    from pipeline.train.driver import train
+
+    check_promotion_config(config)
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    t0 = time.monotonic()
+    name = model_name or default_model_name(config.name)
+
+    result = train(config, run_name=run_name)
+    t_train = time.monotonic()
+    exported = export_run(result.run_dir, model_name=name, register=True)
+    tag = str(exported.tag)
+    t_export = time.monotonic()
+
+    eval_config = evaluation_config(config)
+    challenger_eval = evaluate_artifact(exported.artifact_dir, eval_config)
+    champion = promoted_tag(name)
+    champion_eval = None
+    champion_acc = None
+    if champion is not None:
+        champion_dir = Path(bentoml.models.get(champion).path)
+        champion_eval = evaluate_artifact(champion_dir, eval_config)
+        champion_acc = _champion_accuracies(champion_dir, champion_eval)
+    t_eval = time.monotonic()
+
+    p = config.promotion
+    decision = decide(
+        {t: m["accuracy"] for t, m in challenger_eval["tasks"].items()},
+        champion_acc,
+        tolerance=p.tolerance,
+        minimums=p.minimums,
+        min_macro=p.min_macro,
+    )
+    removed = False
+    if decision.promote:
+        promote(tag, by="retrain", reason=f"{result.run_dir.name}: {decision.reason}")
+    elif champion is None:
+        bentoml.models.delete(tag)
+        removed = True
+    logger.info(
+        "promotion gate for %s (champion %s):\n%s", tag, champion, format_decision(decision)
+    )
+
+    record = RetrainRecord(
+        run_name=result.run_dir.name,
+        run_dir=result.run_dir,
+        model_name=name,
+        tag=tag,
+        champion=champion,
+        promoted=decision.promote,
+        removed_from_store=removed,
+        decision=decision,
+        evaluation={
+            "data_dir": str(eval_config.data_root),
+            "split": EVAL_SPLIT,
+            "challenger": challenger_eval,
+            "champion": champion_eval,
+        },
+        durations={
+            "train": round(t_train - t0, 1),
+            "export": round(t_export - t_train, 1),
+            "evaluate": round(t_eval - t_export, 1),
+            "total": round(time.monotonic() - t0, 1),
+        },
+        started=started,
+    )
+    (result.run_dir / RETRAIN_RECORD).write_text(json.dumps(record.to_dict(), indent=1))
+    logger.info(
+        "retrain %s: %s %s in %.1fs",
+        record.run_name,
+        tag,
+        "promoted" if record.promoted else "refused",
+        record.durations["total"],
+    )
+    return record
