@@ -162,6 +162,46 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.jobs.submit import SubmitError, submit_retrain
+
+    try:
+        run_name = submit_retrain(
+            args.config, address=args.address, run_name=args.run_name, data_dir=args.data_dir
+        )
+    except SubmitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"submitted Ray Job {run_name} (`ray job status {run_name}`)")
+    return 0
+
+
+def cmd_schedule_run(args: argparse.Namespace) -> int:
+    from pipeline.jobs.schedule import run_schedules
+    from pipeline.jobs.submit import SubmitError
+
+    try:
+        run_schedules(
+            args.schedule_file,
+            args.state_dir,
+            address=args.address,
+            poll_s=args.poll,
+            grace_s=args.grace,
+            clock_file=args.clock_file,
+        )
+    except SubmitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_schedule_status(args: argparse.Namespace) -> int:
+    from pipeline.jobs.schedule import status_report
+
+    print(status_report(args.state_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polytask", description="Train and evaluate multi-task text classifiers."
@@ -255,6 +295,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", help="texts to classify")
     p.add_argument("--model", help="model tag (default: promoted, else latest)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("submit", help="submit one retraining run to a Ray cluster (a Ray Job)")
+    with_config(p)
+    p.add_argument("--address", help="Ray dashboard URL (else RAY_ADDRESS, else local :8265)")
+    p.add_argument("--run-name", help="run name = submission id (default: <name>-<time>-<hex>)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("schedule", help="retrain on cron schedules as Ray Jobs; run history")
+    sched = p.add_subparsers(dest="schedule_command", required=True)
+    state_help = "scheduler state (SQLite history of every tick), default .polytask/schedule"
+    q = sched.add_parser("run", help="the long-running scheduler (Ctrl-C stops it)")
+    q.add_argument("schedule_file", type=Path, help="schedule file (YAML), see configs/schedules/")
+    q.add_argument("--address", help="Ray dashboard URL (else RAY_ADDRESS, else local :8265)")
+    q.add_argument("--state-dir", type=Path, default=Path(".polytask/schedule"), help=state_help)
+    q.add_argument("--poll", type=float, default=10.0, help="seconds between passes (10)")
+    q.add_argument(
+        "--grace", type=float, default=120.0, help="fire a due tick at most this many s late"
+    )
+    q.add_argument("--clock-file", type=Path, help="tests: read 'now' (ISO 8601) from this file")
+    q.set_defaults(func=cmd_schedule_run)
+    q = sched.add_parser("status", help="history of scheduled runs and skip counts")
+    q.add_argument("--state-dir", type=Path, default=Path(".polytask/schedule"), help=state_help)
+    q.set_defaults(func=cmd_schedule_status)
     return parser
 
 

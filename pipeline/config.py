@@ -367,6 +367,24 @@ class PromotionConfig(StrictModel):
     )
 
 
+class MonitoringConfig(StrictModel):
+    """Training metrics pushed by `polytask retrain` (pipeline/jobs/monitoring.py; names in
+    infra/README.md). Optional: without a Pushgateway the job logs that nothing was pushed."""
+
+    pushgateway: str | None = Field(
+        default=None,
+        description="Pushgateway URL, e.g. http://pushgateway.polytask.svc.cluster.local:9091. "
+        "None: metrics are not pushed (one log line says so). An unreachable Pushgateway logs "
+        "a warning and never fails the run.",
+    )
+    job: str = Field(
+        default="polytask_retrain",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The `job` label of the pushed group (the other grouping label is `config`, "
+        "the config's name).",
+    )
+
+
 class RunConfig(StrictModel):
     """A whole training run."""
 
@@ -398,6 +416,7 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     storage_path: Path = Field(
         default=Path("runs"),
         description="Where run directories and Ray checkpoints go (shared storage on a "

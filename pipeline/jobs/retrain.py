@@ -139,7 +139,8 @@ def _champion_accuracies(artifact_dir: Path, evaluation: dict[str, Any]) -> dict
 def retrain(
     config: RunConfig, run_name: str | None = None, model_name: str | None = None
 ) -> RetrainRecord:
-    """Train a new model and promote it only if the gate lets it through.
+    """Train a new model and promote it only if the gate lets it through; push the training
+    metrics (or the failure) to the Pushgateway of `config.monitoring`, if any.
 
     Args:
         config: The run config; its `promotion` section configures the gate.
@@ -152,6 +153,29 @@ def retrain(
     Raises:
         ConfigError, DataError, TrainingError, ExportError: as `train` and `export_run`.
     """
+    from pipeline.jobs.monitoring import push_retrain_failure, push_retrain_metrics
+
+    mon = config.monitoring
+    try:
+        record, run_record = _retrain(config, run_name, model_name)
+    except Exception:
+        push_retrain_failure(mon.pushgateway, mon.job, config.name)
+        raise
+    push_retrain_metrics(
+        mon.pushgateway,
+        mon.job,
+        config.name,
+        run_record,
+        duration_seconds=record.durations["total"],
+        promoted=record.promoted,
+    )
+    return record
+
+
+def _retrain(
+    config: RunConfig, run_name: str | None, model_name: str | None
+) -> tuple[RetrainRecord, dict[str, Any]]:
+    """`retrain` without monitoring: the record and the training run's `run.json`."""
     import bentoml
 
     from pipeline.export import default_model_name, export_run
@@ -228,4 +252,4 @@ def retrain(
         "promoted" if record.promoted else "refused",
         record.durations["total"],
     )
-    return record
+    return record, result.record

@@ -251,6 +251,7 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipeline.jobs.monitoring import epoch_callback
     from pipeline.train.loop import train_loop_per_worker
 
     start = time.monotonic()
@@ -281,6 +282,8 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
         data_ref: Any = ray.put(data)  # via the object store: workers on any node can read it
     else:
         data_ref = data
+    mon = config.monitoring  # per-epoch gauges to the Pushgateway, if one is configured
+    push_epochs = epoch_callback(mon.pushgateway, mon.job, config.name, config.task_names)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(config, data_ref, dim, encoder_path),
@@ -300,6 +303,7 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
             ),
             # Our workers log one line per epoch; Ray Train's per-report INFO lines are noise.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=[push_epochs] if push_epochs is not None else None,
         ),
     )
     logger.info(
