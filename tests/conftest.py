@@ -186,3 +186,55 @@ def ort_logits(artifact: Path, texts: list[str], tasks: list[str]) -> dict[str, 
     }
     logits = session.run([f"logits_{t}" for t in tasks], feeds)
     return dict(zip(tasks, logits, strict=True))
+
+
+@contextlib.contextmanager
+def daemon(
+    command: list[str],
+    url: str,
+    log: Path,
+    timeout: float = 30,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+):
+    """Run a server in its own process group; yield it once `url` answers 200; stop the whole
+    group after (SIGTERM, then SIGKILL)."""
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+    import pytest
+
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"{command[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"{command[0]}: no 200 from {url} in {timeout} s:\n{log.read_text()[-3000:]}"
+                )
+            time.sleep(0.3)
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -12,18 +12,13 @@ texts sent.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from conftest import tiny_config_dict, use_bentoml_home
+from conftest import daemon, tiny_config_dict, use_bentoml_home
 from test_serving_http import MODEL_NAME, TASKS, _free_port, _post, server  # noqa: F401
 
 from pipeline.config import parse_config
@@ -42,36 +37,6 @@ def binary(name: str) -> str:
             f"{name} not found on PATH: apt-get install -y prometheus prometheus-pushgateway"
         )
     return path
-
-
-@contextlib.contextmanager
-def daemon(command: list[str], url: str, log: Path, timeout: float = 30):
-    """Run a server in its own process group; yield once `url` answers 200; stop it after."""
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"{command[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"{command[0]}: no 200 from {url} in {timeout} s:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield proc
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,7 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import train_tiny_run, use_bentoml_home
+from conftest import daemon, train_tiny_run, use_bentoml_home
 from test_serving import REPO
 
 pytestmark = pytest.mark.integration
@@ -60,38 +58,11 @@ def running(command: list[str], env: dict[str, str], log: Path, wait_ready: bool
     (after /readyz is 200 when `wait_ready`, else once /livez answers); stop it after."""
     port = _free_port()
     command = [*command, "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # stopped with all its workers below
-        )
     url = f"http://127.0.0.1:{port}"
     probe = "/readyz" if wait_ready else "/livez"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}{probe}", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no 200 from {probe} in 90 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
+    with daemon(command, f"{url}{probe}", log, timeout=90, env=full_env, cwd=REPO):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
