@@ -121,35 +121,55 @@ def similarity_matrix(features: Mapping[str, np.ndarray], energy: float = 0.99) 
     return out
 
 
-def plot_heatmap(matrix: np.ndarray, names: Sequence[str], path: Path, title: str) -> None:
-    """Save a k × k score matrix as an annotated heatmap (PNG, or any format matplotlib infers).
+def plot_heatmap(
+    matrix: np.ndarray,
+    names: Sequence[str],
+    path: Path,
+    title: str,
+    *,
+    cols: Sequence[str] | None = None,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    cmap: str = "viridis",
+    label: str = "covariance similarity",
+) -> None:
+    """Save a score matrix as an annotated heatmap (PNG, or any format matplotlib infers).
 
     Args:
-        matrix: Scores in [0, 1], [k, k].
-        names: Task names, in the matrix's order.
+        matrix: Scores, [k, k] (or [k, len(cols)]); NaN cells are drawn blank with "-".
+        names: Row names (and column names unless `cols` is given), in the matrix's order.
         path: Output file; its parent directory is created if missing.
         title: Figure title.
+        cols: Column names when they differ from the row names.
+        vmin, vmax, cmap, label: Colour scale, colour map and colour bar label.
     """
     # The Figure API renders without pyplot's global state or a GUI backend, and the deferred
     # import keeps matplotlib off the CLI's startup path.
     from matplotlib.figure import Figure
 
+    cols = list(names) if cols is None else list(cols)
     k = len(names)
-    if matrix.shape != (k, k):
-        raise ValueError(f"matrix has shape {matrix.shape}, expected ({k}, {k}) for {k} names")
-    size = 1.8 + 0.9 * k
+    if matrix.shape != (k, len(cols)):
+        raise ValueError(
+            f"matrix has shape {matrix.shape}, expected ({k}, {len(cols)}) for the names given"
+        )
+    size = 1.8 + 0.9 * max(k, len(cols))
     fig = Figure(figsize=(size + 1.2, size), layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(k), labels=list(names), rotation=45, ha="right")
+    image = ax.imshow(np.ma.masked_invalid(matrix), vmin=vmin, vmax=vmax, cmap=cmap)
+    ax.set_xticks(range(len(cols)), labels=cols, rotation=45, ha="right")
     ax.set_yticks(range(k), labels=list(names))
     for i in range(k):
-        for j in range(k):
+        for j in range(len(cols)):
             value = matrix[i, j]
-            # Dark text on the bright end of viridis, light text on the dark end.
-            color = "black" if value > 0.6 else "white"
+            if np.isnan(value):
+                ax.text(j, i, "-", ha="center", va="center", color="gray", fontsize=9)
+                continue
+            # Dark text on bright cells, light text on dark ones.
+            r, g, b, _ = image.cmap(image.norm(value))
+            color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", color=color, fontsize=9)
-    fig.colorbar(image, ax=ax, label="covariance similarity")
+    fig.colorbar(image, ax=ax, label=label)
     ax.set_title(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -214,17 +234,17 @@ def model_inputs(
     return out
 
 
-def run_affinity(
-    config: Any, output_dir: Path, run_dir: Path | None = None, split: str = "train"
-) -> dict[str, Any]:
-    """`polytask affinity`: the similarity matrix of the config's tasks on their encoder
-    features; for a trained run, on the run's standardized features before (R_i = I) and after
-    its alignment R_i.
+def similarity_before_after(
+    config: Any, run_dir: Path | None = None, split: str = "train"
+) -> tuple[list[str], np.ndarray, np.ndarray | None, str]:
+    """The similarity matrix of the config's tasks on their encoder features; for a trained
+    frozen-encoder run, on the run's standardized features before (R_i = I) and after its
+    alignment R_i.
 
-    Writes `affinity.json`, `affinity_before.png` and (with a run) `affinity_after.png`.
+    Returns:
+        Task names, the matrix before, the matrix after (None without a run), and a title
+        saying which features `before` was computed on.
     """
-    import json
-
     from pipeline.data import load_tasks
     from pipeline.features import FeatureCache, resolve_encoder_path
 
@@ -258,12 +278,20 @@ def run_affinity(
     }
     names = list(features)
     if alignment is None or stats is None:  # no run: the encoder's features as they are
-        before, after = similarity_matrix(features), None
-        title = "encoder features"
-    else:
-        before = similarity_matrix(model_inputs(features, *stats))
-        after = similarity_matrix(model_inputs(features, *stats, alignment))
-        title = "standardized features, R_i = I"
+        return names, similarity_matrix(features), None, "encoder features"
+    before = similarity_matrix(model_inputs(features, *stats))
+    after = similarity_matrix(model_inputs(features, *stats, alignment))
+    return names, before, after, "standardized features, R_i = I"
+
+
+def run_affinity(
+    config: Any, output_dir: Path, run_dir: Path | None = None, split: str = "train"
+) -> dict[str, Any]:
+    """`polytask affinity`: `similarity_before_after` written out as `affinity.json`,
+    `affinity_before.png` and (with a run) `affinity_after.png`."""
+    import json
+
+    names, before, after, title = similarity_before_after(config, run_dir, split)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     report = affinity_report(before, after, names)

@@ -67,6 +67,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    import shlex
+
+    from pipeline.config import load_config
+    from pipeline.experiments.options import ExperimentOptions
+    from pipeline.experiments.suite import parse_list, run_experiment, summary_text
+
+    config = load_config(args.config, data_dir=args.data_dir, overrides=_overrides(args.set))
+    opts = {"margin": args.margin, "noise_task": args.noise_task}
+    if args.capacities:
+        opts["capacities"] = parse_list(args.capacities, int, "--capacities")
+    if args.noise_fractions:
+        opts["noise_fractions"] = parse_list(args.noise_fractions, float, "--noise-fractions")
+    result = run_experiment(
+        config,
+        args.suite,
+        args.seeds,
+        ExperimentOptions(**opts),
+        config_path=str(args.config),
+        command=" ".join(["polytask", *map(shlex.quote, args.argv)]),
+        output=args.output,
+        resume=args.resume,
+        executor="local" if args.in_process else "ray",
+        address=args.address,
+    )
+    report = result.suite_dir / "report.md"
+    print(f"\n{summary_text(report)}\n")
+    print(f"report: {report}")
+    print(f"plots and numbers: {', '.join(p.name for p in result.files if p != report)}")
+    if result.failed:
+        print(
+            f"error: {len(result.failed)} run(s) failed: {', '.join(result.failed)}; their logs "
+            f"are in {result.suite_dir / 'logs'}; retry them with --resume {result.suite_dir}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate_run, format_results
 
@@ -234,6 +273,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "experiment",
+        help="a suite of training runs compared in a report (transfer, capacity, noise, affinity)",
+        description="Train a suite of runs of CONFIG on the Ray cluster (several at a time) and "
+        "write report.md, PNG plots and results.json into the suite directory.",
+    )
+    with_config(p)
+    p.add_argument(
+        "--suite",
+        required=True,
+        choices=["transfer", "capacity", "noise", "affinity"],
+        help="transfer: single-task vs MTL vs each method; capacity: sweep the shared width; "
+        "noise: corrupt one task's labels, equal vs SVD weights; affinity: similarity vs "
+        "pairwise transfer",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds per run (default 3)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field for every run, e.g. --set decontaminate=true",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        help="suite directory (default: <storage_path>/experiments/<name>-<suite>-<time>)",
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue an interrupted suite: train only the runs without a result",
+    )
+    p.add_argument("--address", help="Ray cluster to join (else RAY_ADDRESS, else local)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="train the runs one after another in this process, without Ray",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.5,
+        help="transfer: points a change must exceed to count as gain/loss (0.5)",
+    )
+    p.add_argument(
+        "--capacities", help="capacity: comma-separated widths (default 5,10,20,50,100,200,500)"
+    )
+    p.add_argument("--noise-task", help="noise: the task with corrupted labels (default: first)")
+    p.add_argument(
+        "--noise-fractions",
+        help="noise: comma-separated fractions of wrong labels (default 0.2,0.5)",
+    )
+    p.set_defaults(func=cmd_experiment)
+
     p = sub.add_parser("evaluate", help="per-task accuracy and macro-F1 of a run")
     p.add_argument("run", type=Path, help="run directory printed by `polytask train`")
     p.add_argument("--data-dir", type=Path, help="directory with <task>/<split>.<format>")
@@ -324,12 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.config import ConfigError
     from pipeline.data import DataError
+    from pipeline.experiments.runner import ExperimentError
     from pipeline.export import ExportError
     from pipeline.features import EncoderNotFoundError
     from pipeline.runs import RunNotFoundError
     from pipeline.train.driver import TrainingError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     _setup_logging(args.verbose)
     try:
         return args.func(args)
@@ -341,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
     except (
         EncoderNotFoundError,
+        ExperimentError,
         ExportError,
         RunNotFoundError,
         TrainingError,

@@ -1,0 +1,9 @@
+"""Experiment suites: many training runs of one config, compared in a report.
+
+Each suite module (transfer, capacity, noise, affinity) has the same three parts:
+`plan(base, seeds, ...) -> list[RunSpec]` (which runs, as config overrides),
+`analyze(specs, results, ...) -> dict` (every number of the report) and
+`write_report(out_dir, analysis, meta)` (report.md and PNG plots). `suite.run_experiment`
+ties them to `runner.run_specs`, which trains every run with the ordinary training driver
+(`pipeline.train.driver.train`): there is no second training loop here.
+"""

@@ -1,0 +1,292 @@
+"""Run a suite's training runs: each one a Ray task calling the ordinary training driver.
+
+A run is one `pipeline.train.driver.train` call in Ray Train local mode (one worker, in the
+task's process). Runs, not workers, are spread over the cluster: a suite's runs are small and
+many, so running several side by side uses a cluster far better than splitting each run across
+workers. Ray's scheduler starts as many at once as the cluster's free CPUs (GPUs) allow.
+
+Every finished run's summary is written to `<suite dir>/results/<run>.json` at once; a suite
+started again on the same directory (`--resume`) trains only the runs that have no result yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.config import RunConfig, ScalingConfig, config_to_dict, parse_config
+from pipeline.experiments.common import RunSpec, format_duration
+
+logger = logging.getLogger(__name__)
+
+Executor = Literal["ray", "local"]
+
+# Fixed cost of a run (process start, data loading, evaluation) in training-example
+# equivalents, so that the ETA of many small runs is not underestimated.
+RUN_OVERHEAD_EXAMPLES = 20_000
+
+
+class ExperimentError(Exception):
+    """An experiment that cannot start or whose directory cannot be used; says why."""
+
+
+# ------------------------------------------------------------------------------- resources
+def run_resources(scaling: ScalingConfig) -> dict[str, float]:
+    """Ray resources of one run: the config's CPUs per worker, and one GPU when it trains on
+    GPUs (Ray Train local mode then uses the task's GPU)."""
+    return {"num_cpus": float(scaling.cpus_per_worker), "num_gpus": 1.0 if scaling.use_gpu else 0.0}
+
+
+def parallel_runs(cluster: Mapping[str, float], resources: Mapping[str, float]) -> int:
+    """How many runs the cluster can hold at once.
+
+    Raises:
+        ExperimentError: not even one run fits.
+    """
+    fits = []
+    for key, ray_key in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+        need = resources.get(key, 0.0)
+        if need <= 0:
+            continue
+        have = float(cluster.get(ray_key, 0.0))
+        if have + 1e-9 < need:
+            raise ExperimentError(
+                f"one run needs {need:g} {ray_key} but the Ray cluster has {have:g}; lower "
+                "scaling.cpus_per_worker, or set scaling.use_gpu=false on a cluster without GPUs"
+            )
+        fits.append(int(math.floor(have / need + 1e-9)))
+    return max(1, min(fits)) if fits else 1
+
+
+def run_cost(config: RunConfig, n_train: Mapping[str, int]) -> float:
+    """Relative cost of a run, in training examples processed (for the ETA only)."""
+    n = sum(n_train[t] for t in config.task_names)
+    epochs = config.train.epochs * (1.3 if config.aux.enabled else 1.0)
+    if config.alignment.enabled:
+        epochs += config.alignment.epochs
+    return n * epochs + RUN_OVERHEAD_EXAMPLES
+
+
+# ------------------------------------------------------------------------------ one run
+def execute_run(
+    config_dict: dict[str, Any], run_name: str, log_path: str, measure_alignment: bool
+) -> dict[str, Any]:
+    """Train one run (in a Ray task, or in this process) and summarize it.
+
+    The run's own log lines go to `log_path`, not to the console: a suite trains dozens of runs
+    and prints one line per finished run instead.
+
+    Returns:
+        {"status": "ok", "dev": {task: accuracy}, "dev_macro", "stages", "task_weights",
+        "data_overlap", "duration_seconds", "run_dir", "node", "similarity"} or
+        {"status": "failed", "error", "log"}.
+    """
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    pipeline_log = logging.getLogger("pipeline")
+    saved = (pipeline_log.handlers[:], pipeline_log.level, pipeline_log.propagate)
+    pipeline_log.handlers = [handler]
+    pipeline_log.setLevel(logging.INFO)
+    pipeline_log.propagate = False
+    # Ray Train local mode logs every report at INFO: keep its warnings only. Progress bars
+    # of dozens of runs would bury the suite's own progress lines.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    start = time.monotonic()
+    try:
+        from pipeline.train.driver import train
+
+        config = parse_config(config_dict, run_name)
+        result = train(config, run_name=run_name)
+        rec = result.record
+        similarity = None
+        if measure_alignment:
+            from pipeline.affinity import similarity_before_after
+
+            names, before, after, _ = similarity_before_after(config, result.run_dir)
+            similarity = {
+                "tasks": names,
+                "before": before.tolist(),
+                "after": None if after is None else after.tolist(),
+            }
+        return {
+            "status": "ok",
+            "dev": {t: v["accuracy"] for t, v in rec["dev"].items()},
+            "dev_macro": rec["dev_macro_accuracy"],
+            "stages": rec["stages"],
+            "task_weights": rec["task_weights"],
+            "data_overlap": rec["data_overlap"]["pairs"],
+            "duration_seconds": round(time.monotonic() - start, 1),
+            "run_dir": str(result.run_dir),
+            "node": socket.gethostname(),
+            "similarity": similarity,
+        }
+    except Exception as err:  # one failed run must not end the suite; the report lists it
+        pipeline_log.error("run %s failed:\n%s", run_name, traceback.format_exc())
+        return {
+            "status": "failed",
+            "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}",
+            "log": log_path,
+        }
+    finally:
+        handler.close()
+        pipeline_log.handlers, level, pipeline_log.propagate = saved[0], saved[1], saved[2]
+        pipeline_log.setLevel(level)
+
+
+# ------------------------------------------------------------------------------- progress
+class Progress:
+    """One console line per finished run: runs done, elapsed time and ETA.
+
+    The ETA scales the elapsed time by the remaining share of the suite's estimated cost
+    (`run_cost`), so it accounts for runs of different sizes and for parallel execution.
+    """
+
+    def __init__(
+        self,
+        costs: Mapping[str, float],
+        done_before: Sequence[str] = (),
+        write: Callable[[str], None] = print,
+    ):
+        self.costs = dict(costs)
+        self.total = len(costs)
+        self.done = len(done_before)
+        self.cost_todo = sum(c for n, c in costs.items() if n not in set(done_before))
+        self.cost_done = 0.0
+        self.start = time.monotonic()
+        self.write = write
+
+    def eta_seconds(self) -> float | None:
+        if self.cost_done <= 0:
+            return None
+        elapsed = time.monotonic() - self.start
+        return elapsed * (self.cost_todo - self.cost_done) / self.cost_done
+
+    def finished(self, name: str, result: Mapping[str, Any]) -> None:
+        self.done += 1
+        self.cost_done += self.costs.get(name, 0.0)
+        if result.get("status") == "ok":
+            what = f"dev macro {result['dev_macro']:.2f} ({result['duration_seconds']:.0f} s)"
+        else:
+            what = f"FAILED: {result.get('error')} (log: {result.get('log')})"
+        eta = self.eta_seconds()
+        self.write(
+            f"[{self.done:>{len(str(self.total))}}/{self.total}] {name}: {what} | elapsed "
+            f"{format_duration(time.monotonic() - self.start)}, ETA "
+            f"{format_duration(eta) if eta is not None else '?'}"
+        )
+
+
+# ------------------------------------------------------------------------------- the runner
+def results_dir(suite_dir: Path) -> Path:
+    return suite_dir / "results"
+
+
+def load_results(suite_dir: Path) -> dict[str, dict[str, Any]]:
+    """Results of runs that already finished in `suite_dir` (ok ones only: failed runs are
+    tried again)."""
+    out = {}
+    for path in sorted(results_dir(suite_dir).glob("*.json")):
+        result = json.loads(path.read_text())
+        if result.get("status") == "ok":
+            out[path.stem] = result
+    return out
+
+
+def run_specs(
+    specs: Sequence[RunSpec],
+    configs: Mapping[str, RunConfig],
+    suite_dir: Path,
+    costs: Mapping[str, float],
+    executor: Executor = "ray",
+    address: str | None = None,
+    write: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
+    """Train every spec not yet finished in `suite_dir`; return every run's result by name.
+
+    Raises:
+        ExperimentError: the Ray cluster cannot hold one run.
+    """
+    results = load_results(suite_dir)
+    todo = [s for s in specs if s.name not in results]
+    if results:
+        write(f"resuming: {len(results)} of {len(specs)} runs already finished in {suite_dir}")
+    progress = Progress(costs, done_before=list(results), write=write)
+    results_dir(suite_dir).mkdir(parents=True, exist_ok=True)
+
+    def record(name: str, result: dict[str, Any]) -> None:
+        results[name] = result
+        tmp = results_dir(suite_dir) / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(results_dir(suite_dir) / f"{name}.json")
+        progress.finished(name, result)
+
+    def args(spec: RunSpec) -> tuple[dict[str, Any], str, str, bool]:
+        log = str(suite_dir / "logs" / f"{spec.name}.log")
+        return config_to_dict(configs[spec.name]), spec.name, log, spec.measure_alignment
+
+    if executor == "local":
+        for spec in todo:
+            record(spec.name, execute_run(*args(spec)))
+        return results
+    if not todo:
+        return results
+
+    import ray
+
+    from pipeline.train.driver import connect_ray
+
+    connect_ray(address)
+    resources = run_resources(next(iter(configs.values())).scaling)
+    slots = parallel_runs(ray.cluster_resources(), resources)
+    write(
+        f"{len(todo)} runs to train, up to {slots} at a time on the Ray cluster "
+        f"({resources['num_cpus']:g} CPU{', 1 GPU' if resources['num_gpus'] else ''} each); "
+        f"logs in {suite_dir / 'logs'}"
+    )
+    remote = ray.remote(execute_run).options(
+        num_cpus=resources["num_cpus"],
+        num_gpus=resources["num_gpus"],
+        max_retries=1,
+    )
+    pending = {remote.remote(*args(s)): s.name for s in todo}
+    last_note = time.monotonic()
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=30)
+            if not ready:
+                if time.monotonic() - last_note > 120:
+                    write(f"... {len(pending)} runs still queued or running")
+                    last_note = time.monotonic()
+                continue
+            ref = ready[0]
+            name = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as err:  # the task's process died (OOM, node lost, ...)
+                result = {
+                    "status": "failed",
+                    "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0]}",
+                    "log": str(suite_dir / "logs" / f"{name}.log"),
+                }
+            record(name, result)
+            last_note = time.monotonic()
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        write(
+            f"interrupted: {len(results)} runs are saved in {results_dir(suite_dir)}; "
+            f"continue with --resume {suite_dir}"
+        )
+        raise
+    return results

@@ -1,0 +1,224 @@
+"""`polytask experiment`: plan a suite, train its runs, analyze them, write the report.
+
+The suite directory (default `<storage_path>/experiments/<name>-<suite>-<time>`):
+
+    plan.json       the suite, options, seeds and every run's spec (checked on --resume)
+    results/        one JSON per finished run (written as each run ends)
+    runs/, logs/    the runs' own directories and logs
+    data/           inputs the suite derived (the noise suite's corrupted copies)
+    results.json    every number of the report, with the runs' results
+    report.md, *.png
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+from pipeline import __version__
+from pipeline.config import RunConfig, config_to_dict
+from pipeline.experiments import affinity, capacity, noise, transfer
+from pipeline.experiments.common import RunSpec, build_config, seeds_from
+from pipeline.experiments.options import ExperimentOptions
+from pipeline.experiments.runner import Executor, ExperimentError, run_cost, run_specs
+
+Suite = Literal["transfer", "capacity", "noise", "affinity"]
+SUITES: dict[str, ModuleType] = {
+    "transfer": transfer,
+    "capacity": capacity,
+    "noise": noise,
+    "affinity": affinity,
+}
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class ExperimentResult:
+    suite_dir: Path
+    analysis: dict[str, Any]
+    files: list[Path]
+    failed: list[str]
+
+
+def code_version() -> str:
+    """The git commit of this checkout ('-dirty' with uncommitted changes), if it is one."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return commit + ("-dirty" if dirty else "")
+
+
+def suite_directory(base: RunConfig, suite: str, output: Path | None, resume: Path | None) -> Path:
+    """Where the suite writes: --resume DIR, --output DIR (must be new or empty), or a new
+    timestamped directory under the config's storage path."""
+    if resume is not None:
+        if not (resume / PLAN_FILE).is_file():
+            raise ExperimentError(f"--resume {resume}: no {PLAN_FILE} there; not a suite directory")
+        return resume
+    if output is not None:
+        if output.exists() and any(output.iterdir()):
+            raise ExperimentError(
+                f"--output {output} exists and is not empty; pick a new directory, or continue "
+                f"the suite in it with --resume {output}"
+            )
+        return output
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    return base.storage_path / "experiments" / f"{base.name}-{suite}-{stamp}"
+
+
+def check_plan(suite_dir: Path, plan: dict[str, Any]) -> None:
+    """On --resume, the new plan must be the saved one: otherwise old and new results mix."""
+    saved = json.loads((suite_dir / PLAN_FILE).read_text())
+    for key in ("suite", "config", "options", "specs"):
+        if saved.get(key) != plan[key]:
+            raise ExperimentError(
+                f"--resume {suite_dir}: the saved suite differs in its {key} (a different "
+                "config, suite, seeds or option); rerun with the same arguments, or start a new "
+                "suite without --resume"
+            )
+
+
+def run_experiment(
+    base: RunConfig,
+    suite: Suite,
+    seeds: int,
+    opts: ExperimentOptions | None = None,
+    *,
+    config_path: str = "",
+    command: str = "",
+    output: Path | None = None,
+    resume: Path | None = None,
+    executor: Executor = "ray",
+    address: str | None = None,
+    write: Callable[[str], None] = print,
+) -> ExperimentResult:
+    """Plan, train (skipping runs already finished on --resume), analyze and report a suite.
+
+    Raises:
+        ValueError: the suite does not fit the config (e.g. one task, unknown --noise-task).
+        ConfigError, DataError, EncoderNotFoundError: bad config, data or encoder, found
+            before any training starts.
+        ExperimentError: unusable directories, a changed plan on --resume, or a cluster that
+            cannot hold one run.
+    """
+    from pipeline.data import load_tasks
+    from pipeline.features import resolve_encoder_path
+
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+    module = SUITES[suite]
+    opts = opts or ExperimentOptions()
+    start = time.monotonic()
+    # Check data and encoder once, before any run starts (and size the runs for the ETA).
+    resolve_encoder_path(base.encoder.path, base.encoder.allow_download)
+    n_train = {t.name: len(t.splits["train"]) for t in load_tasks(base, splits=["train"])}
+    seed_list = seeds_from(base, seeds)
+    specs: list[RunSpec] = module.plan(base, seed_list, opts)
+    suite_dir = suite_directory(base, suite, output, resume).resolve()
+    configs = {s.name: build_config(base, s, suite_dir) for s in specs}
+    plan = {
+        "suite": suite,
+        "config": config_to_dict(base),
+        "options": json.loads(json.dumps(opts.to_json())),
+        "specs": [s.to_json() for s in specs],
+    }
+    if resume is not None:
+        check_plan(suite_dir, plan)
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    (suite_dir / PLAN_FILE).write_text(json.dumps(plan | {"seeds": seed_list}, indent=1))
+    write(f"{suite} suite: {len(specs)} runs ({len(seed_list)} seed(s)) -> {suite_dir}")
+    prepare = getattr(module, "prepare", None)
+    if prepare is not None:
+        prepare(base, specs, suite_dir)
+    costs = {s.name: run_cost(configs[s.name], n_train) for s in specs}
+    results = run_specs(specs, configs, suite_dir, costs, executor, address, write)
+
+    failed = sorted(n for n, r in results.items() if r.get("status") != "ok")
+    analysis = module.analyze(specs, results, opts)
+    meta = {
+        "suite": suite,
+        "command": command or f"polytask experiment {config_path} --suite {suite} --seeds {seeds}",
+        "config_path": config_path,
+        "config_name": base.name,
+        "tasks": base.task_names,
+        "seeds": seed_list,
+        "decontaminate": base.decontaminate,
+        "n_runs": len(specs),
+        "n_failed": len(failed),
+        "duration_seconds": round(time.monotonic() - start, 1),
+        "train_seconds_total": round(
+            sum(r.get("duration_seconds", 0.0) for r in results.values()), 1
+        ),
+        "polytask_version": __version__,
+        "commit": code_version(),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "executor": executor,
+    }
+    files = module.write_report(suite_dir, analysis, meta, results)
+    numbers = {"meta": meta, "options": opts.to_json(), "analysis": analysis, "runs": results}
+    (suite_dir / "results.json").write_text(
+        json.dumps(_finite(numbers), indent=1, default=_json_default)
+    )
+    files.append(suite_dir / "results.json")
+    return ExperimentResult(suite_dir, analysis, files, failed)
+
+
+def _finite(value: Any) -> Any:
+    """NaN (a statistic with no runs behind it) as JSON null, not the non-standard NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def summary_text(report: Path) -> str:
+    """The '## Summary' section of a report, for the console."""
+    text = report.read_text()
+    if "## Summary" not in text:
+        return ""
+    body = text.split("## Summary", 1)[1]
+    return body.split("\n## ", 1)[0].strip()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def parse_list(text: str, kind: type, flag: str) -> tuple[Any, ...]:
+    """'5,10,20' -> (5, 10, 20), with an error naming the flag."""
+    try:
+        values = tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(
+            f"{flag}: expected comma-separated {kind.__name__}s, got {text!r}"
+        ) from None
+    if not values:
+        raise ValueError(f"{flag}: no values given")
+    return values
