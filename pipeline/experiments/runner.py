@@ -85,7 +85,8 @@ def execute_run(
 
     Returns:
         {"status": "ok", "dev": {task: accuracy}, "dev_macro", "stages", "task_weights",
-        "data_overlap", "duration_seconds", "run_dir", "node", "similarity"} or
+        "data_overlap", "duration_seconds", "started_at", "finished_at" (Unix time), "run_dir",
+        "node", "similarity"} or
         {"status": "failed", "error", "log"}.
     """
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,7 @@ def execute_run(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    start = time.monotonic()
+    start, started_at = time.monotonic(), time.time()
     try:
         from pipeline.train.driver import train
 
@@ -127,6 +128,8 @@ def execute_run(
             "task_weights": rec["task_weights"],
             "data_overlap": rec["data_overlap"]["pairs"],
             "duration_seconds": round(time.monotonic() - start, 1),
+            "started_at": started_at,
+            "finished_at": time.time(),
             "run_dir": str(result.run_dir),
             "node": socket.gethostname(),
             "similarity": similarity,
@@ -157,19 +160,21 @@ class Progress:
         costs: Mapping[str, float],
         done_before: Sequence[str] = (),
         write: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        self.clock = clock
         self.costs = dict(costs)
         self.total = len(costs)
         self.done = len(done_before)
         self.cost_todo = sum(c for n, c in costs.items() if n not in set(done_before))
         self.cost_done = 0.0
-        self.start = time.monotonic()
+        self.start = clock()
         self.write = write
 
     def eta_seconds(self) -> float | None:
         if self.cost_done <= 0:
             return None
-        elapsed = time.monotonic() - self.start
+        elapsed = self.clock() - self.start
         return elapsed * (self.cost_todo - self.cost_done) / self.cost_done
 
     def finished(self, name: str, result: Mapping[str, Any]) -> None:
@@ -182,7 +187,7 @@ class Progress:
         eta = self.eta_seconds()
         self.write(
             f"[{self.done:>{len(str(self.total))}}/{self.total}] {name}: {what} | elapsed "
-            f"{format_duration(time.monotonic() - self.start)}, ETA "
+            f"{format_duration(self.clock() - self.start)}, ETA "
             f"{format_duration(eta) if eta is not None else '?'}"
         )
 
@@ -211,8 +216,10 @@ def run_specs(
     executor: Executor = "ray",
     address: str | None = None,
     write: Callable[[str], None] = print,
+    stamp: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train every spec not yet finished in `suite_dir`; return every run's result by name.
+    `stamp` (e.g. the code's commit) is added to the result of every run trained now.
 
     Raises:
         ExperimentError: the Ray cluster cannot hold one run.
@@ -225,6 +232,7 @@ def run_specs(
     results_dir(suite_dir).mkdir(parents=True, exist_ok=True)
 
     def record(name: str, result: dict[str, Any]) -> None:
+        result = {**result, **(stamp or {})}
         results[name] = result
         tmp = results_dir(suite_dir) / f".{name}.json.tmp"
         tmp.write_text(json.dumps(result, indent=1))

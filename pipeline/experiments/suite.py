@@ -131,6 +131,7 @@ def run_experiment(
     module = SUITES[suite]
     opts = opts or ExperimentOptions()
     start = time.monotonic()
+    commit = code_version()  # the code that trains the runs, not whatever is checked out later
     # Check data and encoder once, before any run starts (and size the runs for the ETA).
     resolve_encoder_path(base.encoder.path, base.encoder.allow_download)
     n_train = {t.name: len(t.splits["train"]) for t in load_tasks(base, splits=["train"])}
@@ -153,7 +154,9 @@ def run_experiment(
     if prepare is not None:
         prepare(base, specs, suite_dir)
     costs = {s.name: run_cost(configs[s.name], n_train) for s in specs}
-    results = run_specs(specs, configs, suite_dir, costs, executor, address, write)
+    results = run_specs(
+        specs, configs, suite_dir, costs, executor, address, write, stamp={"commit": commit}
+    )
 
     failed = sorted(n for n, r in results.items() if r.get("status") != "ok")
     analysis = module.analyze(specs, results, opts)
@@ -167,12 +170,12 @@ def run_experiment(
         "decontaminate": base.decontaminate,
         "n_runs": len(specs),
         "n_failed": len(failed),
-        "duration_seconds": round(time.monotonic() - start, 1),
+        "duration_seconds": wall_seconds(results, time.monotonic() - start),
         "train_seconds_total": round(
             sum(r.get("duration_seconds", 0.0) for r in results.values()), 1
         ),
         "polytask_version": __version__,
-        "commit": code_version(),
+        "commit": ", ".join(sorted({str(r.get("commit", "unknown")) for r in results.values()})),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "executor": executor,
     }
@@ -183,6 +186,16 @@ def run_experiment(
     )
     files.append(suite_dir / "results.json")
     return ExperimentResult(suite_dir, analysis, files, failed)
+
+
+def wall_seconds(results: dict[str, dict[str, Any]], this_call: float) -> float:
+    """From the first run's start to the last run's end, across --resume invocations; this
+    invocation's time when the runs carry no timestamps."""
+    starts = [r["started_at"] for r in results.values() if "started_at" in r]
+    ends = [r["finished_at"] for r in results.values() if "finished_at" in r]
+    if len(starts) != len(results) or not starts:
+        return round(this_call, 1)
+    return round(max(ends) - min(starts), 1)
 
 
 def _finite(value: Any) -> Any:

@@ -166,11 +166,14 @@ def write_report(
         )
     negative = analysis["negative_transfer"]
     if negative:
-        listed = ", ".join(
-            f"{n['task']} with {labels[n['variant']]} ({_stat(n['delta']).fmt(signed=True)})"
-            for n in negative
-        )
-        lines.append(f"- **Negative transfer** (clearly below the single-task model): {listed}.")
+        lines.append("- **Negative transfer** (clearly below the single-task model):")
+        for t in tasks:
+            hits = [n for n in negative if n["task"] == t]
+            if hits:
+                listed = ", ".join(
+                    f"{labels[n['variant']]} {_stat(n['delta']).fmt(signed=True)}" for n in hits
+                )
+                lines.append(f"  - {t}: {listed}")
     else:
         lines.append("- No task is clearly below its single-task model under any variant.")
     best = ", ".join(f"{t}: {labels[v] if v else '-'}" for t, v in analysis["best_variant"].items())
