@@ -252,20 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", type=Path, help="run config (YAML)")
         p.add_argument("--data-dir", help="replaces the config's data_root (or POLYTASK_DATA_DIR)")
 
+    def with_overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field (repeatable), e.g. --set train.epochs=3",
+        )
+
     p = sub.add_parser("validate", help="check a config and its data, report every error")
     with_config(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    with_overrides(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("train", help="train a run on Ray and print its run directory")
     with_config(p)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.epochs=3",
-    )
+    with_overrides(p)
     p.add_argument("--address", help="Ray cluster to join (else RAY_ADDRESS, else local)")
     p.add_argument("--run-name", help="run name (default: <name>-<timestamp>-<id>)")
     p.add_argument(
@@ -280,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write report.md, PNG plots and results.json into the suite directory.",
     )
     with_config(p)
+    with_overrides(p)
     p.add_argument(
         "--suite",
         required=True,
@@ -289,13 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
         "pairwise transfer",
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds per run (default 3)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field for every run, e.g. --set decontaminate=true",
-    )
     p.add_argument(
         "--output",
         type=Path,
@@ -362,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         "retrain", help="train, export, and promote the new model only if the gate lets it through"
     )
     with_config(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    with_overrides(p)
     p.add_argument("--run-name", help="run name (default: <name>-<timestamp>-<id>)")
     p.add_argument("--name", help="model store name (default: polytask-<config name>)")
     p.set_defaults(func=cmd_retrain)

@@ -40,6 +40,9 @@ class Split:
     path: Path
     texts: list[str]
     labels: np.ndarray  # int64 [n]
+    # Indices of these examples among the file's rows, when some were dropped (decontaminate);
+    # None: every row, in file order. Lets the feature cache serve a subset of a split.
+    rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -317,7 +320,11 @@ def decontaminate(tasks: list[TaskData]) -> dict[str, int]:
         keep = [i for i, x in enumerate(train.texts) if normalize_text(x) not in others]
         removed[t.name] = len(train) - len(keep)
         if removed[t.name]:
+            idx = np.asarray(keep, dtype=np.int64)
             t.splits["train"] = Split(
-                path=train.path, texts=[train.texts[i] for i in keep], labels=train.labels[keep]
+                path=train.path,
+                texts=[train.texts[i] for i in keep],
+                labels=train.labels[idx],
+                rows=idx if train.rows is None else train.rows[idx],
             )
     return removed

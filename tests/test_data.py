@@ -329,4 +329,7 @@ def test_cross_task_overlap_is_measured_and_removed(tmp_path):
     assert removed == {"one": 0, "two": 1}
     assert "shared sentence 0 !" not in tasks[1].splits["train"].texts
     assert len(tasks[1].splits["train"].labels) == 3
+    # The kept rows are named, so cached features of the whole file can serve the subset.
+    assert tasks[1].splits["train"].rows.tolist() == [1, 2, 3]
+    assert tasks[0].splits["train"].rows is None
     assert cross_task_overlap(tasks) == []

@@ -462,3 +462,15 @@ def test_bad_suite_arguments_give_clear_errors(tiny_config, tmp_path):
     assert rc == 2 and "plan.json" in err
     with pytest.raises(SystemExit):
         run_cli(["experiment", str(tiny_config), "--suite", "bogus"])
+
+
+def test_wall_time_spans_every_run_across_resumed_invocations():
+    from pipeline.experiments.suite import wall_seconds
+
+    runs = {
+        "a": {"started_at": 100.0, "finished_at": 160.0},
+        "b": {"started_at": 1000.0, "finished_at": 1090.5},  # trained by a later --resume
+    }
+    assert wall_seconds(runs, this_call=5.0) == 990.5
+    runs["c"] = {"status": "failed"}  # no timestamps: fall back to this invocation's time
+    assert wall_seconds(runs, this_call=5.0) == 5.0

@@ -135,3 +135,46 @@ def test_train_a_single_task_subset(tmp_path, tiny_data_dir, tiny_encoder_dir, c
     assert list(rec["tasks"]) == ["topic"]
     assert main(["train", str(path), "--tasks", "nope"]) == 2
     assert "unknown task(s) ['nope']" in capsys.readouterr().err
+
+
+def test_decontaminated_run_reuses_the_whole_files_cached_features(
+    tmp_path, tiny_data_dir, tiny_encoder_dir
+):
+    """Dropping rows must not re-encode a split: its features are the cached full file's rows."""
+    from conftest import tiny_config_dict, write_jsonl
+
+    from pipeline.config import parse_config, resolve_paths
+    from pipeline.data import decontaminate, load_tasks
+    from pipeline.features import FeatureCache
+    from pipeline.train.driver import prepare_inputs
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    # Plant two of topic's dev sentences in sentiment's training file.
+    dev = [json.loads(x) for x in (data / "topic" / "dev.jsonl").open()]
+    train = [json.loads(x) for x in (data / "sentiment" / "train.jsonl").open()]
+    write_jsonl(
+        data / "sentiment" / "train.jsonl",
+        train[:5] + [{"text": dev[0]["text"], "label": "positive"}] + train[5:]
+        + [{"text": dev[1]["text"], "label": "negative"}],
+    )  # fmt: skip
+    raw = tiny_config_dict(data, tiny_encoder_dir, tmp_path / "runs", tmp_path / "cache")
+    config = resolve_paths(parse_config(raw), base=tmp_path)
+    encoder = str(tiny_encoder_dir)
+    tasks = load_tasks(config)
+    full = {(t.name, n): s for t in tasks for n, s in t.splits.items()}
+    _, _, _, full_features = prepare_inputs(config, tasks, encoder, full)
+    cached = set((tmp_path / "cache").rglob("*.npy"))
+
+    assert decontaminate(tasks) == {"sentiment": 2, "topic": 0}
+    train_blob, _, _, features = prepare_inputs(config, tasks, encoder, full)
+    assert set((tmp_path / "cache").rglob("*.npy")) == cached  # nothing new was encoded
+    kept = tasks[0].splits["train"]
+    assert features["sentiment"].shape[0] == len(kept) == 48
+    np_rows = full_features["sentiment"][kept.rows]
+    assert (features["sentiment"] == np_rows).all()
+    assert (train_blob["sentiment"]["inputs"]["features"] == np_rows).all()
+    # ...and they are what encoding the kept texts directly gives.
+    cache = FeatureCache(tmp_path / "cache2", encoder, 16, "mean")
+    direct = cache.get(kept.texts, batch_size=32)
+    assert abs(direct - features["sentiment"]).max() < 1e-5

@@ -138,10 +138,6 @@ def _mean2(x: float | None, y: float | None) -> float | None:
     return None if x is None or y is None else (x + y) / 2
 
 
-def _stat(d: Mapping[str, Any]) -> Stat:
-    return Stat(d["mean"], d["std"], d["n"])
-
-
 def _rho(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:+.2f}"
 
@@ -217,10 +213,10 @@ def write_report(
     rows = [
         [
             f"{p['a']} + {p['b']}",
-            _stat(p["before"]).fmt(3),
-            _stat(p["after"]).fmt(3),
-            _stat(p["transfer"]).fmt(signed=True),
-            _stat(p["aligned_transfer"]).fmt(signed=True),
+            Stat.from_json(p["before"]).fmt(3),
+            Stat.from_json(p["after"]).fmt(3),
+            Stat.from_json(p["transfer"]).fmt(signed=True),
+            Stat.from_json(p["aligned_transfer"]).fmt(signed=True),
         ]
         for p in sorted(pairs, key=lambda p: -np.nan_to_num(p["transfer"]["mean"], nan=-1e9))
     ]

@@ -112,10 +112,6 @@ def analyze(
     }
 
 
-def _stat(d: Mapping[str, Any]) -> Stat:
-    return Stat(d["mean"], d["std"], d["n"])
-
-
 def write_report(
     out_dir: Path,
     analysis: Mapping[str, Any],
@@ -148,13 +144,13 @@ def write_report(
         holds = "holds" if summ["rule_of_thumb_holds"] else "does not hold"
         lines += [
             f"- Best multi-task capacity: r = {best_mtl}, macro-average "
-            f"{_stat(summ['best_mtl_macro']).fmt()}.",
+            f"{Stat.from_json(summ['best_mtl_macro']).fmt()}.",
             f"- Best single-task capacities: {single_caps}; sum {summ['sum_best_single_capacities']}; "
             f"those models average {summ['best_single_macro']:.2f}.",
             f"- Rule of thumb (best MTL capacity < sum of best single-task capacities): {holds} "
             f"({best_mtl} vs {summ['sum_best_single_capacities']}).",
             f"- One multi-task model at r = {best_mtl} against the best single-task models, each "
-            f"at its own best r: {_stat(summ['best_mtl_macro']).mean - summ['best_single_macro']:+.2f} "
+            f"at its own best r: {Stat.from_json(summ['best_mtl_macro']).mean - summ['best_single_macro']:+.2f} "
             "points macro-average.",
             "",
         ]
@@ -165,8 +161,8 @@ def write_report(
     rows = [
         [
             r,
-            _stat(analysis["mtl_macro"][r]).fmt() if r in analysis["mtl_macro"] else "-",
-            _stat(analysis["single_macro_same_capacity"][r]).fmt(),
+            Stat.from_json(analysis["mtl_macro"][r]).fmt() if r in analysis["mtl_macro"] else "-",
+            Stat.from_json(analysis["single_macro_same_capacity"][r]).fmt(),
         ]
         for r in caps
     ]
@@ -177,8 +173,12 @@ def write_report(
     for r in caps:
         row = [r]
         for t in tasks:
-            m = _stat(analysis["mtl_task"][r][t]).mean if r in analysis["mtl_task"] else math.nan
-            s = _stat(analysis["single_task"][r][t]).mean
+            m = (
+                Stat.from_json(analysis["mtl_task"][r][t]).mean
+                if r in analysis["mtl_task"]
+                else math.nan
+            )
+            s = Stat.from_json(analysis["single_task"][r][t]).mean
             row.append(f"{m:.1f} / {s:.1f}")
         rows.append(row)
     lines += [
@@ -206,7 +206,7 @@ def plot_macro(path: Path, analysis: Mapping[str, Any]) -> Path:
     ):
         if not analysis[key]:
             continue
-        st = [_stat(analysis[key][r]) for r in caps]
+        st = [Stat.from_json(analysis[key][r]) for r in caps]
         ax.errorbar(
             caps, [s.mean for s in st], yerr=[s.std for s in st], marker="o", capsize=3, label=label
         )
@@ -236,13 +236,13 @@ def plot_per_task(path: Path, analysis: Mapping[str, Any]) -> Path:
         if analysis["mtl_task"]:
             ax.plot(
                 caps,
-                [_stat(analysis["mtl_task"][r][t]).mean for r in caps],
+                [Stat.from_json(analysis["mtl_task"][r][t]).mean for r in caps],
                 marker="o",
                 label="MTL",
             )
         ax.plot(
             caps,
-            [_stat(analysis["single_task"][r][t]).mean for r in caps],
+            [Stat.from_json(analysis["single_task"][r][t]).mean for r in caps],
             marker="s",
             label="single-task",
         )

@@ -101,6 +101,10 @@ class Stat:
     def to_json(self) -> dict[str, float | int]:
         return {"mean": self.mean, "std": self.std, "n": self.n}
 
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Stat:
+        return cls(d["mean"], d["std"], d["n"])
+
     def fmt(self, digits: int = 2, signed: bool = False) -> str:
         if self.n == 0:
             return "-"

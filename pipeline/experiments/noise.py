@@ -187,10 +187,6 @@ def analyze(
     }
 
 
-def _stat(d: Mapping[str, Any]) -> Stat:
-    return Stat(d["mean"], d["std"], d["n"])
-
-
 def write_report(
     out_dir: Path,
     analysis: Mapping[str, Any],
@@ -217,11 +213,11 @@ def write_report(
     ]
     for f in fractions:
         d = rows[str(f)]["svd_minus_equal"]
-        ratio = _stat(rows[str(f)]["svd"]["weight_ratio"])
+        ratio = Stat.from_json(rows[str(f)]["svd"]["weight_ratio"])
         what = "clean labels" if f == 0 else f"{100 * f:.0f}% wrong {noisy} labels"
         lines.append(
-            f"- {what}: SVD minus equal weights: {noisy} {_stat(d['noisy_task']).fmt(signed=True)}, "
-            f"clean tasks {_stat(d['clean_tasks']).fmt(signed=True)} points; SVD gave {noisy} "
+            f"- {what}: SVD minus equal weights: {noisy} {Stat.from_json(d['noisy_task']).fmt(signed=True)}, "
+            f"clean tasks {Stat.from_json(d['clean_tasks']).fmt(signed=True)} points; SVD gave {noisy} "
             f"{ratio.fmt()} times the clean tasks' average weight."
         )
     lines += ["", "## Dev accuracy (%)\n"]
@@ -239,11 +235,11 @@ def write_report(
         table.append(
             [
                 f"{100 * f:.0f}%",
-                _stat(r["none"]["noisy_task"]).fmt(),
-                _stat(r["svd"]["noisy_task"]).fmt(),
-                _stat(r["none"]["clean_tasks"]).fmt(),
-                _stat(r["svd"]["clean_tasks"]).fmt(),
-                _stat(r["svd"]["weight_ratio"]).fmt(3),
+                Stat.from_json(r["none"]["noisy_task"]).fmt(),
+                Stat.from_json(r["svd"]["noisy_task"]).fmt(),
+                Stat.from_json(r["none"]["clean_tasks"]).fmt(),
+                Stat.from_json(r["svd"]["clean_tasks"]).fmt(),
+                Stat.from_json(r["svd"]["weight_ratio"]).fmt(3),
             ]
         )
     lines += [md_table(header, table), "", f"![accuracy against label noise]({plot.name})", ""]
@@ -252,7 +248,7 @@ def write_report(
     header = ["wrong labels", "weights"] + tasks
     table = [
         [f"{100 * f:.0f}%", WEIGHTINGS[w]]
-        + [_stat(rows[str(f)][w]["per_task"][t]).fmt() for t in tasks]
+        + [Stat.from_json(rows[str(f)][w]["per_task"][t]).fmt() for t in tasks]
         for f in fractions
         for w in WEIGHTINGS
     ]
@@ -282,7 +278,7 @@ def plot_noise(path: Path, analysis: Mapping[str, Any]) -> Path:
     for i, (key, title) in enumerate(panels):
         ax = fig.add_subplot(1, 3, i + 1)
         for w, label in WEIGHTINGS.items():
-            st = [_stat(rows[str(f)][w][key]) for f in fractions]
+            st = [Stat.from_json(rows[str(f)][w][key]) for f in fractions]
             ax.errorbar(
                 xs,
                 [s.mean for s in st],

@@ -124,10 +124,6 @@ def analyze(
     }
 
 
-def _stat(d: Mapping[str, Any]) -> Stat:
-    return Stat(d["mean"], d["std"], d["n"])
-
-
 def write_report(
     out_dir: Path,
     analysis: Mapping[str, Any],
@@ -143,7 +139,7 @@ def write_report(
     )
     plot = plot_deltas(out_dir / "transfer_delta.png", analysis)
     marks = {"gain": " ▲", "loss": " ▼ **negative transfer**", "neutral": "", "n/a": ""}
-    mtl_macro = _stat(delta["mtl"]["macro"])
+    mtl_macro = Stat.from_json(delta["mtl"]["macro"])
     lines = [
         header_section(
             "Transfer: multi-task vs single-task models",
@@ -159,7 +155,7 @@ def write_report(
         f"points ({verdicts['mtl']['macro']}).",
     ]
     for v in ("align", "svd", "aux", "all"):
-        d = _stat(delta[v]["macro"])
+        d = Stat.from_json(delta[v]["macro"])
         lines.append(
             f"- {labels[v]}: {d.fmt(signed=True)} points against single-task models "
             f"({verdicts[v]['macro']})."
@@ -171,7 +167,8 @@ def write_report(
             hits = [n for n in negative if n["task"] == t]
             if hits:
                 listed = ", ".join(
-                    f"{labels[n['variant']]} {_stat(n['delta']).fmt(signed=True)}" for n in hits
+                    f"{labels[n['variant']]} {Stat.from_json(n['delta']).fmt(signed=True)}"
+                    for n in hits
                 )
                 lines.append(f"  - {t}: {listed}")
     else:
@@ -181,8 +178,10 @@ def write_report(
 
     lines += ["## Dev accuracy (%)\n"]
     header = ["task"] + [labels[v] for v in acc]
-    rows = [[t] + [_stat(acc[v][t]).fmt() for v in acc] for t in tasks]
-    rows.append(["**macro-average**"] + [f"**{_stat(acc[v]['macro']).fmt()}**" for v in acc])
+    rows = [[t] + [Stat.from_json(acc[v][t]).fmt() for v in acc] for t in tasks]
+    rows.append(
+        ["**macro-average**"] + [f"**{Stat.from_json(acc[v]['macro']).fmt()}**" for v in acc]
+    )
     lines += [md_table(header, rows), ""]
     lines += [
         "## Change against the single-task model (points)\n",
@@ -193,13 +192,16 @@ def write_report(
     ]
     header = ["task"] + [labels[v] for v in delta]
     rows = [
-        [t] + [_stat(delta[v][t]).fmt(signed=True) + marks[verdicts[v][t]] for v in delta]
+        [t] + [Stat.from_json(delta[v][t]).fmt(signed=True) + marks[verdicts[v][t]] for v in delta]
         for t in tasks
     ]
     short = {"gain": " ▲", "loss": " ▼", "neutral": "", "n/a": ""}
     rows.append(
         ["**macro-average**"]
-        + [_stat(delta[v]["macro"]).fmt(signed=True) + short[verdicts[v]["macro"]] for v in delta]
+        + [
+            Stat.from_json(delta[v]["macro"]).fmt(signed=True) + short[verdicts[v]["macro"]]
+            for v in delta
+        ]
     )
     lines += [md_table(header, rows), "", f"![change against single-task]({plot.name})", ""]
     lines += [
@@ -235,7 +237,7 @@ def plot_deltas(path: Path, analysis: Mapping[str, Any]) -> Path:
     ax = fig.add_subplot()
     width = 0.8 / len(variants)
     for i, v in enumerate(variants):
-        stats = [_stat(analysis["delta_vs_single"][v][t]) for t in tasks]
+        stats = [Stat.from_json(analysis["delta_vs_single"][v][t]) for t in tasks]
         xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(tasks))]
         ax.bar(
             xs,

@@ -26,6 +26,7 @@ import yaml
 from pipeline import __version__
 from pipeline.config import RunConfig, config_to_dict
 from pipeline.data import (
+    Split,
     TaskData,
     cross_task_overlap,
     decontaminate,
@@ -68,12 +69,18 @@ def new_run_name(config_name: str) -> str:
 
 # --------------------------------------------------------------------------- data preparation
 def prepare_inputs(
-    config: RunConfig, tasks: list[TaskData], encoder_path: str
+    config: RunConfig,
+    tasks: list[TaskData],
+    encoder_path: str,
+    full_splits: dict[tuple[str, str], Split] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], int, dict[str, dict[str, np.ndarray]]]:
     """The tensors workers train on.
 
     Frozen encoder: cached pooled features [n, d]. Fine-tuning: token ids [n, L]. Features are
-    computed in both cases when SVD weighting needs them.
+    computed in both cases when SVD weighting needs them. A split that keeps only some rows of
+    its file (`Split.rows`, after decontamination) takes them from the cached features of the
+    whole file, given in `full_splits` by (task, split): a decontaminated run encodes nothing
+    that an ordinary run has already encoded.
 
     Returns:
         train and dev blobs {task: {"inputs": {...}, "labels": ...}}, the feature width d, and
@@ -84,13 +91,18 @@ def prepare_inputs(
     features: dict[str, dict[str, np.ndarray]] = {}
     if need_features:
         cache = FeatureCache(config.resolved_cache_dir(), encoder_path, enc.max_length, enc.pooling)
+        full_splits = full_splits or {}
         for t in tasks:
-            features[t.name] = {
-                split: cache.get(
-                    s.texts, desc=f"features {t.name}/{split}", batch_size=enc.batch_size
+            features[t.name] = {}
+            for split, s in t.splits.items():
+                full = full_splits.get((t.name, split))
+                subset = s.rows is not None and full is not None and full is not s
+                feats = cache.get(
+                    (full if subset else s).texts,
+                    desc=f"features {t.name}/{split}",
+                    batch_size=enc.batch_size,
                 )
-                for split, s in t.splits.items()
-            }
+                features[t.name][split] = feats[s.rows] if subset else feats
     blobs: dict[str, dict[str, Any]] = {"train": {}, "dev": {}}
     tokenizer = load_tokenizer(encoder_path) if enc.trainable_layers > 0 else None
     for t in tasks:
@@ -260,9 +272,12 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
     encoder_path = resolve_encoder_path(config.encoder.path, config.encoder.allow_download)
 
     tasks = load_tasks(config)
+    full_splits = {(t.name, name): split for t in tasks for name, split in t.splits.items()}
     overlap, removed = check_overlap(config, tasks)
     logger.info("data:\n%s", format_stats(tasks))
-    train_blob, dev_blob, dim, train_features = prepare_inputs(config, tasks, encoder_path)
+    train_blob, dev_blob, dim, train_features = prepare_inputs(
+        config, tasks, encoder_path, full_splits
+    )
     weights = task_weights(config, tasks, train_features)
     data = {
         "feature_stats": feature_stats(config, train_features, dim),
