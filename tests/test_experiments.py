@@ -447,7 +447,14 @@ def test_capacity_and_affinity_suites_write_their_reports(tiny_config, tmp_path)
     entry = numbers["analysis"]["pairs"][0]
     single = numbers["runs"]["single-topic-s0"]["dev"]["topic"]
     assert entry["gain_b"]["mean"] == pytest.approx(pair["stages"]["topic"]["joint"] - single)
-    for png in ("similarity_before.png", "similarity_after.png", "pair_gain.png"):
+    singles = {t: numbers["runs"][f"single-{t}-s0"]["dev"][t] for t in ("sentiment", "topic")}
+    aligned = np.mean([pair["stages"][t]["align_best"] - singles[t] for t in singles])
+    assert entry["aligned_transfer"]["mean"] == pytest.approx(aligned)
+    enc = numbers["analysis"]["encoder_similarity"]
+    assert enc["tasks"] == ["sentiment", "topic"]
+    assert entry["encoder"]["mean"] == enc["matrix"][0][1] == enc["matrix"][1][0]
+    pngs = ("similarity_encoder.png", "similarity_before.png", "similarity_after.png")
+    for png in (*pngs, "pair_gain.png", "similarity_vs_transfer.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC)
 
 

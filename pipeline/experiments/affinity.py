@@ -4,8 +4,10 @@ together helps, and does covariance alignment make tasks more similar?
 For every pair of tasks a two-task model is trained: stage 1 is plain hard parameter sharing
 (its dev accuracy gives the pair's transfer against the single-task models), stage 2 trains the
 alignment matrices R_i (Algorithm 1; kept whatever dev says, so "after" is always the aligned
-model). The similarity score (Wu, Zhang & Ré, eq. 5) of the pair is computed on the features the
-shared module sees, before (R_i = I) and after alignment.
+model; the aligned accuracy is each task's best stage-2 epoch, selected on dev as stage 1's
+epoch is). The similarity score (Wu, Zhang & Ré, eq. 5) of the pair is computed on the features
+the shared module sees, before (R_i = I) and after alignment, and once for all tasks on the
+encoder's raw features (the paper's choice: the inputs of the shared module, unnormalized).
 """
 
 from __future__ import annotations
@@ -63,8 +65,19 @@ def plan(base: RunConfig, seeds: Sequence[int], opts: ExperimentOptions) -> list
     return specs
 
 
+def prepare(base: RunConfig, specs: Sequence[RunSpec], suite_dir: Path) -> dict[str, Any]:
+    """The similarity matrix of all tasks on the encoder's raw training features."""
+    from pipeline.affinity import similarity_before_after
+
+    names, matrix, _, _ = similarity_before_after(base)
+    return {"encoder_similarity": {"tasks": names, "matrix": matrix.tolist()}}
+
+
 def analyze(
-    specs: Sequence[RunSpec], results: Mapping[str, Mapping[str, Any]], opts: ExperimentOptions
+    specs: Sequence[RunSpec],
+    results: Mapping[str, Mapping[str, Any]],
+    opts: ExperimentOptions,
+    encoder_similarity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per pair: similarity before/after alignment, transfer of plain sharing and of the aligned
     model (mean change of the two tasks against their single-task models); correlations."""
@@ -91,7 +104,7 @@ def analyze(
             vals["before"].append(sim["before"][0][1] if sim else None)
             vals["after"].append(sim["after"][0][1] if sim and sim["after"] else None)
             gains = {}
-            for key, stage in (("plain", "joint"), ("aligned", "final")):
+            for key, stage in (("plain", "joint"), ("aligned", "align_best")):
                 ga, gb = (_diff(accuracy(r, t, stage), single.get((t, seed))) for t in (a, b))
                 gains[key] = (ga, gb)
             vals["gain_a"].append(gains["plain"][0])
@@ -99,6 +112,10 @@ def analyze(
             vals["transfer"].append(_mean2(*gains["plain"]))
             vals["aligned_transfer"].append(_mean2(*gains["aligned"]))
         entry = {"a": a, "b": b} | {k: stat(v).to_json() for k, v in vals.items()}
+        if encoder_similarity is not None:
+            names = encoder_similarity["tasks"]
+            raw = encoder_similarity["matrix"][names.index(a)][names.index(b)]
+            entry["encoder"] = {"mean": raw, "std": 0.0, "n": 1}
         pairs.append(entry)
         i, j = tasks.index(a), tasks.index(b)
         gain[i, j] = entry["gain_a"]["mean"]
@@ -118,6 +135,10 @@ def analyze(
         "similarity_before": before_m.tolist(),
         "similarity_after": after_m.tolist(),
         "gain_matrix": gain.tolist(),
+        "encoder_similarity": encoder_similarity,
+        "spearman_encoder_vs_transfer": (
+            spearman(*usable("encoder", "transfer")) if encoder_similarity else float("nan")
+        ),
         "spearman_before_vs_transfer": spearman(*usable("before", "transfer")),
         "spearman_after_vs_aligned_transfer": spearman(*usable("after", "aligned_transfer")),
         "pairs_similarity_rose": sum(p["after"]["mean"] > p["before"]["mean"] for p in rose),
@@ -170,7 +191,17 @@ def write_report(
         cmap="RdBu",
         label="points vs single-task model",
     )
+    enc = analysis.get("encoder_similarity")
+    if enc is not None:
+        plots.insert(0, out_dir / "similarity_encoder.png")
+        plot_heatmap(
+            np.array(enc["matrix"], dtype=float),
+            enc["tasks"],
+            plots[0],
+            "Covariance similarity of the encoder's raw features",
+        )
     plots.append(plot_scatter(out_dir / "similarity_vs_transfer.png", analysis))
+    rho_e = analysis.get("spearman_encoder_vs_transfer", float("nan"))
     rho_b = analysis["spearman_before_vs_transfer"]
     rho_a = analysis["spearman_after_vs_aligned_transfer"]
     significance = (
@@ -193,8 +224,10 @@ def write_report(
         ),
         overlap_note(results, meta.get("decontaminate", False)),
         "## Summary\n",
-        f"- Similarity before alignment against plain-sharing transfer: Spearman ρ = "
-        f"{_rho(rho_b)} over {n} pairs.{significance}",
+        f"- Similarity of the encoder's raw features against plain-sharing transfer: Spearman "
+        f"ρ = {_rho(rho_e)} over {n} pairs.{significance}",
+        f"- Similarity of the standardized features the shared module sees, against the same "
+        f"transfer: ρ = {_rho(rho_b)}.",
         f"- Similarity after alignment against the aligned models' transfer: ρ = {_rho(rho_a)}.",
         f"- Alignment raised the similarity of {analysis['pairs_similarity_rose']} of {n} pairs "
         "(paper: all 15 sentiment pairs).",
@@ -205,14 +238,16 @@ def write_report(
     ]
     header = [
         "pair",
-        "similarity before",
-        "after",
+        "similarity, encoder",
+        "standardized, before",
+        "after alignment",
         "transfer, plain (points)",
         "transfer, aligned",
     ]
     rows = [
         [
             f"{p['a']} + {p['b']}",
+            f"{p['encoder']['mean']:.3f}" if "encoder" in p else "-",
             Stat.from_json(p["before"]).fmt(3),
             Stat.from_json(p["after"]).fmt(3),
             Stat.from_json(p["transfer"]).fmt(signed=True),
@@ -237,15 +272,16 @@ def write_report(
 def plot_scatter(path: Path, analysis: Mapping[str, Any]) -> Path:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    for i, (x, y, title) in enumerate(
-        (
-            ("before", "transfer", "before alignment / plain sharing"),
-            ("after", "aligned_transfer", "after alignment / aligned model"),
-        )
-    ):
-        ax = fig.add_subplot(1, 2, i + 1)
-        pts = [p for p in analysis["pairs"] if p[x]["n"] and p[y]["n"]]
+    panels = [
+        ("before", "transfer", "standardized features / plain sharing"),
+        ("after", "aligned_transfer", "after alignment / aligned model"),
+    ]
+    if analysis.get("encoder_similarity") is not None:
+        panels.insert(0, ("encoder", "transfer", "encoder features / plain sharing"))
+    fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
+    for i, (x, y, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        pts = [p for p in analysis["pairs"] if x in p and p[x]["n"] and p[y]["n"]]
         ax.scatter([p[x]["mean"] for p in pts], [p[y]["mean"] for p in pts])
         for p in pts:
             ax.annotate(f"{p['a']}+{p['b']}", (p[x]["mean"], p[y]["mean"]), fontsize=7)

@@ -211,6 +211,20 @@ def write_report(
         overlap_note(results, meta.get("decontaminate", False)),
         "## Summary\n",
     ]
+    worst = max(fractions)
+    if worst > 0 and 0.0 in fractions:
+        clean0, noisy0 = rows["0.0"]["none"]["clean_tasks"], rows["0.0"]["none"]["noisy_task"]
+        cleanw, noisyw = (
+            rows[str(worst)]["none"]["clean_tasks"],
+            rows[str(worst)]["none"]["noisy_task"],
+        )
+        lines.append(
+            f"- With equal weights, {100 * worst:.0f}% wrong {noisy} labels took {noisy} from "
+            f"{Stat.from_json(noisy0).fmt()} to {Stat.from_json(noisyw).fmt()} and moved the "
+            f"clean tasks' average from {Stat.from_json(clean0).fmt()} to "
+            f"{Stat.from_json(cleanw).fmt()}: this is how much one noisy task disturbs the "
+            "others through the shared module."
+        )
     for f in fractions:
         d = rows[str(f)]["svd_minus_equal"]
         ratio = Stat.from_json(rows[str(f)]["svd"]["weight_ratio"])

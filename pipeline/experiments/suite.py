@@ -144,16 +144,16 @@ def run_experiment(
     suite_dir.mkdir(parents=True, exist_ok=True)
     (suite_dir / PLAN_FILE).write_text(json.dumps(plan | {"seeds": seed_list}, indent=1))
     write(f"{suite} suite: {len(specs)} runs ({len(seed_list)} seed(s)) -> {suite_dir}")
+    # A suite's own inputs (noise: corrupted copies; affinity: encoder-feature similarity).
     prepare = getattr(module, "prepare", None)
-    if prepare is not None:
-        prepare(base, specs, suite_dir)
+    prepared = (prepare(base, specs, suite_dir) if prepare is not None else None) or {}
     costs = {s.name: run_cost(configs[s.name], n_train) for s in specs}
     results = run_specs(
         specs, configs, suite_dir, costs, executor, address, write, stamp={"commit": commit}
     )
 
     failed = sorted(n for n, r in results.items() if r.get("status") != "ok")
-    analysis = module.analyze(specs, results, opts)
+    analysis = module.analyze(specs, results, opts, **prepared)
     meta = {
         "suite": suite,
         "command": command or f"polytask experiment {config_path} --suite {suite} --seeds {seeds}",
