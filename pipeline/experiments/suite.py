@@ -148,6 +148,7 @@ def run_experiment(
     prepare = getattr(module, "prepare", None)
     prepared = (prepare(base, specs, suite_dir) if prepare is not None else None) or {}
     costs = {s.name: run_cost(configs[s.name], n_train) for s in specs}
+    address = address or base.scaling.address
     results = run_specs(
         specs, configs, suite_dir, costs, executor, address, write, stamp={"commit": commit}
     )
