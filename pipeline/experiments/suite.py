@@ -16,11 +16,10 @@ import datetime as dt
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pipeline import __version__
 from pipeline.config import RunConfig, config_to_dict
@@ -30,7 +29,34 @@ from pipeline.experiments.options import ExperimentOptions
 from pipeline.experiments.runner import Executor, ExperimentError, run_cost, run_specs
 
 Suite = Literal["transfer", "capacity", "noise", "affinity"]
-SUITES: dict[str, ModuleType] = {
+
+
+class SuiteModule(Protocol):
+    """What a suite module provides (a module may also define
+    `prepare(base, specs, suite_dir) -> dict | None`, whose dict reaches `analyze` as keyword
+    arguments)."""
+
+    def plan(
+        self, base: RunConfig, seeds: Sequence[int], opts: ExperimentOptions
+    ) -> list[RunSpec]: ...
+
+    def analyze(
+        self,
+        specs: Sequence[RunSpec],
+        results: Mapping[str, Mapping[str, Any]],
+        opts: ExperimentOptions,
+    ) -> dict[str, Any]: ...
+
+    def write_report(
+        self,
+        out_dir: Path,
+        analysis: Mapping[str, Any],
+        meta: Mapping[str, Any],
+        results: Mapping[str, Mapping[str, Any]],
+    ) -> list[Path]: ...
+
+
+SUITES: dict[str, SuiteModule] = {
     "transfer": transfer,
     "capacity": capacity,
     "noise": noise,
