@@ -481,3 +481,14 @@ def test_wall_time_spans_every_run_across_resumed_invocations():
     assert wall_seconds(runs, this_call=5.0) == 990.5
     runs["c"] = {"status": "failed"}  # no timestamps: fall back to this invocation's time
     assert wall_seconds(runs, this_call=5.0) == 5.0
+
+
+def test_features_are_encoded_once_before_the_runs(tiny_config, tmp_path):
+    rc, stdout, _ = experiment(tiny_config, "transfer", tmp_path / "a", "--seeds", "1")
+    assert rc == 0
+    assert "encoding 4 split(s) once for all runs" in stdout  # 2 tasks x {train, dev}
+    for log in (tmp_path / "a" / "logs").glob("*.log"):
+        text = log.read_text()
+        assert "cached features" in text and "texts/s" not in text, log.name
+    rc, stdout, _ = experiment(tiny_config, "noise", tmp_path / "b", "--seeds", "1")
+    assert rc == 0 and "encoding" not in stdout  # corrupted copies: same texts, cache hits

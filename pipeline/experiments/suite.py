@@ -170,6 +170,8 @@ def run_experiment(
     suite_dir.mkdir(parents=True, exist_ok=True)
     (suite_dir / PLAN_FILE).write_text(json.dumps(plan | {"seeds": seed_list}, indent=1))
     write(f"{suite} suite: {len(specs)} runs ({len(seed_list)} seed(s)) -> {suite_dir}")
+    if needs_features(base, specs):
+        warm_feature_cache(base, write)
     # A suite's own inputs (noise: corrupted copies; affinity: encoder-feature similarity).
     prepare = getattr(module, "prepare", None)
     prepared = (prepare(base, specs, suite_dir) if prepare is not None else None) or {}
@@ -207,6 +209,48 @@ def run_experiment(
     )
     files.append(suite_dir / "results.json")
     return ExperimentResult(suite_dir, analysis, files, failed)
+
+
+def needs_features(base: RunConfig, specs: Sequence[RunSpec]) -> bool:
+    """Whether the runs read pooled encoder features (frozen encoder, standardization, or SVD
+    weights in some variant), as the training driver decides per run."""
+    enc = base.encoder
+    svd = base.weighting.method == "svd" or any(
+        s.overrides.get("weighting.method") == "svd" for s in specs
+    )
+    return enc.trainable_layers == 0 or enc.standardize or svd
+
+
+def warm_feature_cache(base: RunConfig, write: Callable[[str], None]) -> None:
+    """Encode every split of every task once, here, before the runs start.
+
+    Otherwise the first runs would each encode their tasks with their progress only in their
+    logs, and two runs could encode the same file at once. Every run then reads the cache:
+    single-task and multi-task runs, the noise suite's copies (same texts) and decontaminated
+    subsets (rows of the whole file). On a multi-node cluster this fills the driver's cache
+    only, unless `cache_dir` is shared.
+    """
+    from pipeline.data import load_tasks
+    from pipeline.features import FeatureCache, resolve_encoder_path
+
+    enc = base.encoder
+    encoder_path = resolve_encoder_path(enc.path, enc.allow_download)
+    cache = FeatureCache(base.resolved_cache_dir(), encoder_path, enc.max_length, enc.pooling)
+    tasks = load_tasks(base)
+    missing = [
+        (t.name, name, split)
+        for t in tasks
+        for name, split in t.splits.items()
+        if not cache.path_for(split.texts).is_file()
+    ]
+    if not missing:
+        return
+    write(
+        f"encoding {len(missing)} split(s) once for all runs (frozen encoder; cached in "
+        f"{cache.dir}); progress below"
+    )
+    for task, name, split in missing:
+        cache.get(split.texts, desc=f"features {task}/{name}", batch_size=enc.batch_size)
 
 
 def wall_seconds(results: dict[str, dict[str, Any]], this_call: float) -> float:
