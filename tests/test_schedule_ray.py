@@ -138,7 +138,16 @@ def ray_cluster() -> Iterator[dict]:
             alive = [n for n in nodes["data"]["result"]["result"] if n["state"] == "ALIVE"]
             return len(alive) == 2
 
-        _wait(two_alive, 40, "two ALIVE nodes")
+        # Generous: a loaded 2-core CI machine can take a while to start the second raylet.
+        try:
+            _wait(two_alive, 120, "two ALIVE nodes")
+        except TimeoutError as err:
+            logs = "".join(
+                f"\n--- {name} (last lines) ---\n"
+                + "\n".join((tmp / name).read_text(errors="replace").splitlines()[-15:])
+                for name in ("head.log", "worker.log")
+            )
+            raise TimeoutError(f"{err}{logs}") from None
         yield {"url": url, "token": token, "env": env, "tmp": tmp}
     finally:
         for proc in reversed(started):
