@@ -379,7 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the model over HTTP (BentoML): POST /predict")
     p.add_argument("--model", help="model tag to pin (default: promoted, else latest)")
     p.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000)")
-    p.add_argument("--host", default="0.0.0.0", help="interface to bind (default 0.0.0.0)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default 127.0.0.1, this machine only; 0.0.0.0 for every "
+        "interface, e.g. in a container: set POLYTASK_API_KEYS before exposing the service)",
+    )
     p.add_argument("--workers", type=int, help="model worker processes (default 1)")
     p.set_defaults(func=cmd_serve)
 

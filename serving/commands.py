@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from serving.model_store import MODEL_ENV, resolve_model
 from serving.runtime import Prediction, Runtime
+from serving.settings import API_KEYS_ENV, ServingSettings
+
+logger = logging.getLogger(__name__)
 
 SERVICE = "serving.service:Polytask"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -15,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def serve(
     model: str | None = None,
     port: int = 3000,
-    host: str = "0.0.0.0",
+    host: str = "127.0.0.1",
     workers: int | None = None,
     api_workers: int | None = None,
 ) -> None:
@@ -24,7 +28,8 @@ def serve(
     Args:
         model: A model tag to pin (else $POLYTASK_MODEL, else promoted, else latest).
         port: HTTP port.
-        host: Interface to bind.
+        host: Interface to bind; loopback by default, so that nothing is exposed to the
+            network unless asked for (`0.0.0.0` in the image and the Kubernetes manifests).
         workers: Encoder (model) worker processes; default $POLYTASK_WORKERS or 1.
         api_workers: HTTP front worker processes; default $POLYTASK_API_WORKERS or 1.
 
@@ -35,8 +40,18 @@ def serve(
 
     if model:
         os.environ[MODEL_ENV] = model
-    # Fail fast with the store's message rather than a worker that never becomes ready.
+    # Fail fast with the store's message rather than a worker that never becomes ready, and on
+    # bad limits or an unreadable API key file rather than workers that crash at start.
     resolve_model()
+    settings = ServingSettings.from_env()
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys.enabled:
+        logger.warning(
+            "serving on %s without API keys: anyone who can reach this port can use /predict "
+            "and /tasks (set %s or %s_FILE)",
+            host,
+            API_KEYS_ENV,
+            API_KEYS_ENV,
+        )
     # Read by serving.service when the supervisor and its workers import it.
     if workers is not None:
         os.environ["POLYTASK_WORKERS"] = str(workers)

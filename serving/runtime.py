@@ -28,6 +28,11 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # Texts per session.run: bounds memory and padding waste for large inputs.
 CHUNK_SIZE = 64
+# Texts are cut to max_length x this many characters before tokenization, so the tokenizer
+# never sees a megabyte. A token spans at least one character, and English wordpieces ~4-5
+# with their space, so the cut leaves every token the model reads in all but texts of mostly
+# whitespace or symbols the vocabulary lacks; a cut text is always reported as truncated.
+CHARS_PER_TOKEN = 32
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -210,9 +215,10 @@ class Runtime:
             return BatchOutput(probs, truncated, self.version)
         order = np.argsort([len(t) for t in texts], kind="stable")
         outputs = [self.outputs[t] for t in tasks]
+        cut = self.metadata.encoder.max_length * CHARS_PER_TOKEN
         for start in range(0, n, CHUNK_SIZE):
             idx = order[start : start + CHUNK_SIZE]
-            enc = self.tokenizer.encode_batch([texts[i] for i in idx])
+            enc = self.tokenizer.encode_batch([texts[i][:cut] for i in idx])
             feeds = {
                 INPUT_NAMES[0]: np.array([e.ids for e in enc], dtype=np.int64),
                 INPUT_NAMES[1]: np.array([e.attention_mask for e in enc], dtype=np.int64),
@@ -221,7 +227,9 @@ class Runtime:
             for task, out in zip(tasks, logits, strict=True):
                 probs[task][idx] = softmax(out.astype(np.float32))
             # The tokenizer keeps what truncation cut off in `overflowing`.
-            truncated[idx] = [bool(e.overflowing) for e in enc]
+            truncated[idx] = [
+                bool(e.overflowing) or len(texts[i]) > cut for e, i in zip(enc, idx, strict=True)
+            ]
         return BatchOutput(probs, truncated, self.version)
 
     def predict(
@@ -279,3 +287,71 @@ def decode(
             )
         results.append(TextPrediction(tasks=answers, truncated=bool(out.truncated[i])))
     return results
+
+
+# --------------------------------------------------------------------------- model check
+# Known texts every model must answer before it is promoted or served: plain, a question,
+# one word, one far beyond any max length (truncated), and non-ASCII.
+CHECK_TEXTS = (
+    "a gripping , funny and moving film .",
+    "what is the capital of france ?",
+    "ok",
+    "the service must answer this text too , however long it gets . " * 40,
+    "un film très émouvant ☃",
+)
+
+
+class ModelCheckError(ValueError):
+    """An artifact that cannot be loaded, or whose answers are not probabilities; the message
+    names the model and says why."""
+
+
+def check_answers(runtime: Runtime, texts: tuple[str, ...] = CHECK_TEXTS) -> None:
+    """Answer `texts` with every task and check each answer is a probability distribution.
+
+    Raises:
+        ModelCheckError: the model fails on the texts, or a task's probabilities are not
+            [len(texts), labels], finite, in [0, 1] and summing to 1 per text.
+    """
+    try:
+        out = runtime.run(list(texts))
+    except Exception as err:
+        raise ModelCheckError(
+            f"{runtime.version}: fails on known texts: {type(err).__name__}: {err}"
+        ) from err
+    for task, labels in runtime.labels.items():
+        p = out.probabilities.get(task)
+        if p is None or p.shape != (len(texts), len(labels)):
+            shape = None if p is None else p.shape
+            raise ModelCheckError(
+                f"{runtime.version}: task {task}: probabilities of shape {shape}, expected "
+                f"{(len(texts), len(labels))}"
+            )
+        if not np.isfinite(p).all():
+            raise ModelCheckError(f"{runtime.version}: task {task}: non-finite outputs (NaN/inf)")
+        in_range = ((p >= -1e-6) & (p <= 1 + 1e-6)).all()
+        if not in_range or not np.allclose(p.sum(axis=1), 1.0, atol=1e-3):
+            raise ModelCheckError(f"{runtime.version}: task {task}: outputs are not probabilities")
+
+
+def load_checked(
+    artifact_dir: str | Path,
+    version: str | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+) -> Runtime:
+    """A Runtime of `artifact_dir` that answered `CHECK_TEXTS` correctly: what the service
+    loads, and what promotion and the retraining gate check before labelling a model.
+
+    Raises:
+        ModelCheckError: the artifact cannot be loaded (a truncated model.onnx, missing files,
+            bad metadata) or fails `check_answers`; the message keeps onnxruntime's reason.
+    """
+    try:
+        runtime = Runtime(artifact_dir, version=version, threads=threads, device=device)
+    except Exception as err:
+        raise ModelCheckError(
+            f"{version or artifact_dir}: cannot be loaded: {type(err).__name__}: {err}"
+        ) from err
+    check_answers(runtime)
+    return runtime

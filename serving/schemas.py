@@ -7,25 +7,29 @@ Bad input is described by `RequestError`: an HTTP status, a machine-readable `re
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-MAX_TEXTS_ENV = "POLYTASK_MAX_TEXTS"
-DEFAULT_MAX_TEXTS = 64
+from serving.settings import (
+    DEFAULT_MAX_TEXT_CHARS,
+    DEFAULT_MAX_TEXTS,
+    MAX_TEXT_CHARS_ENV,
+    MAX_TEXTS_ENV,
+    get_settings,
+)
+
+# Longest integer literal accepted in a body: no field takes a number, so anything longer is
+# refused before Python's int() sees it (a 5,000-digit literal raised an error full of internals).
+MAX_INT_DIGITS = 20
+# Where a message points at offending texts, at most this many indices are listed.
+MAX_LISTED = 10
 
 
-def max_texts(env: dict[str, str] | None = None) -> int:
+def max_texts() -> int:
     """Most texts per request: $POLYTASK_MAX_TEXTS, default 64."""
-    env = os.environ if env is None else env
-    raw = env.get(MAX_TEXTS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_TEXTS
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{MAX_TEXTS_ENV}={raw!r}: expected a positive integer")
-    return int(raw)
+    return get_settings().max_texts
 
 
 class PredictRequest(BaseModel):
@@ -46,8 +50,11 @@ class PredictRequest(BaseModel):
     )
 
     texts: list[str] = Field(
-        description="Texts to classify (non-empty strings); at most POLYTASK_MAX_TEXTS "
-        "(default 64) per request. Longer texts than the model's limit are truncated.",
+        description=f"Texts to classify (non-empty strings); at most {MAX_TEXTS_ENV} "
+        f"(default {DEFAULT_MAX_TEXTS}) per request and {MAX_TEXT_CHARS_ENV} (default "
+        f"{DEFAULT_MAX_TEXT_CHARS:,}) characters per text (longer: 422 naming the text's "
+        "index). Texts longer than the model's token limit are truncated (`truncated` in the "
+        "answer). Lone UTF-16 surrogates (e.g. an unpaired \\ud800 escape) are refused.",
         # Strict: a number or null in the list is an error, not silently turned into a text.
         strict=True,
     )
@@ -55,13 +62,17 @@ class PredictRequest(BaseModel):
         default=None, description="Tasks to answer (default: all). See GET /tasks.", strict=True
     )
     return_all_probabilities: bool = Field(
-        default=False, description="Also return every label's probability."
+        default=False,
+        description='Also return every label\'s probability (a JSON boolean; no "yes" or 1).',
+        strict=True,
     )
 
     @field_validator("texts")
     @classmethod
     def _check_texts(cls, texts: list[str], info: Any) -> list[str]:
-        limit = (info.context or {}).get("max_texts") or max_texts()
+        context = info.context or {}
+        limit = context.get("max_texts") or max_texts()
+        max_chars = context.get("max_text_chars") or get_settings().max_text_chars
         if not texts:
             raise PydanticCustomError("empty_list", "texts: the list is empty; send 1 or more")
         if len(texts) > limit:
@@ -70,10 +81,34 @@ class PredictRequest(BaseModel):
                 "texts: {n} texts; at most {limit} per request ({env})",
                 {"n": len(texts), "limit": limit, "env": MAX_TEXTS_ENV},
             )
+        # Length first: the other checks then never walk a huge text.
+        long = [i for i, t in enumerate(texts) if len(t) > max_chars]
+        if long:
+            raise PydanticCustomError(
+                "text_too_long",
+                "texts{where}: {n} characters; at most {limit} per text ({env})",
+                {
+                    "where": _indices(long),
+                    "n": f"{len(texts[long[0]]):,}",
+                    "limit": f"{max_chars:,}",
+                    "env": MAX_TEXT_CHARS_ENV,
+                },
+            )
         blank = [i for i, t in enumerate(texts) if not t.strip()]
         if blank:
             raise PydanticCustomError(
-                "empty_text", "texts{where}: empty or whitespace-only text", {"where": blank}
+                "empty_text",
+                "texts{where}: empty or whitespace-only text",
+                {"where": _indices(blank)},
+            )
+        # JSON can carry an unpaired surrogate escape ("\\ud800"); Python keeps it in the
+        # string, but it is not Unicode text and the tokenizer raises on it.
+        invalid = [i for i, t in enumerate(texts) if not _is_unicode(t)]
+        if invalid:
+            raise PydanticCustomError(
+                "invalid_text",
+                "texts{where}: not valid Unicode text (an unpaired UTF-16 surrogate)",
+                {"where": _indices(invalid)},
             )
         return texts
 
@@ -178,25 +213,85 @@ _REASONS = {
 }
 
 
-def parse_predict_request(body: bytes, limit: int | None = None) -> PredictRequest:
-    """Parse and validate a /predict body.
+def _indices(indices: list[int]) -> str:
+    shown = ", ".join(map(str, indices[:MAX_LISTED]))
+    return f"[{shown}{', ...' if len(indices) > MAX_LISTED else ''}]"
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def _parse_int(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise _BadNumber(f"a number with {len(literal):,} digits")
+    return int(literal)
+
+
+def _parse_constant(name: str) -> float:
+    raise _BadNumber(f"{name} is not valid JSON")
+
+
+def parse_predict_request(
+    body: bytes, limit: int | None = None, max_text_chars: int | None = None
+) -> PredictRequest:
+    """Parse and validate a /predict body (its size was bounded by the caller).
+
+    Every message is plain words about the body: no Python internals, no paths.
 
     Raises:
-        RequestError: malformed JSON, a body that is not an object, missing `texts`, an empty
-            list, an empty or non-string text, too many texts, bad `tasks`, unknown fields.
+        RequestError: 400 for a body that is not UTF-8 JSON (malformed, invalid UTF-8, nested
+            too deeply, an absurd number, NaN/Infinity); 422 for valid JSON that is not a
+            valid request (not an object, missing `texts`, an empty list, an empty, too long,
+            non-string or non-Unicode text, too many texts, bad `tasks`, a non-boolean
+            `return_all_probabilities`, unknown fields).
     """
+    if body.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark: tolerated, not JSON
+        body = body[3:]
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RequestError(
+            400, "invalid_utf8", f"the body is not valid UTF-8 (byte {err.start})"
+        ) from None
+    try:
+        data = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+    except json.JSONDecodeError as err:
+        raise RequestError(
+            400,
+            "malformed_json",
+            f"malformed JSON body: {err.msg} at line {err.lineno}, column {err.colno}",
+        ) from None
+    except _BadNumber as err:
         raise RequestError(400, "malformed_json", f"malformed JSON body: {err}") from None
+    except RecursionError:
+        raise RequestError(400, "json_too_deep", "malformed JSON body: nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(
-            422, "not_an_object", f"the body must be a JSON object, got {type(data).__name__}"
+            422, "not_an_object", f"the body must be a JSON object, got {_json_type(data)}"
         )
+    context = {"max_texts": limit, "max_text_chars": max_text_chars}
     try:
-        return PredictRequest.model_validate(data, context={"max_texts": limit})
+        return PredictRequest.model_validate(data, context=context)
     except ValidationError as err:
         raise request_error(err) from None
+    except RecursionError:  # a deeply nested value that json accepted but validation did not
+        raise RequestError(
+            422, "json_too_deep", "a value in the body is nested too deeply"
+        ) from None
+
+
+def _json_type(value: object) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def request_error(err: ValidationError) -> RequestError:

@@ -45,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from serving.guard import ApiKeyGuard, check_content_type, read_body
 from serving.metrics import get_metrics
 from serving.model_store import MODEL_ENV, ResolvedModel, model_name, resolve_model
 from serving.runtime import Runtime, ort_threads
@@ -54,8 +55,13 @@ from serving.schemas import (
     PredictResponse,
     RequestError,
     TasksResponse,
-    max_texts,
     parse_predict_request,
+)
+from serving.settings import (
+    API_KEYS_ENV,
+    MAX_BODY_BYTES_ENV,
+    METRICS_API_KEYS_ENV,
+    get_settings,
 )
 
 logger = logging.getLogger(__name__)
@@ -159,26 +165,19 @@ class Encoder:
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def infer(self, texts: list[str]) -> list[dict[str, Any]]:
-        """Per text: model version, truncated flag and every task's probabilities."""
+        """Per text: model version, truncated flag and every task's probabilities; or, for a
+        text the model could not process, `{"version", "error"}` (see `_one_by_one`)."""
         runtime = self._require()
         metrics = get_metrics()
         start = time.perf_counter()
-        out = runtime.run(texts)
+        try:
+            out = runtime.run(texts)
+        except Exception as err:
+            # The batch merges several clients' requests: one bad text must not fail the rest.
+            return _one_by_one(runtime, texts, err)
         metrics.latency.observe(time.perf_counter() - start)
         metrics.batch_size.observe(len(texts))
-        # Labels travel with the probabilities: during a swap, two model workers may serve two
-        # versions, and each answer must be decoded with the labels of the model that gave it.
-        probs = {t: p.tolist() for t, p in out.probabilities.items()}
-        return [
-            {
-                "version": out.model_version,
-                "truncated": bool(out.truncated[i]),
-                "probabilities": {
-                    t: dict(zip(runtime.labels[t], p[i], strict=True)) for t, p in probs.items()
-                },
-            }
-            for i in range(len(texts))
-        ]
+        return _rows(runtime, out)
 
     @bentoml.api
     def describe(self) -> dict[str, Any]:
@@ -192,15 +191,77 @@ class Encoder:
         return runtime.describe()
 
 
+# Answered alone when a text's own batch failed, to tell a bad text from a broken model.
+PROBE_TEXT = "ok"
+
+
+def _rows(runtime: Runtime, out: Any) -> list[dict[str, Any]]:
+    """One answer per text of a BatchOutput, with the labels of the model that gave it.
+
+    Labels travel with the probabilities: during a swap, two model workers may serve two
+    versions, and each answer must be decoded with the labels of the model that gave it."""
+    probs = {t: p.tolist() for t, p in out.probabilities.items()}
+    return [
+        {
+            "version": out.model_version,
+            "truncated": bool(out.truncated[i]),
+            "probabilities": {
+                t: dict(zip(runtime.labels[t], p[i], strict=True)) for t, p in probs.items()
+            },
+        }
+        for i in range(len(out.truncated))
+    ]
+
+
+def _one_by_one(runtime: Runtime, texts: list[str], error: Exception) -> list[dict[str, Any]]:
+    """Answer each text of a failed batch on its own (defence in depth behind validation).
+
+    A text that fails alone gets an error row, and only its request is refused (422); the
+    others are answered. If every text fails and a known-good probe fails too, the model is
+    broken, not the input: the original error propagates (503 for the batch).
+    """
+    rows: list[dict[str, Any]] = []
+    failed = 0
+    for text in texts:
+        try:
+            rows.extend(_rows(runtime, runtime.run([text])))
+        except Exception:
+            failed += 1
+            rows.append({"version": runtime.version, "error": "unprocessable_text"})
+    if failed == len(texts):
+        try:
+            runtime.run([PROBE_TEXT])
+        except Exception:
+            raise error from None
+    # No traceback and no text: the input is the client's, the fault is not the service's.
+    logger.warning(
+        "a batch of %d texts failed (%s); answered one by one, %d text(s) refused",
+        len(texts),
+        type(error).__name__,
+        failed,
+    )
+    get_metrics().batch_size.observe(len(texts))
+    return rows
+
+
 # --------------------------------------------------------------------------- HTTP endpoints
 async def _predict(request: Request) -> JSONResponse:
     service: Polytask = bentoml.get_current_service()
+    settings = get_settings()
     try:
-        req = parse_predict_request(await request.body(), limit=max_texts())
+        # Cheap checks first, the body last: nothing is read, parsed or queued for the model
+        # before the request is known to be small enough and declared as JSON.
+        check_content_type(request)
+        body = await read_body(request, settings.max_body_bytes)
+        req = parse_predict_request(
+            body, limit=settings.max_texts, max_text_chars=settings.max_text_chars
+        )
         return JSONResponse(await service.predict(req))
     except RequestError as err:
+        # A client error: counted by reason, never logged with a traceback.
         get_metrics().rejected.labels(reason=err.reason).inc()
-        return JSONResponse(err.body(), status_code=err.status)
+        headers = {"connection": "close"} if err.status == 413 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
     except Exception as err:  # the Encoder failed or timed out: not the client's fault
         logger.exception("prediction failed")
         get_metrics().rejected.labels(reason="unavailable").inc()
@@ -237,11 +298,28 @@ def openapi_schema() -> dict[str, Any]:
         ref = {"$ref": f"#/components/schemas/{model.__name__}"}
         return {"description": description, "content": {"application/json": {"schema": ref}}}
 
+    limits = get_settings()
     errors = {
-        "400": body(ErrorResponse, "Malformed JSON."),
-        "422": body(ErrorResponse, "Invalid request (the message names the problem)."),
-        "503": body(ErrorResponse, "No model loaded yet."),
+        "400": body(ErrorResponse, "Malformed JSON, invalid UTF-8, or nesting too deep."),
+        "401": body(
+            ErrorResponse,
+            f"Missing or invalid API key (only when {API_KEYS_ENV} is set): send "
+            "`Authorization: Bearer <key>`.",
+        ),
+        "413": body(
+            ErrorResponse,
+            f"Body larger than {limits.max_body_bytes:,} bytes ({MAX_BODY_BYTES_ENV}).",
+        ),
+        "415": body(ErrorResponse, "Content-Type is not application/json."),
+        "422": body(
+            ErrorResponse,
+            "Invalid request (the message names the field or the text's index): e.g. more than "
+            f"{limits.max_texts} texts, a text over {limits.max_text_chars:,} characters, an "
+            "empty or non-Unicode text, an unknown task.",
+        ),
+        "503": body(ErrorResponse, "No model loaded yet, or the model failed."),
     }
+    security = [{"bearer": []}] if limits.api_keys.enabled else []
     return {
         "openapi": "3.0.2",
         "info": {"title": "polytask", "version": "1"},
@@ -249,18 +327,38 @@ def openapi_schema() -> dict[str, Any]:
             "/predict": {
                 "post": {
                     "summary": "Every requested task's label and probability for each text.",
-                    "requestBody": body(PredictRequest, "Texts to classify."),
+                    "requestBody": body(
+                        PredictRequest,
+                        f"Texts to classify: a JSON body of at most {limits.max_body_bytes:,} "
+                        "bytes.",
+                    ),
                     "responses": {"200": body(PredictResponse, "Answers."), **errors},
+                    "security": security,
                 }
             },
             "/tasks": {
                 "get": {
                     "summary": "The model's tasks and their labels.",
-                    "responses": {"200": body(TasksResponse, "Tasks."), "503": errors["503"]},
+                    "responses": {
+                        "200": body(TasksResponse, "Tasks."),
+                        "401": errors["401"],
+                        "503": errors["503"],
+                    },
+                    "security": security,
                 }
             },
         },
-        "components": {"schemas": defs["$defs"]},
+        "components": {
+            "schemas": defs["$defs"],
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": f"An API key from {API_KEYS_ENV}; /metrics takes one from "
+                    f"{METRICS_API_KEYS_ENV} when that is set.",
+                }
+            },
+        },
     }
 
 
@@ -324,6 +422,13 @@ class Polytask:
         info = await self.model_info()
         tasks = _check_tasks(req.tasks, list(info["tasks"]))
         rows = await self._infer(req.texts)
+        bad = [i for i, row in enumerate(rows) if "error" in row]
+        if bad:
+            raise RequestError(
+                422,
+                "unprocessable_text",
+                f"texts{bad[:10]}: the model could not process these texts",
+            )
         # One request is one job in one batch, so all its rows come from one model.
         version = rows[0]["version"]
         if version != info["model_version"]:  # the Encoder swapped models since
@@ -347,6 +452,10 @@ class Polytask:
                 [r["tasks"][task]["probability"] for r in results],
             )
         return PredictResponse(results=results, model_version=version).model_dump(exclude_none=True)
+
+
+# API keys for /predict, /tasks and /metrics, checked before any route runs (serving/guard.py).
+Polytask.add_asgi_middleware(ApiKeyGuard)
 
 
 def _keep_sessions_open(encoder: Any) -> None:

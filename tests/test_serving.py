@@ -194,8 +194,15 @@ def test_bad_requests_are_rejected_with_a_message(body, status, reason, message)
 def test_valid_request_and_env_limit(monkeypatch):
     req = parse_predict_request(b'{"texts": ["a b"], "return_all_probabilities": true}')
     assert req.texts == ["a b"] and req.tasks is None and req.return_all_probabilities
+    from serving.settings import get_settings
+
     monkeypatch.setenv("POLYTASK_MAX_TEXTS", "2")
-    assert _rejected({"texts": ["a", "b", "c"]}, limit=None).reason == "too_many_texts"
+    get_settings.cache_clear()  # the service reads its settings once, at start
+    try:
+        assert _rejected({"texts": ["a", "b", "c"]}, limit=None).reason == "too_many_texts"
+    finally:
+        monkeypatch.delenv("POLYTASK_MAX_TEXTS")
+        get_settings.cache_clear()
     parse_predict_request(json.dumps({"texts": ["a"] * 64}).encode(), limit=64)
 
 

@@ -29,6 +29,9 @@ pytestmark = pytest.mark.integration
 
 MODEL_NAME = "polytask-tiny"
 TASKS = ["sentiment", "topic"]
+API_KEY = "test-key-0123456789abcdef"
+METRICS_KEY = "metrics-key-0123456789abcdef"
+SERVERS: dict[str, object] = {}  # url -> the server's Popen (its process group)
 
 
 def _free_port() -> int:
@@ -61,7 +64,8 @@ def running(command: list[str], env: dict[str, str], log: Path, wait_ready: bool
     url = f"http://127.0.0.1:{port}"
     probe = "/readyz" if wait_ready else "/livez"
     full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
-    with daemon(command, f"{url}{probe}", log, timeout=90, env=full_env, cwd=REPO):
+    with daemon(command, f"{url}{probe}", log, timeout=90, env=full_env, cwd=REPO) as proc:
+        SERVERS[url] = proc
         yield url
 
 
@@ -76,6 +80,8 @@ def server(store, tmp_path_factory):
         "POLYTASK_API_WORKERS": "2",
         "POLYTASK_ORT_THREADS": "1",
         "POLYTASK_MAX_TEXTS": "8",
+        "POLYTASK_MAX_TEXT_CHARS": "1000",
+        "POLYTASK_MAX_BODY_BYTES": "65536",
         "POLYTASK_MODEL": "",
     }
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
@@ -156,6 +162,14 @@ BAD_INPUTS = [
     ({"texts": ["good", 7]}, 422, "non_string_text", "texts.1"),
     ({"texts": ["good"] * 9}, 422, "too_many_texts", "at most 8"),
     ({"texts": ["good"], "tasks": ["mr"]}, 422, "unknown_task", r"\['sentiment', 'topic'\]"),
+    # hostile bodies (issue 9): each was a 503 or a traceback, or was accepted
+    (b'{"texts": ["fine", "ok \\ud800"]}', 422, "invalid_text", r"texts\[1\]"),
+    (b"[" * 20_000 + b"]" * 20_000, 400, "json_too_deep", "nested too deeply"),
+    (b'{"texts": ["a"], "n": ' + b"7" * 5000 + b"}", 400, "malformed_json", "5,000 digits"),
+    (b'{"texts": ["a"], "return_all_probabilities": "yes"}', 422, "invalid_field", "boolean"),
+    (b'{"texts": ["caf\xe9"]}', 400, "invalid_utf8", "UTF-8"),
+    (b'{"texts": ["ok", "' + b"x" * 1001 + b'"]}', 422, "text_too_long", r"texts\[1\]: 1,001"),
+    (b'{"texts": ["' + b"x" * 70_000 + b'"]}', 413, "body_too_large", "at most 65,536 bytes"),
 ]
 
 
@@ -310,3 +324,145 @@ def test_not_ready_until_a_model_is_loaded(store, tmp_path):
             time.sleep(0.5)
         resp = _post(url, {"texts": ["good"]})
         assert resp.status_code == 200 and resp.json()["model_version"] == tag
+
+
+# --------------------------------------------------------------------------- trust boundary
+def _server_rss(url: str) -> int:
+    """Resident bytes of every process of the server (its process group)."""
+    import psutil
+
+    pgid = SERVERS[url].pid
+    total = 0
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) == pgid:
+                total += proc.memory_info().rss
+    return total
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({}, 415), ({"content-type": "text/plain"}, 415), ({"content-type": "application/json"}, 200)],
+)
+def test_content_type_must_be_json(server, headers, status):
+    resp = httpx.post(f"{server}/predict", content=b'{"texts": ["good"]}', headers=headers)
+    assert resp.status_code == status, resp.text
+    if status == 415:
+        assert resp.json()["reason"] == "unsupported_media_type"
+
+
+def test_a_20mb_body_is_refused_before_it_is_read_and_memory_does_not_grow(server):
+    """Over Content-Length and chunked: 413 each time, the service's memory stays put, and
+    valid requests are answered throughout."""
+    huge = b'{"texts": ["' + b"x" * (20 << 20) + b'"]}'
+    _post(server, {"texts": ["warm up"]})
+    before = _server_rss(server)
+    for _ in range(3):
+        resp = _post(server, huge)
+        assert resp.status_code == 413 and resp.json()["reason"] == "body_too_large"
+
+        def chunks():
+            for i in range(0, len(huge), 1 << 20):
+                yield huge[i : i + (1 << 20)]
+
+        with contextlib.suppress(httpx.TransportError):  # the server may close mid-upload
+            resp = httpx.post(
+                f"{server}/predict",
+                content=chunks(),
+                headers={"content-type": "application/json"},
+                timeout=30,
+            )
+            assert resp.status_code == 413
+        assert _post(server, {"texts": ["still answered"]}).status_code == 200
+    grown = _server_rss(server) - before
+    # 6 x 20 MB were sent; holding even one of them would show as 20 MB.
+    assert grown < 15 << 20, f"server memory grew by {grown / 2**20:.1f} MiB"
+    assert httpx.get(f"{server}/readyz", timeout=10).status_code == 200
+
+
+def test_poison_texts_never_fail_other_clients_requests(server):
+    """Poison (lone surrogates, over-long texts, deep JSON) mixed into concurrent valid
+    traffic that shares adaptive batches: every valid request succeeds, every poison one gets
+    a 4xx, and the log has no traceback (checked when the server fixture stops)."""
+    poison = [
+        b'{"texts": ["ok \\ud800"]}',
+        b'{"texts": ["good", "\\udfff bad"]}',
+        b'{"texts": ["' + b"y" * 5000 + b'"]}',
+        b"[" * 20_000,
+    ]
+    bodies = [
+        poison[i % 4] if i % 10 == 0 else {"texts": ["good film", "pizza"]} for i in range(400)
+    ]
+    results: list[tuple[bool, int]] = []
+
+    def worker(chunk: list[object]) -> None:
+        with httpx.Client() as client:
+            results.extend(
+                (isinstance(b, bytes), _post(server, b, client).status_code) for b in chunk
+            )
+
+    threads = [threading.Thread(target=worker, args=(bodies[k::16],)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    valid = [code for is_poison, code in results if not is_poison]
+    bad = [code for is_poison, code in results if is_poison]
+    assert valid.count(200) == len(valid) == 360, Counter(valid)
+    assert all(400 <= code < 500 for code in bad), Counter(bad)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(store, tmp_path_factory):
+    """The service with API keys for /predict and /tasks, and another for /metrics."""
+    home, _, _ = store
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(f"# one key per line\n{API_KEY}\n")
+    env = {
+        "BENTOML_HOME": str(home),
+        "POLYTASK_MODEL_NAME": MODEL_NAME,
+        "POLYTASK_ORT_THREADS": "1",
+        "POLYTASK_MODEL": "",
+        "POLYTASK_API_KEYS_FILE": str(keys),
+        "POLYTASK_METRICS_API_KEYS": METRICS_KEY,
+    }
+    log = tmp_path_factory.mktemp("keyed-log") / "serve.log"
+    command = [sys.executable, "-m", "pipeline.cli", "serve"]
+    with running(command, env, log) as url:
+        yield url
+    text = log.read_text()
+    assert API_KEY not in text and METRICS_KEY not in text  # keys are never logged
+    assert "Traceback" not in text, text[-5000:]
+
+
+def test_api_keys_protect_predict_tasks_and_metrics(keyed_server):
+    url = keyed_server
+    auth = {"authorization": f"Bearer {API_KEY}"}
+    body = {"texts": ["good"]}
+    assert _post(url, body).status_code == 401
+    resp = httpx.post(
+        f"{url}/predict",
+        json=body,
+        headers={"authorization": "Bearer not-the-key-000000000"},
+    )
+    assert resp.status_code == 401 and resp.json()["reason"] == "invalid_api_key"
+    resp = httpx.post(f"{url}/predict", json=body, headers=auth, timeout=30)
+    assert resp.status_code == 200 and list(resp.json()["results"][0]["tasks"]) == TASKS
+    assert httpx.get(f"{url}/tasks").status_code == 401
+    assert httpx.get(f"{url}/tasks", headers=auth).status_code == 200
+    for probe in ("/readyz", "/livez", "/healthz", "/openapi.json"):
+        assert httpx.get(f"{url}{probe}").status_code == 200, probe
+    assert httpx.get(f"{url}/metrics", headers=auth).status_code == 401
+    text = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {METRICS_KEY}"}).text
+    counted = {
+        reason: sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("polytask_rejected_requests_total") and f'"{reason}"' in line
+        )
+        for reason in ("missing_api_key", "invalid_api_key")
+    }
+    assert counted == {"missing_api_key": 2, "invalid_api_key": 2}, counted
+    spec = httpx.get(f"{url}/openapi.json").json()
+    assert spec["paths"]["/predict"]["post"]["security"] == [{"bearer": []}]
+    assert "413" in spec["paths"]["/predict"]["post"]["responses"]
