@@ -184,19 +184,29 @@ class EncoderConfig(StrictModel):
         description="mean: masked mean over tokens (what all-MiniLM-L6-v2 was trained for); "
         "cls: the first token's hidden state.",
     )
-    trainable_layers: int = Field(
+    trainable_layers: Annotated[int, Field(ge=0)] | Literal["all"] = Field(
         default=0,
-        ge=0,
-        description="Top transformer layers fine-tuned in stage 1. 0: frozen encoder, features "
-        "computed once and cached (the fast CPU path).",
+        description="Top transformer layers fine-tuned in stage 1. 0: frozen encoder, pooled "
+        "features computed once and cached (the fast CPU path). N between 1 and the number of "
+        "layers minus 1: the bottom layers run once per text and their token states are cached "
+        "on disk (fp16); training runs only the top N layers, pooling and the heads. 'all': the "
+        "whole encoder, embeddings included, fine-tuned from token ids (no cache; the "
+        "GPU-cluster path); N = the number of layers: the same with the embeddings frozen.",
     )
-    batch_size: int = Field(default=128, ge=1, description="Batch size for feature extraction.")
+    batch_size: int = Field(
+        default=128, ge=1, description="Batch size for feature and token-state extraction."
+    )
     standardize: bool = Field(
         default=True,
         description="Standardize pooled features with the training set's mean and std, a fixed "
         "layer exported with the model. Needs features: computed with the frozen encoder (when "
         "fine-tuning, with the encoder as it starts).",
     )
+
+    @property
+    def fine_tuned(self) -> bool:
+        """Whether any encoder layer trains (a positive `trainable_layers` or 'all')."""
+        return self.trainable_layers != 0
 
 
 class SharedConfig(StrictModel):
@@ -290,13 +300,32 @@ class OptimConfig(StrictModel):
     name: Literal["adamw", "adam", "sgd"] = Field(default="adamw", description="Optimizer.")
     lr: float = Field(default=1e-3, gt=0.0, description="Learning rate of B and the towers.")
     encoder_lr: float = Field(
-        default=2e-5, gt=0.0, description="Learning rate of trainable encoder layers."
+        default=5e-5,
+        gt=0.0,
+        description="Learning rate of the top trainable encoder layer (the others follow "
+        "`layer_decay`).",
+    )
+    layer_decay: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Layer-wise learning-rate decay: the k-th trainable encoder layer below the "
+        "top trains at encoder_lr * layer_decay^k (embeddings, under 'all', one step below the "
+        "bottom layer). 1: every encoder layer at encoder_lr.",
+    )
+    encoder_warmup_ratio: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        description="Warm-up fraction of the encoder layers' learning rate; None: `warmup_ratio`.",
     )
     weight_decay: float = Field(default=0.01, ge=0.0, description="Decoupled weight decay.")
     schedule: Literal["constant", "linear", "cosine"] = Field(
         default="cosine", description="Decay over stage 1 after warm-up."
     )
-    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="Warm-up fraction.")
+    warmup_ratio: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Warm-up fraction of the heads' learning rate."
+    )
     grad_clip: float | None = Field(default=1.0, gt=0.0, description="Max grad norm; None: off.")
 
 

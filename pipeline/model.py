@@ -14,11 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from pipeline.config import AuxConfig, SharedConfig, TowerConfig
+
 Activation = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+TrainableLayers = int | Literal["all"]
 
 
 class Encoder(nn.Module):
@@ -26,23 +31,49 @@ class Encoder(nn.Module):
 
     Masked mean pooling is the default because all-MiniLM-L6-v2 was trained with it: the
     sentence embedding is the average of the token states, padding excluded.
+
+    Besides the whole forward pass (what is exported and served), the encoder runs in two
+    halves for partial fine-tuning: `lower_states` (embeddings and the bottom layers, frozen,
+    whose output is cached once per text) and `forward_from` (the top layers and pooling, which
+    train). `check_layerwise` verifies that the halves compose to the whole forward pass.
     """
 
-    def __init__(self, transformer: nn.Module, pooling: str = "mean", trainable_layers: int = 0):
+    def __init__(
+        self, transformer: nn.Module, pooling: str = "mean", trainable_layers: TrainableLayers = 0
+    ):
         super().__init__()
         self.transformer = transformer
         self.pooling = pooling
         self.dim: int = transformer.config.hidden_size
         self.set_trainable_layers(trainable_layers)
 
-    def set_trainable_layers(self, n: int) -> None:
-        """Freeze everything except the top `n` transformer layers (embeddings stay frozen)."""
+    @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks."""
+        return len(transformer_layers(self.transformer))
+
+    def set_trainable_layers(self, n: TrainableLayers) -> None:
+        """Freeze everything except the top `n` transformer layers (embeddings stay frozen);
+        'all' also trains the embeddings: the whole encoder but its unused pooler."""
         self.transformer.requires_grad_(False)
-        if n > 0:
+        if n == "all":
+            transformer_layers(self.transformer).requires_grad_(True)
+            embeddings = getattr(self.transformer, "embeddings", None)
+            if embeddings is not None:
+                embeddings.requires_grad_(True)
+        elif n > 0:
             layers = transformer_layers(self.transformer)
             for layer in layers[-n:]:
                 layer.requires_grad_(True)
         self.trainable_layers = n
+
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token states float [B, L, d] -> pooled features float [B, d] (padding excluded)."""
+        if self.pooling == "cls":
+            return states[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)  # [B, L, 1]
+        summed = (states * mask).sum(dim=1)  # [B, d]
+        return summed / mask.sum(dim=1).clamp(min=1.0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled sentence features.
@@ -55,11 +86,60 @@ class Encoder(nn.Module):
             float [B, d].
         """
         states = self.transformer(input_ids=input_ids, attention_mask=attention_mask)[0]  # [B,L,d]
-        if self.pooling == "cls":
-            return states[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)  # [B, L, 1]
-        summed = (states * mask).sum(dim=1)  # [B, d]
-        return summed / mask.sum(dim=1).clamp(min=1.0)
+        return self.pool(states, attention_mask)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        start: int,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """Transformer blocks `start:stop` on token states [B, L, d] -> [B, L, d]."""
+        from transformers.masking_utils import create_bidirectional_mask  # deferred: slow import
+
+        mask = create_bidirectional_mask(
+            config=self.transformer.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
+        for layer in transformer_layers(self.transformer)[start:stop]:
+            out = layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def lower_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_lower: int
+    ) -> torch.Tensor:
+        """The token states after the bottom `n_lower` blocks, float [B, L, d]."""
+        hidden = self.transformer.embeddings(input_ids=input_ids)  # [B, L, d]
+        return self.run_layers(hidden, attention_mask, 0, n_lower)
+
+    def forward_from(
+        self, states: torch.Tensor, attention_mask: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """Pooled features [B, d] from the token states [B, L, d] entering block `start`."""
+        return self.pool(self.run_layers(states, attention_mask, start), attention_mask)
+
+    @torch.no_grad()
+    def check_layerwise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+        """Largest difference between the whole forward pass and the two halves composed
+        (split after the first block); raises if this encoder's blocks cannot run alone."""
+        was_training = self.training
+        self.eval()
+        try:
+            whole = self.forward(input_ids, attention_mask)
+            halves = self.forward_from(
+                self.lower_states(input_ids, attention_mask, 1), attention_mask, 1
+            )
+        finally:
+            self.train(was_training)
+        diff = float((whole - halves).abs().max())
+        if not diff <= 1e-4 * max(1.0, float(whole.abs().max())):
+            raise ValueError(
+                f"{type(self.transformer).__name__}: running its layers one by one differs from "
+                f"its forward pass (max difference {diff:.3g}), so its bottom layers cannot be "
+                "cached; use encoder.trainable_layers: all with this model"
+            )
+        return diff
 
 
 def transformer_layers(transformer: nn.Module) -> nn.ModuleList:
@@ -79,18 +159,30 @@ def transformer_layers(transformer: nn.Module) -> nn.ModuleList:
     )
 
 
-def load_encoder(path: str | Path, pooling: str = "mean", trainable_layers: int = 0) -> Encoder:
+def load_encoder(
+    path: str | Path, pooling: str = "mean", trainable_layers: TrainableLayers = 0
+) -> Encoder:
     """An Encoder from a local Hugging Face model directory (or hub id, if allowed upstream)."""
     from transformers import AutoModel  # deferred: transformers takes seconds to import
 
     transformer = AutoModel.from_pretrained(str(path))
-    encoder = Encoder(transformer, pooling=pooling, trainable_layers=trainable_layers)
-    n_layers = len(transformer_layers(transformer)) if trainable_layers else 0
-    if trainable_layers > n_layers > 0:
-        raise ValueError(
-            f"encoder.trainable_layers: {trainable_layers} but the encoder has {n_layers} layers"
-        )
-    return encoder
+    if isinstance(trainable_layers, int) and trainable_layers > 0:
+        n_layers = len(transformer_layers(transformer))
+        if trainable_layers > n_layers:
+            raise ValueError(
+                f"encoder.trainable_layers: {trainable_layers} but the encoder has {n_layers} "
+                "layers"
+            )
+    return Encoder(transformer, pooling=pooling, trainable_layers=trainable_layers)
+
+
+def cached_layers(trainable_layers: TrainableLayers, n_layers: int) -> int:
+    """How many bottom blocks run once with their output cached: n_layers - N when
+    0 < N < n_layers, else 0 (a frozen encoder caches pooled features instead; N = n_layers and
+    'all' train from token ids)."""
+    if trainable_layers == "all" or trainable_layers == 0 or trainable_layers >= n_layers:
+        return 0
+    return n_layers - trainable_layers
 
 
 class SharedModule(nn.Module):
@@ -259,22 +351,22 @@ class MultiTaskModel(nn.Module):
 def build_heads(
     in_dim: int,
     num_classes: Mapping[str, int],
-    shared: Mapping[str, object],
-    towers: Mapping[str, object],
-    aux: Mapping[str, object],
+    shared: SharedConfig,
+    towers: TowerConfig,
+    aux: AuxConfig,
 ) -> MultiTaskHeads:
-    """MultiTaskHeads from the config sections (as plain dicts: `config.shared.model_dump()`)."""
+    """MultiTaskHeads from the config sections."""
     return MultiTaskHeads(
         in_dim,
         num_classes,
-        capacity=int(shared["capacity"]),
-        hidden_sizes=list(shared["hidden_sizes"]),
-        shared_dropout=float(shared["dropout"]),
-        activation=str(shared["activation"]),
-        tower_hidden=int(towers["hidden_size"]),
-        tower_dropout=float(towers["dropout"]),
-        aux_kind=str(aux["kind"]) if aux["enabled"] else None,
-        aux_bottleneck=int(aux["bottleneck_size"]),
-        aux_pool=int(aux["pool_size"]),
-        aux_temperature=float(aux["temperature"]),
+        capacity=shared.capacity,
+        hidden_sizes=list(shared.hidden_sizes),
+        shared_dropout=shared.dropout,
+        activation=shared.activation,
+        tower_hidden=towers.hidden_size,
+        tower_dropout=towers.dropout,
+        aux_kind=aux.kind if aux.enabled else None,
+        aux_bottleneck=aux.bottleneck_size,
+        aux_pool=aux.pool_size,
+        aux_temperature=aux.temperature,
     )

@@ -65,9 +65,9 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     heads = build_heads(
         int(enc["dim"]),
         {t: len(v["labels"]) for t, v in record["tasks"].items()},
-        config.shared.model_dump(),
-        config.towers.model_dump(),
-        config.aux.model_dump(),
+        config.shared,
+        config.towers,
+        config.aux,
     )
     model = MultiTaskModel(encoder, heads)
     state = load_tensors(run_dir / MODEL_DIR / MODEL_FILE)

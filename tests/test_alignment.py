@@ -8,7 +8,17 @@ import torch
 
 import pipeline.train.loop as loop
 from pipeline.affinity import covariance_similarity
+from pipeline.config import (
+    AlignmentConfig,
+    AuxConfig,
+    OptimConfig,
+    SamplerConfig,
+    SharedConfig,
+    TowerConfig,
+    TrainConfig,
+)
 from pipeline.model import MultiTaskHeads
+from pipeline.train.spec import LoopConfig
 
 
 def make_pair(seed: int, d: int = 8, n: int = 600):
@@ -25,35 +35,24 @@ def make_pair(seed: int, d: int = 8, n: int = 600):
     return xa.astype(np.float32), ya, xb.astype(np.float32), yb
 
 
-def loop_cfg(seed: int, keep_only_if_better: bool = False, penalty: float = 0.0) -> dict:
-    return {
-        "train": {
-            "epochs": 10,
-            "batch_size": 32,
-            "seed": seed,
-            "precision": "fp32",
-            "patience": None,
-        },
-        "optim": {
-            "name": "adamw",
-            "lr": 1e-2,
-            "encoder_lr": 1e-5,
-            "weight_decay": 0.0,
-            "schedule": "constant",
-            "warmup_ratio": 0.0,
-            "grad_clip": None,
-        },
-        "sampler": {"kind": "proportional", "temperature": 2.0},
-        "aux": {"gamma": 0.0},
-        "alignment": {
-            "enabled": True,
-            "epochs": 5,
-            "lr": 1e-2,
-            "tower_lr": 1e-3,
-            "identity_penalty": penalty,
-            "keep_only_if_better": keep_only_if_better,
-        },
-    }
+def loop_cfg(seed: int, keep_only_if_better: bool = False, penalty: float = 0.0) -> LoopConfig:
+    return LoopConfig(
+        in_dim=8,
+        shared=SharedConfig(capacity=2, dropout=0.0),
+        towers=TowerConfig(dropout=0.0),
+        aux=AuxConfig(enabled=False, gamma=0.0),
+        encoder=None,
+        train=TrainConfig(epochs=10, batch_size=32, seed=seed, precision="fp32"),
+        optim=OptimConfig(lr=1e-2, weight_decay=0.0, schedule="constant", grad_clip=None),
+        sampler=SamplerConfig(kind="proportional"),
+        alignment=AlignmentConfig(
+            epochs=5,
+            lr=1e-2,
+            tower_lr=1e-3,
+            identity_penalty=penalty,
+            keep_only_if_better=keep_only_if_better,
+        ),
+    )
 
 
 def train_pair(seed: int, monkeypatch, **cfg_kwargs):

@@ -139,22 +139,14 @@ def test_build_heads_from_config_sections():
             "aux": {"kind": "bottleneck", "bottleneck_size": 4},
         }
     )
-    heads = build_heads(
-        DIM,
-        NUM_CLASSES,
-        config.shared.model_dump(),
-        config.towers.model_dump(),
-        config.aux.model_dump(),
-    ).eval()
+    heads = build_heads(DIM, NUM_CLASSES, config.shared, config.towers, config.aux).eval()
     assert heads.shared.capacity == 12
     assert heads.shared(torch.randn(2, DIM)).shape == (2, 12)
     assert isinstance(heads.shared.net[1], nn.Tanh)
     assert heads.towers["topic"][0].out_features == 6
     assert heads.aux["topic"].net[0].out_features == 4
-    no_aux = config.aux.model_copy(update={"enabled": False}).model_dump()
-    heads = build_heads(
-        DIM, NUM_CLASSES, config.shared.model_dump(), config.towers.model_dump(), no_aux
-    )
+    no_aux = config.aux.model_copy(update={"enabled": False})
+    heads = build_heads(DIM, NUM_CLASSES, config.shared, config.towers, no_aux)
     assert len(heads.aux) == 0
 
 

@@ -163,17 +163,18 @@ def test_decontaminated_run_reuses_the_whole_files_cached_features(
     encoder = str(tiny_encoder_dir)
     tasks = load_tasks(config)
     full = {(t.name, n): s for t in tasks for n, s in t.splits.items()}
-    _, _, _, full_features = prepare_inputs(config, tasks, encoder, full)
+    full_features = prepare_inputs(config, tasks, encoder, full).train_features
     cached = set((tmp_path / "cache").rglob("*.npy"))
 
     assert decontaminate(tasks) == {"sentiment": 2, "topic": 0}
-    train_blob, _, _, features = prepare_inputs(config, tasks, encoder, full)
+    prepared = prepare_inputs(config, tasks, encoder, full)
+    features = prepared.train_features
     assert set((tmp_path / "cache").rglob("*.npy")) == cached  # nothing new was encoded
     kept = tasks[0].splits["train"]
     assert features["sentiment"].shape[0] == len(kept) == 48
     np_rows = full_features["sentiment"][kept.rows]
     assert (features["sentiment"] == np_rows).all()
-    assert (train_blob["sentiment"]["inputs"]["features"] == np_rows).all()
+    assert (prepared.train["sentiment"].features == np_rows).all()
     # ...and they are what encoding the kept texts directly gives.
     cache = FeatureCache(tmp_path / "cache2", encoder, 16, "mean")
     direct = cache.get(kept.texts, batch_size=32)

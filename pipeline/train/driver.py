@@ -1,6 +1,7 @@
 """The training driver: everything that happens before, around and after `TorchTrainer.fit()`.
 
-    load + check data -> features (cached) or token ids -> task weights (Algorithm 2)
+    load + check data -> pooled features (frozen encoder), cached bottom-layer token states
+    (partial fine-tuning) or token ids (whole encoder) -> task weights (Algorithm 2)
     -> Ray cluster -> TorchTrainer(train_loop_per_worker) -> run record + selected model
 
 The run directory is Ray's experiment directory (`<storage_path>/<run name>`): Ray keeps its
@@ -41,11 +42,24 @@ from pipeline.features import (
     resolve_encoder_path,
     tokenize,
 )
+from pipeline.train.spec import (
+    FAULT_ENV,
+    CachedStateSplit,
+    EncoderSpec,
+    FaultSpec,
+    FeatureSplit,
+    LoopConfig,
+    SplitData,
+    TokenSplit,
+    WorkerData,
+)
 from pipeline.weighting import compute_task_weights
 
 logger = logging.getLogger(__name__)
 
-FAULT_ENV = "POLYTASK_FAULT_INJECTION"
+__all__ = ["FAULT_ENV", "TrainingError", "TrainResult", "train"]
+SPLITS = ("train", "dev")
+STATS_SAMPLE = 4096  # texts whose pooled features give the standardization when fine-tuning
 RUN_RECORD = "run.json"
 MODEL_DIR = "model"
 MODEL_FILE = "model.safetensors"
@@ -68,60 +82,176 @@ def new_run_name(config_name: str) -> str:
 
 
 # --------------------------------------------------------------------------- data preparation
+@dataclass
+class PreparedInputs:
+    """What workers train on, and the pooled features the driver computed (if any)."""
+
+    train: dict[str, SplitData]
+    dev: dict[str, SplitData]
+    dim: int
+    train_features: dict[str, np.ndarray]  # pooled train features of the frozen encoder
+    encoder: EncoderSpec | None  # None: the encoder is frozen
+    feature_mean: np.ndarray | None = None  # standardization from a sample, when fine-tuning
+    feature_std: np.ndarray | None = None
+
+
 def prepare_inputs(
     config: RunConfig,
     tasks: list[TaskData],
     encoder_path: str,
     full_splits: dict[tuple[str, str], Split] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any], int, dict[str, dict[str, np.ndarray]]]:
-    """The tensors workers train on.
+) -> PreparedInputs:
+    """The data workers train on.
 
-    Frozen encoder: cached pooled features [n, d]. Fine-tuning: token ids [n, L]. Features are
-    computed in both cases when SVD weighting needs them. A split that keeps only some rows of
-    its file (`Split.rows`, after decontamination) takes them from the cached features of the
-    whole file, given in `full_splits` by (task, split): a decontaminated run encodes nothing
-    that an ordinary run has already encoded.
-
-    Returns:
-        train and dev blobs {task: {"inputs": {...}, "labels": ...}}, the feature width d, and
-        the train features per task (empty when none were computed).
+    Frozen encoder: cached pooled features [n, d]. Partial fine-tuning: cached token states of
+    the bottom layers (token_cache.py). Whole encoder: token ids [n, L]. Pooled features are
+    also computed (and cached) for SVD weighting. A split that keeps only some rows of its file
+    (`Split.rows`, after decontamination) takes them from the cache entry of the whole file,
+    given in `full_splits` by (task, split): a decontaminated run computes nothing that an
+    ordinary run has already computed.
     """
     enc = config.encoder
-    need_features = enc.trainable_layers == 0 or enc.standardize or config.weighting.method == "svd"
+    full_splits = full_splits or {}
+
+    def source(t: TaskData, split: str) -> tuple[Split, np.ndarray | None]:
+        """The split whose texts are cached, and which of its rows this split takes."""
+        s = t.splits[split]
+        full = full_splits.get((t.name, split))
+        if s.rows is not None and full is not None and full is not s:
+            return full, np.asarray(s.rows)
+        return s, None
+
     features: dict[str, dict[str, np.ndarray]] = {}
-    if need_features:
+    if not enc.fine_tuned or config.weighting.method == "svd":
         cache = FeatureCache(config.resolved_cache_dir(), encoder_path, enc.max_length, enc.pooling)
-        full_splits = full_splits or {}
         for t in tasks:
             features[t.name] = {}
-            for split, s in t.splits.items():
-                full = full_splits.get((t.name, split))
-                subset = s.rows is not None and full is not None and full is not s
+            for split in t.splits if not enc.fine_tuned else ["train"]:
+                src, rows = source(t, split)
                 feats = cache.get(
-                    (full if subset else s).texts,
-                    desc=f"features {t.name}/{split}",
-                    batch_size=enc.batch_size,
+                    src.texts, desc=f"features {t.name}/{split}", batch_size=enc.batch_size
                 )
-                features[t.name][split] = feats[s.rows] if subset else feats
-    blobs: dict[str, dict[str, Any]] = {"train": {}, "dev": {}}
-    tokenizer = load_tokenizer(encoder_path) if enc.trainable_layers > 0 else None
-    for t in tasks:
-        for split in ("train", "dev"):
-            s = t.splits[split]
-            if tokenizer is None:
-                inputs = {"features": features[t.name][split]}
-            else:
-                ids, mask = tokenize(tokenizer, s.texts, enc.max_length)
-                inputs = {"input_ids": ids, "attention_mask": mask}
-            blobs[split][t.name] = {"inputs": inputs, "labels": s.labels}
-    if features:
-        dim = next(iter(features.values()))["train"].shape[1]
-    else:
-        from transformers import AutoConfig
-
-        dim = int(AutoConfig.from_pretrained(encoder_path).hidden_size)
+                features[t.name][split] = feats if rows is None else feats[rows]
     train_features = {t: f["train"] for t, f in features.items()}
-    return blobs["train"], blobs["dev"], dim, train_features
+    out: dict[str, dict[str, SplitData]] = {"train": {}, "dev": {}}
+    if not enc.fine_tuned:
+        for t in tasks:
+            for split in ("train", "dev"):
+                labels = t.splits[split].labels
+                out[split][t.name] = FeatureSplit(features[t.name][split], labels)
+        dim = next(iter(features.values()))["train"].shape[1]
+        return PreparedInputs(out["train"], out["dev"], dim, train_features, None)
+
+    from pipeline.model import cached_layers, load_encoder
+
+    try:
+        encoder = load_encoder(encoder_path, enc.pooling, enc.trainable_layers).eval()
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    n_cached = cached_layers(enc.trainable_layers, encoder.n_layers)
+    spec = EncoderSpec(encoder_path, enc.pooling, enc.trainable_layers, n_cached)
+    tokenizer = load_tokenizer(encoder_path)
+    sample = stats_sample(tasks, config.train.seed)
+    if n_cached:
+        from pipeline.token_cache import TokenStateCache, TorchStateProducer
+
+        states = TokenStateCache(
+            config.resolved_cache_dir(),
+            encoder_path,
+            n_cached,
+            enc.max_length,
+            enc.batch_size,
+            producer=TorchStateProducer(encoder, n_cached),
+        )
+        texts = {(t.name, split): source(t, split)[0].texts for t in tasks for split in SPLITS}
+        if not all(states.has(x) for x in texts.values()):
+            # Before computing states: the halves must compose to the whole forward pass.
+            import torch
+
+            probe = tokenize(tokenizer, tasks[0].splits["train"].texts[:4], enc.max_length)
+            try:
+                encoder.check_layerwise(torch.from_numpy(probe[0]), torch.from_numpy(probe[1]))
+            except ValueError as err:
+                raise TrainingError(f"encoder.trainable_layers: {err}") from None
+        entries = {}
+        for t in tasks:
+            for split in SPLITS:
+                rows = source(t, split)[1]
+                entry = states.get(texts[t.name, split], desc=f"token states {t.name}/{split}")
+                entries[t.name, split] = (entry, rows)
+                labels = t.splits[split].labels
+                out[split][t.name] = CachedStateSplit(str(entry.path), rows, labels)
+        if states.computed == 0:
+            logger.info(
+                "token states: every split read from the cache %s; the lower %d layers were "
+                "not run",
+                states.dir,
+                n_cached,
+            )
+        sampled = {
+            name: sampled_cached_features(encoder, entries[name, "train"], rows, n_cached)
+            for name, rows in sample.items()
+        }
+    else:
+        for t in tasks:
+            for split in ("train", "dev"):
+                s = t.splits[split]
+                ids, mask = tokenize(tokenizer, s.texts, enc.max_length)
+                out[split][t.name] = TokenSplit(ids, mask, s.labels)
+        sampled = {
+            t.name: sampled_token_features(
+                encoder, tokenizer, [t.splits["train"].texts[i] for i in sample[t.name]], enc
+            )
+            for t in tasks
+        }
+    x = np.concatenate(list(sampled.values()))
+    return PreparedInputs(
+        out["train"],
+        out["dev"],
+        encoder.dim,
+        train_features,
+        spec,
+        feature_mean=x.mean(0).astype(np.float32),
+        feature_std=x.std(0).astype(np.float32),
+    )
+
+
+def stats_sample(tasks: list[TaskData], seed: int) -> dict[str, np.ndarray]:
+    """Up to STATS_SAMPLE training rows drawn uniformly from all tasks together, by task."""
+    sizes = [len(t.splits["train"]) for t in tasks]
+    total = sum(sizes)
+    rng = np.random.default_rng([seed, 2718])
+    chosen = np.sort(rng.choice(total, size=min(STATS_SAMPLE, total), replace=False))
+    bounds = np.cumsum([0, *sizes])
+    return {
+        t.name: chosen[(chosen >= lo) & (chosen < hi)] - lo
+        for t, lo, hi in zip(tasks, bounds[:-1], bounds[1:], strict=True)
+    }
+
+
+def sampled_cached_features(
+    encoder: Any, entry_rows: tuple[Any, np.ndarray | None], rows: np.ndarray, start: int
+) -> np.ndarray:
+    """Pooled features of the initial encoder for `rows` of a split, from its cached states."""
+    import torch
+
+    entry, subset = entry_rows
+    rows = rows if subset is None else subset[rows]
+    rows = rows[np.argsort(entry.lengths[rows], kind="stable")]
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(rows), 256):
+            states, mask = entry.batch(rows[i : i + 256])
+            pooled = encoder.forward_from(torch.from_numpy(states), torch.from_numpy(mask), start)
+            out.append(pooled.numpy())
+    return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+
+
+def sampled_token_features(encoder: Any, tokenizer: Any, texts: list[str], enc: Any) -> np.ndarray:
+    """Pooled features of the initial encoder for `texts`, computed from token ids."""
+    from pipeline.features import encode_texts
+
+    return encode_texts(encoder, tokenizer, texts, enc.max_length, enc.batch_size, "stats sample")
 
 
 def check_overlap(
@@ -170,15 +300,17 @@ def task_weights(
     return out
 
 
-def feature_stats(
-    config: RunConfig, train_features: dict[str, np.ndarray], dim: int
-) -> dict[str, np.ndarray]:
-    """Mean and std of the pooled training features of all tasks together (identity when
-    standardization is off)."""
-    if not config.encoder.standardize or not train_features:
-        return {"mean": np.zeros(dim, np.float32), "std": np.ones(dim, np.float32)}
-    x = np.concatenate(list(train_features.values()))
-    return {"mean": x.mean(0).astype(np.float32), "std": x.std(0).astype(np.float32)}
+def feature_stats(config: RunConfig, inputs: PreparedInputs) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the pooled training features of all tasks together: of every row with
+    a frozen encoder, of a sample of rows under the initial encoder when fine-tuning (identity
+    when standardization is off)."""
+    dim = inputs.dim
+    if not config.encoder.standardize:
+        return np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    if inputs.feature_mean is not None and inputs.feature_std is not None:
+        return inputs.feature_mean, inputs.feature_std
+    x = np.concatenate(list(inputs.train_features.values()))
+    return x.mean(0).astype(np.float32), x.std(0).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------- Ray plumbing
@@ -217,39 +349,22 @@ def check_cluster_fits(config: RunConfig) -> None:
         )
 
 
-def fault_injection() -> dict[str, Any] | None:
-    """The resume test's fault, from POLYTASK_FAULT_INJECTION='<stage>:<epoch>:<marker>'."""
-    raw = os.environ.get(FAULT_ENV)
-    if not raw:
-        return None
-    stage, epoch, marker = raw.split(":", 2)
-    return {"stage": stage, "epoch": int(epoch), "marker": marker}
-
-
-def loop_config(config: RunConfig, data: Any, dim: int, encoder_path: str) -> dict[str, Any]:
-    """The plain-value config each worker receives."""
-    return {
-        "data": data,
-        "model": {
-            "in_dim": dim,
-            "shared": config.shared.model_dump(),
-            "towers": config.towers.model_dump(),
-            "aux": config.aux.model_dump(),
-            "encoder": {
-                "path": encoder_path,
-                "pooling": config.encoder.pooling,
-                "trainable_layers": config.encoder.trainable_layers,
-            },
-        },
-        "train": config.train.model_dump(),
-        "optim": config.optim.model_dump(),
-        "sampler": config.sampler.model_dump(),
-        "alignment": config.alignment.model_dump(),
-        "aux": config.aux.model_dump(),
-        "cpus_per_worker": config.scaling.cpus_per_worker,
-        "local_mode": config.scaling.num_workers == 0,
-        "fault": fault_injection(),
-    }
+def loop_config(config: RunConfig, dim: int, encoder: EncoderSpec | None) -> LoopConfig:
+    """The typed config every worker receives."""
+    return LoopConfig(
+        in_dim=dim,
+        shared=config.shared,
+        towers=config.towers,
+        aux=config.aux,
+        encoder=encoder,
+        train=config.train,
+        optim=config.optim,
+        sampler=config.sampler,
+        alignment=config.alignment,
+        cpus_per_worker=config.scaling.cpus_per_worker,
+        local_mode=config.scaling.num_workers == 0,
+        fault=FaultSpec.from_env(),
+    )
 
 
 # ---------------------------------------------------------------------------------- the driver
@@ -275,18 +390,19 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
     full_splits = {(t.name, name): split for t in tasks for name, split in t.splits.items()}
     overlap, removed = check_overlap(config, tasks)
     logger.info("data:\n%s", format_stats(tasks))
-    train_blob, dev_blob, dim, train_features = prepare_inputs(
-        config, tasks, encoder_path, full_splits
+    inputs = prepare_inputs(config, tasks, encoder_path, full_splits)
+    dim = inputs.dim
+    weights = task_weights(config, tasks, inputs.train_features)
+    mean, std = feature_stats(config, inputs)
+    data = WorkerData(
+        tasks=[t.name for t in tasks],
+        num_classes={t.name: t.num_classes for t in tasks},
+        weights=weights,
+        feature_mean=mean,
+        feature_std=std,
+        train=inputs.train,
+        dev=inputs.dev,
     )
-    weights = task_weights(config, tasks, train_features)
-    data = {
-        "feature_stats": feature_stats(config, train_features, dim),
-        "tasks": [t.name for t in tasks],
-        "num_classes": {t.name: t.num_classes for t in tasks},
-        "weights": weights,
-        "train": train_blob,
-        "dev": dev_blob,
-    }
 
     sc = config.scaling
     if sc.num_workers > 0:
@@ -301,7 +417,7 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
     push_epochs = epoch_callback(mon.pushgateway, mon.job, config.name, config.task_names)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(config, data_ref, dim, encoder_path),
+        train_loop_config={"loop": loop_config(config, dim, inputs.encoder), "data": data_ref},
         scaling_config=ray.train.ScalingConfig(
             num_workers=sc.num_workers,
             use_gpu=sc.use_gpu,
@@ -340,7 +456,9 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
     if config.scaling.num_workers == 0:
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
 
-    record = build_record(config, run_name, tasks, weights, encoder_path, dim, state)
+    record = build_record(
+        config, run_name, tasks, weights, encoder_path, inputs.encoder, dim, state
+    )
     record["data_overlap"] = {"pairs": overlap, "removed_from_train": removed}
     record["duration_seconds"] = round(time.monotonic() - start, 1)
     (run_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
@@ -407,6 +525,7 @@ def build_record(
     tasks: list[TaskData],
     weights: dict[str, float],
     encoder_path: str,
+    encoder: EncoderSpec | None,
     dim: int,
     state: dict[str, Any],
 ) -> dict[str, Any]:
@@ -439,6 +558,7 @@ def build_record(
             "max_length": config.encoder.max_length,
             "pooling": config.encoder.pooling,
             "trainable_layers": config.encoder.trainable_layers,
+            "cached_layers": encoder.cached_layers if encoder is not None else 0,
         },
         "config": config_to_dict(config),
         "dev": final["dev"],

@@ -6,6 +6,10 @@ Layers, top to bottom: `train_loop_per_worker` (one Ray Train worker) -> `run_jo
 
 Every rank evaluates the whole dev set (small) so that all ranks take identical decisions
 (early stopping, per-task selection) without extra communication.
+
+The model reads one of three inputs (see spec.py): cached pooled features (frozen encoder),
+cached token states of the bottom layers (partial fine-tuning: only the top layers run), or
+token ids (whole-encoder fine-tuning). With a fine-tuned encoder, batches are length-bucketed.
 """
 
 from __future__ import annotations
@@ -17,21 +21,30 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import OptimConfig
 from pipeline.metrics import classification_metrics, macro_average
-from pipeline.model import Encoder, MultiTaskHeads, build_heads, load_encoder
+from pipeline.model import Encoder, MultiTaskHeads, build_heads, load_encoder, transformer_layers
 from pipeline.train import sampler
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.device import autocast_context, select_precision
+from pipeline.train.spec import (
+    CachedStateSplit,
+    FeatureSplit,
+    LoopConfig,
+    SplitData,
+    TokenSplit,
+    WorkerData,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +53,24 @@ Batch = dict[str, torch.Tensor]
 
 # ----------------------------------------------------------------------------- the model wrapper
 class TrainModule(nn.Module):
-    """Heads on cached features (frozen encoder) or encoder + heads on token ids (fine-tuning)."""
+    """Heads on cached features (frozen encoder), or encoder + heads (fine-tuning) on cached
+    bottom-layer token states (from block `start_layer` up) or on token ids."""
 
-    def __init__(self, heads: MultiTaskHeads, encoder: Encoder | None = None):
+    def __init__(self, heads: MultiTaskHeads, encoder: Encoder | None = None, start_layer: int = 0):
         super().__init__()
         self.heads = heads
         self.encoder = encoder
+        self.start_layer = start_layer
 
     def features(self, inputs: Batch) -> torch.Tensor:
-        """[B, d] pooled features, from the cache or the encoder."""
-        if self.encoder is None:
+        """[B, d] pooled features: given, from cached token states, or from token ids."""
+        if "features" in inputs:
             return inputs["features"]
+        assert self.encoder is not None
+        if "states" in inputs:
+            return self.encoder.forward_from(
+                inputs["states"], inputs["attention_mask"], self.start_layer
+            )
         return self.encoder(inputs["input_ids"], inputs["attention_mask"])
 
     def forward(
@@ -86,15 +106,38 @@ def wrap_ddp(module: nn.Module, world_size: int, device: torch.device) -> nn.Mod
 
 
 # ------------------------------------------------------------------------------------ the data
+class Split(Protocol):
+    """One split of one task on a worker: labels, optional token lengths, batches."""
+
+    labels: torch.Tensor  # int64 [n], on the worker's device
+
+    def __len__(self) -> int: ...
+
+    @property
+    def lengths(self) -> np.ndarray | None:
+        """Tokens per example (length bucketing); None for pooled features."""
+        ...
+
+    def batch(self, idx: np.ndarray) -> tuple[Batch, torch.Tensor]:
+        """The inputs and labels of rows `idx`."""
+        ...
+
+
 @dataclass
 class TaskTensors:
-    """One split of one task, as tensors on the worker's device."""
+    """A split held in memory as tensors on the worker's device: pooled features or token ids."""
 
     inputs: Batch  # {"features": [n, d]} or {"input_ids": [n, L], "attention_mask": [n, L]}
     labels: torch.Tensor  # int64 [n]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def lengths(self) -> np.ndarray | None:
+        if "attention_mask" not in self.inputs:
+            return None
+        return self.inputs["attention_mask"].sum(dim=1).cpu().numpy()
 
     def batch(self, idx: np.ndarray | slice) -> tuple[Batch, torch.Tensor]:
         inputs = {k: v[idx] for k, v in self.inputs.items()}
@@ -104,10 +147,54 @@ class TaskTensors:
         return inputs, self.labels[idx]
 
 
-def to_tensors(split: Mapping[str, Any], device: torch.device) -> TaskTensors:
-    # Object-store arrays are read-only; torch.tensor copies instead of aliasing them.
-    inputs = {k: torch.tensor(np.asarray(v)).to(device) for k, v in split["inputs"].items()}
-    return TaskTensors(inputs, torch.tensor(np.asarray(split["labels"])).to(device))
+@dataclass
+class CachedStates:
+    """A split whose bottom-layer token states are a memory-mapped cache entry: each batch is
+    read from it (padded to its longest row), so no worker holds the whole cache."""
+
+    states: Any  # pipeline.token_cache.TokenStates
+    rows: np.ndarray  # entry row of each example
+    labels: torch.Tensor  # int64 [n]
+    device: torch.device
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.states.lengths[self.rows]
+
+    def batch(self, idx: np.ndarray) -> tuple[Batch, torch.Tensor]:
+        states, mask = self.states.batch(self.rows[idx])
+        inputs = {
+            "states": torch.from_numpy(states).to(self.device),
+            "attention_mask": torch.from_numpy(mask).to(self.device),
+        }
+        return inputs, self.labels[torch.as_tensor(idx, device=self.labels.device)]
+
+
+def to_split(data: SplitData, device: torch.device) -> Split:
+    """A worker-side split from the driver's prepared data."""
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        # Object-store arrays are read-only; torch.tensor copies instead of aliasing them.
+        return torch.tensor(np.asarray(a)).to(device)
+
+    if isinstance(data, FeatureSplit):
+        return TaskTensors({"features": tensor(data.features)}, tensor(data.labels))
+    if isinstance(data, TokenSplit):
+        inputs = {
+            "input_ids": tensor(data.input_ids),
+            "attention_mask": tensor(data.attention_mask),
+        }
+        return TaskTensors(inputs, tensor(data.labels))
+    if isinstance(data, CachedStateSplit):
+        from pipeline.token_cache import TokenStates
+
+        states = TokenStates.open(data.path)
+        rows = np.arange(len(states)) if data.rows is None else np.asarray(data.rows)
+        return CachedStates(states, rows, tensor(data.labels), device)
+    raise TypeError(f"unknown split data {type(data).__name__}")
 
 
 # --------------------------------------------------------------------------- state and context
@@ -134,9 +221,9 @@ class Context:
 
     tasks: list[str]
     weights: dict[str, float]
-    train: dict[str, TaskTensors]
-    dev: dict[str, TaskTensors]
-    cfg: dict[str, Any]
+    train: dict[str, Split]
+    dev: dict[str, Split]
+    cfg: LoopConfig
     rank: int
     world_size: int
     device: torch.device
@@ -150,34 +237,45 @@ class Context:
 
 
 # ------------------------------------------------------------------------------ the worker loop
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: build the model, resume if a checkpoint exists, run both stages.
 
-    `cfg` holds plain values (see driver.loop_config) and `data`, an object-store reference to
-    the prepared tensors, so workers on other nodes need no shared filesystem for data.
+    `config` is Ray's train_loop_config: {"loop": LoopConfig, "data": WorkerData or an
+    object-store reference to it}, so workers on other nodes need no shared filesystem for
+    the prepared arrays (cached token states are read from `cache_dir`, see spec.py).
     """
     import ray
     import ray.train
     import ray.train.torch
 
     _worker_logging()
+    cfg: LoopConfig = config["loop"]
     ctx_ray = ray.train.get_context()
     rank, world_size = ctx_ray.get_world_rank(), ctx_ray.get_world_size()
-    torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    data = cfg["data"]
+    data: WorkerData = config["data"]
     if isinstance(data, ray.ObjectRef):
         data = ray.get(data)
 
-    torch.manual_seed(cfg["train"]["seed"])
-    module = build_train_module(data, cfg["model"]).to(device)
+    torch.manual_seed(cfg.train.seed)
+    module = build_train_module(data, cfg).to(device)
     precision = select_precision(
-        cfg["train"]["precision"],
+        cfg.train.precision,
         device.type,
         device.type == "cuda" and torch.cuda.is_bf16_supported(),
     )
     if rank == 0:
         logger.info("worker: %d rank(s), device %s, precision %s", world_size, device, precision)
+        if cfg.encoder is not None:
+            logger.info(
+                "fine-tuning: %s of %d encoder layers train%s",
+                cfg.encoder.trainable_layers,
+                module.encoder.n_layers,
+                f"; layers 1-{cfg.encoder.cached_layers} are read from the token-state cache"
+                if cfg.encoder.cached_layers
+                else "",
+            )
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         from ray.train import Checkpoint
@@ -186,10 +284,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     ctx = Context(
-        tasks=list(data["tasks"]),
-        weights=dict(data["weights"]),
-        train={t: to_tensors(s, device) for t, s in data["train"].items()},
-        dev={t: to_tensors(s, device) for t, s in data["dev"].items()},
+        tasks=list(data.tasks),
+        weights=dict(data.weights),
+        train={t: to_split(s, device) for t, s in data.train.items()},
+        dev={t: to_split(s, device) for t, s in data.dev.items()},
         cfg=cfg,
         rank=rank,
         world_size=world_size,
@@ -217,22 +315,16 @@ def _worker_logging() -> None:
         log.propagate = False
 
 
-def build_train_module(data: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> TrainModule:
-    """The trainable model from prepared data and the model section of the loop config."""
-    heads = build_heads(
-        int(model_cfg["in_dim"]),
-        dict(data["num_classes"]),
-        model_cfg["shared"],
-        model_cfg["towers"],
-        model_cfg["aux"],
-    )
+def build_train_module(data: WorkerData, cfg: LoopConfig) -> TrainModule:
+    """The trainable model from prepared data and the loop config."""
+    heads = build_heads(cfg.in_dim, dict(data.num_classes), cfg.shared, cfg.towers, cfg.aux)
     encoder = None
-    enc = model_cfg.get("encoder")
-    if enc is not None and enc["trainable_layers"] > 0:
-        encoder = load_encoder(enc["path"], enc["pooling"], enc["trainable_layers"])
-    stats = data["feature_stats"]
-    heads.set_feature_stats(torch.tensor(stats["mean"]), torch.tensor(stats["std"]))
-    return TrainModule(heads, encoder)
+    if cfg.encoder is not None:
+        enc = cfg.encoder
+        encoder = load_encoder(enc.path, enc.pooling, enc.trainable_layers)
+    heads.set_feature_stats(torch.tensor(data.feature_mean), torch.tensor(data.feature_std))
+    start = cfg.encoder.cached_layers if cfg.encoder is not None else 0
+    return TrainModule(heads, encoder, start_layer=start)
 
 
 def run_stages(module: TrainModule, ctx: Context, checkpoint: Any | None) -> None:
@@ -254,7 +346,7 @@ def run_stages(module: TrainModule, ctx: Context, checkpoint: Any | None) -> Non
         optim_state = None
         state.stage, state.epoch = "align", 0
     if state.stage == "align":
-        if ctx.cfg["alignment"]["enabled"]:
+        if ctx.cfg.alignment.enabled:
             best = run_alignment_stage(module, ctx, state, best, optim_state)
         state.stage = "done"
 
@@ -277,22 +369,20 @@ def run_joint_stage(
     optim_state: dict[str, Any] | None,
 ) -> dict[str, torch.Tensor]:
     """Stage 1: B, A_i, a_i (and top encoder layers) under the weighted, sampled loss."""
-    tcfg, ocfg = ctx.cfg["train"], ctx.cfg["optim"]
+    tcfg, ocfg = ctx.cfg.train, ctx.cfg.optim
     set_stage_trainable(module, "joint")
     model = wrap_ddp(module, ctx.world_size, ctx.device)
     optimizer = make_optimizer(module, ocfg)
-    steps = sampler.steps_per_epoch(ctx.sizes, tcfg["batch_size"], ctx.world_size)
-    scheduler = make_scheduler(optimizer, ocfg, steps * tcfg["epochs"])
+    steps = sampler.steps_per_epoch(ctx.sizes, tcfg.batch_size, ctx.world_size)
+    scheduler = make_scheduler(optimizer, ocfg, steps * tcfg.epochs)
     if optim_state is not None:
         optimizer.load_state_dict(optim_state["optimizer"])
         scheduler.load_state_dict(optim_state["scheduler"])
-    probs = sampler.task_probabilities(
-        ctx.sizes, ctx.cfg["sampler"]["kind"], ctx.cfg["sampler"]["temperature"]
-    )
+    probs = sampler.task_probabilities(ctx.sizes, ctx.cfg.sampler.kind, ctx.cfg.sampler.temperature)
 
-    for epoch in range(state.epoch, tcfg["epochs"]):
+    for epoch in range(state.epoch, tcfg.epochs):
         start = time.monotonic()
-        torch.manual_seed(tcfg["seed"] * 100003 + epoch * 101 + ctx.rank)  # dropout, resumable
+        torch.manual_seed(tcfg.seed * 100003 + epoch * 101 + ctx.rank)  # dropout, resumable
         losses = joint_epoch(model, module, optimizer, scheduler, ctx, probs, steps, epoch)
         dev = evaluate(module, ctx)
         entry = history_entry("joint", epoch + 1, losses, dev, time.monotonic() - start)
@@ -309,7 +399,7 @@ def run_joint_stage(
         optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         report_epoch(module, ctx, state, best, optim, entry)
         maybe_inject_fault(ctx, "joint", epoch + 1)
-        patience = tcfg["patience"]
+        patience = tcfg.patience
         if patience is not None and state.bad_epochs >= patience:
             if ctx.rank == 0:
                 logger.info(
@@ -349,7 +439,7 @@ def joint_step(
     labels: torch.Tensor,
 ) -> float:
     """w_t [CE(main) + γ CE(aux)] on one batch of one task; returns the main loss."""
-    gamma = ctx.cfg["aux"]["gamma"]
+    gamma = ctx.cfg.aux.gamma
     optimizer.zero_grad(set_to_none=True)
     with autocast_context(ctx.precision, ctx.device.type):
         logits, aux = model(inputs, task, with_aux=True)
@@ -357,7 +447,7 @@ def joint_step(
         loss = main if aux is None else main + gamma * F.cross_entropy(aux.float(), labels)
         loss = ctx.weights[task] * loss
     loss.backward()
-    clip = ctx.cfg["optim"]["grad_clip"]
+    clip = ctx.cfg.optim.grad_clip
     if clip is not None:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
     optimizer.step()
@@ -378,33 +468,53 @@ def run_alignment_stage(
     the R_i, A_i of its best stage-2 dev epoch only if that beats its stage-1 accuracy; the
     selected model is assembled task by task in `best`.
     """
-    acfg, tcfg = ctx.cfg["alignment"], ctx.cfg["train"]
     assert best is not None
     if not state.best_task_acc:
         state.best_task_acc = {t: state.stage1_dev[t]["accuracy"] for t in ctx.tasks}
     set_stage_trainable(module, "align")
+    if module.encoder is not None:
+        # E is fixed (and in eval mode) in stage 2: its pooled features are computed once.
+        splits = ctx.train, ctx.dev
+        ctx.train, ctx.dev = (
+            pooled_features(module, ctx, ctx.train),
+            pooled_features(module, ctx, ctx.dev),
+        )
+        try:
+            return run_alignment_epochs(module, ctx, state, best, optim_state)
+        finally:
+            ctx.train, ctx.dev = splits
+    return run_alignment_epochs(module, ctx, state, best, optim_state)
+
+
+def run_alignment_epochs(
+    module: TrainModule,
+    ctx: Context,
+    state: LoopState,
+    best: dict[str, torch.Tensor],
+    optim_state: dict[str, Any] | None,
+) -> dict[str, torch.Tensor]:
+    """The epochs of stage 2 (see run_alignment_stage)."""
+    acfg, tcfg = ctx.cfg.alignment, ctx.cfg.train
     model = wrap_ddp(module, ctx.world_size, ctx.device)
     heads = module.heads
-    tower_opt = torch.optim.Adam(heads.towers.parameters(), lr=acfg["tower_lr"])
-    align_opt = torch.optim.Adam(heads.alignment.parameters(), lr=acfg["lr"])
+    tower_opt = torch.optim.Adam(heads.towers.parameters(), lr=acfg.tower_lr)
+    align_opt = torch.optim.Adam(heads.alignment.parameters(), lr=acfg.lr)
     if optim_state is not None:
         tower_opt.load_state_dict(optim_state["tower"])
         align_opt.load_state_dict(optim_state["align"])
-    probs = sampler.task_probabilities(
-        ctx.sizes, ctx.cfg["sampler"]["kind"], ctx.cfg["sampler"]["temperature"]
-    )
-    steps = sampler.steps_per_epoch(ctx.sizes, tcfg["batch_size"], ctx.world_size)
+    probs = sampler.task_probabilities(ctx.sizes, ctx.cfg.sampler.kind, ctx.cfg.sampler.temperature)
+    steps = sampler.steps_per_epoch(ctx.sizes, tcfg.batch_size, ctx.world_size)
 
-    for epoch in range(state.epoch, acfg["epochs"]):
+    for epoch in range(state.epoch, acfg.epochs):
         start = time.monotonic()
-        torch.manual_seed(tcfg["seed"] * 100003 + 50000 + epoch * 101 + ctx.rank)
+        torch.manual_seed(tcfg.seed * 100003 + 50000 + epoch * 101 + ctx.rank)
         losses = alignment_epoch(model, module, tower_opt, align_opt, ctx, probs, steps, epoch)
         dev = evaluate(module, ctx)
         entry = history_entry("align", epoch + 1, losses, dev, time.monotonic() - start)
         current = module.state_dict()
         for task in ctx.tasks:
             acc = dev[task]["accuracy"]
-            if acc > state.best_task_acc[task] or not acfg["keep_only_if_better"]:
+            if acc > state.best_task_acc[task] or not acfg.keep_only_if_better:
                 state.best_task_acc[task] = acc
                 for key, value in current.items():
                     if key == f"heads.alignment.{task}" or key.startswith(f"heads.towers.{task}."):
@@ -451,7 +561,7 @@ def alignment_step(
     labels: torch.Tensor,
 ) -> float:
     """Algorithm 1 on one batch of task i: a gradient step on A_i, then one on R_i."""
-    penalty = ctx.cfg["alignment"]["identity_penalty"]
+    penalty = ctx.cfg.alignment.identity_penalty
     loss_value = 0.0
     for opt, is_align in ((tower_opt, False), (align_opt, True)):
         tower_opt.zero_grad(set_to_none=True)
@@ -478,15 +588,20 @@ def sampled_batches(
     The task sequence and each task's batches are seeded by (seed, stage, epoch): identical on
     every rank, and replayed exactly by a resumed run.
     """
-    seed, batch_size = ctx.cfg["train"]["seed"], ctx.cfg["train"]["batch_size"]
+    seed, batch_size = ctx.cfg.train.seed, ctx.cfg.train.batch_size
     schedule = sampler.task_schedule(probs, steps, seed + stage_index, epoch)
     batch_epoch = epoch + 10_000 * stage_index
-    batches = {
-        t: sampler.rank_batches(
-            len(ctx.train[t]), batch_size, seed, batch_epoch, i, ctx.rank, ctx.world_size
-        )
-        for i, t in enumerate(ctx.tasks)
-    }
+    batches: dict[str, Iterator[np.ndarray]] = {}
+    for i, t in enumerate(ctx.tasks):
+        lengths = ctx.train[t].lengths
+        if lengths is None:  # pooled features: every batch costs the same
+            batches[t] = sampler.rank_batches(
+                len(ctx.train[t]), batch_size, seed, batch_epoch, i, ctx.rank, ctx.world_size
+            )
+        else:  # token inputs: batches of similar lengths pad little
+            batches[t] = sampler.bucketed_batches(
+                lengths, batch_size, seed, batch_epoch, i, ctx.rank, ctx.world_size
+            )
     stage = ("joint", "align")[stage_index]
     progress = Progress(ctx, f"{stage} epoch {epoch + 1}", steps)
     for step, ti in enumerate(schedule):
@@ -511,22 +626,48 @@ class LossMeans:
         return {t: self.sums[t] / self.counts[t] for t in self.sums}
 
 
+def eval_batches(split: Split, batch_size: int) -> Iterator[np.ndarray]:
+    """Index batches covering a split once, by length when it has token inputs."""
+    lengths = split.lengths
+    order = np.arange(len(split)) if lengths is None else np.argsort(lengths, kind="stable")
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]
+
+
 @torch.no_grad()
-def evaluate(module: TrainModule, ctx: Context, batch_size: int = 512) -> dict[str, dict]:
+def evaluate(module: TrainModule, ctx: Context, batch_size: int = 256) -> dict[str, dict]:
     """Per-task dev accuracy and macro-F1 (percent)."""
     module.eval()
     out = {}
     for task in ctx.tasks:
         split = ctx.dev[task]
-        preds = []
-        for i in range(0, len(split), batch_size):
-            inputs, _ = split.batch(slice(i, i + batch_size))
+        y_pred = np.zeros(len(split), dtype=np.int64)
+        for idx in eval_batches(split, batch_size):
+            inputs, _ = split.batch(idx)
             with autocast_context(ctx.precision, ctx.device.type):
                 logits, _ = module(inputs, task)
-            preds.append(logits.argmax(dim=-1).cpu().numpy())
-        y_pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+            y_pred[idx] = logits.argmax(dim=-1).cpu().numpy()
         n_classes = module.heads.towers[task][-1].out_features
         out[task] = classification_metrics(split.labels.cpu().numpy(), y_pred, n_classes)
+    return out
+
+
+@torch.no_grad()
+def pooled_features(
+    module: TrainModule, ctx: Context, splits: dict[str, Split], batch_size: int = 256
+) -> dict[str, Split]:
+    """Each split as the pooled features of the current encoder (eval mode): what stage 2
+    reads, since E is fixed there."""
+    module.eval()
+    out: dict[str, Split] = {}
+    for task, split in splits.items():
+        feats = torch.zeros(len(split), module.encoder.dim, device=ctx.device)
+        for idx in eval_batches(split, batch_size):
+            inputs, _ = split.batch(idx)
+            with autocast_context(ctx.precision, ctx.device.type):
+                x = module.features(inputs)
+            feats[torch.as_tensor(idx, device=ctx.device)] = x.float()
+        out[task] = TaskTensors({"features": feats}, split.labels)
     return out
 
 
@@ -577,7 +718,7 @@ def report_epoch(
     tmp = Path(tempfile.mkdtemp(prefix="polytask-ckpt-"))
     save_checkpoint(tmp, module.state_dict(), best, optim, state.to_json())
     ctx.report(metrics, tmp)
-    if ctx.cfg.get("local_mode"):
+    if ctx.cfg.local_mode:
         # Ray Train's local mode keeps a reference to this directory instead of copying it:
         # keep the newest one, drop the one before.
         if ctx.last_local_checkpoint is not None:
@@ -629,28 +770,44 @@ class Progress:
         self.last = now
 
 
-def make_optimizer(module: TrainModule, ocfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """Heads at `lr`, trainable encoder layers at `encoder_lr`."""
-    groups = [
-        {"params": [p for p in module.heads.parameters() if p.requires_grad], "lr": ocfg["lr"]}
-    ]
-    if module.encoder is not None:
-        enc = [p for p in module.encoder.parameters() if p.requires_grad]
-        if enc:
-            groups.append({"params": enc, "lr": ocfg["encoder_lr"]})
-    if ocfg["name"] == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=ocfg["weight_decay"])
-    if ocfg["name"] == "adam":
+def param_groups(module: TrainModule, ocfg: OptimConfig) -> list[dict[str, Any]]:
+    """Heads at `lr`; the trainable encoder layers at `encoder_lr`, decayed by `layer_decay` per
+    layer below the top one (the embeddings, when they train, one step below the bottom layer).
+    Each group records which warm-up it follows ("heads" or "encoder")."""
+    heads = [p for p in module.heads.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": heads, "lr": ocfg.lr, "kind": "heads"}]
+    encoder = module.encoder
+    if encoder is None:
+        return groups
+    seen: set[int] = set()
+    blocks = [*reversed(transformer_layers(encoder.transformer))]  # top first
+    embeddings = getattr(encoder.transformer, "embeddings", None)
+    depth = 0
+    for block in [*blocks, *([embeddings] if embeddings is not None else [])]:
+        params = [p for p in block.parameters() if p.requires_grad]
+        seen.update(id(p) for p in block.parameters())
+        if params:
+            lr = ocfg.encoder_lr * ocfg.layer_decay**depth
+            groups.append({"params": params, "lr": lr, "kind": "encoder"})
+            depth += 1
+    rest = [p for p in encoder.parameters() if p.requires_grad and id(p) not in seen]
+    if rest:  # anything else a model trains (none for BERT-like encoders): at encoder_lr
+        groups.append({"params": rest, "lr": ocfg.encoder_lr, "kind": "encoder"})
+    return groups
+
+
+def make_optimizer(module: TrainModule, ocfg: OptimConfig) -> torch.optim.Optimizer:
+    """The stage-1 optimizer over `param_groups`."""
+    groups = param_groups(module, ocfg)
+    if ocfg.name == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=ocfg.weight_decay)
+    if ocfg.name == "adam":
         return torch.optim.Adam(groups)
-    return torch.optim.SGD(groups, momentum=0.9, weight_decay=ocfg["weight_decay"])
+    return torch.optim.SGD(groups, momentum=0.9, weight_decay=ocfg.weight_decay)
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, ocfg: Mapping[str, Any], total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then constant, linear or cosine decay to zero."""
-    warmup = int(ocfg["warmup_ratio"] * total_steps)
-    kind = ocfg["schedule"]
+def lr_factor(kind: str, warmup: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up over `warmup` steps, then constant, linear or cosine decay to zero."""
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -662,7 +819,26 @@ def make_scheduler(
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, ocfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """One schedule per parameter group: the heads warm up over `warmup_ratio` of the steps,
+    the encoder layers over `encoder_warmup_ratio` (default: the same)."""
+    enc_ratio = (
+        ocfg.warmup_ratio if ocfg.encoder_warmup_ratio is None else ocfg.encoder_warmup_ratio
+    )
+    warmups = {
+        "heads": int(ocfg.warmup_ratio * total_steps),
+        "encoder": int(enc_ratio * total_steps),
+    }
+    factors = [
+        lr_factor(ocfg.schedule, warmups[g.get("kind", "heads")], total_steps)
+        for g in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 # --------------------------------------------------------------------------- fault injection
@@ -672,10 +848,10 @@ def maybe_inject_fault(ctx: Context, stage: str, epoch: int) -> None:
     Set by the driver from POLYTASK_FAULT_INJECTION="<stage>:<epoch>:<marker file>"; the marker
     makes it fire only once across restarts.
     """
-    fault = ctx.cfg.get("fault")
-    if not fault or fault["stage"] != stage or fault["epoch"] != epoch:
+    fault = ctx.cfg.fault
+    if fault is None or fault.stage != stage or fault.epoch != epoch:
         return
-    marker = Path(fault["marker"])
+    marker = Path(fault.marker)
     if ctx.rank == ctx.world_size - 1 and not marker.exists():
         import ray.train
 

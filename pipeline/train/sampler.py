@@ -58,3 +58,39 @@ def rank_batches(
             share = perm
         for i in range(0, len(share), batch_size):
             yield share[i : i + batch_size]
+
+
+def bucketed_batches(
+    lengths: np.ndarray,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    task_index: int,
+    rank: int,
+    world_size: int,
+    bucket_batches: int = 50,
+) -> Iterator[np.ndarray]:
+    """Endless length-bucketed batches of example indices for one task on one rank.
+
+    Each pass takes this rank's share of a permutation shared by all ranks (as `rank_batches`),
+    cuts it into buckets of `bucket_batches` batches, sorts each bucket by length and cuts it
+    into batches, so a batch pads to a length close to all of its rows'. The batches of a bucket
+    come in a random order. Seeded by (seed, epoch, task, rank): a resumed run replays them.
+    """
+    lengths = np.asarray(lengths)
+    n = len(lengths)
+    rng = np.random.default_rng([seed, epoch, task_index, 104729])
+    # Batch order is this rank's own: its draws must not shift the shared permutation's stream.
+    order_rng = np.random.default_rng([seed, epoch, task_index, rank, 15485863])
+    while True:
+        perm = rng.permutation(n)
+        share = perm[rank::world_size]
+        if len(share) == 0:  # fewer examples than ranks: every rank reuses the whole task
+            share = perm
+        size = batch_size * bucket_batches
+        for b in range(0, len(share), size):
+            bucket = share[b : b + size]
+            bucket = bucket[np.argsort(lengths[bucket], kind="stable")]
+            cuts = [bucket[i : i + batch_size] for i in range(0, len(bucket), batch_size)]
+            for j in order_rng.permutation(len(cuts)):
+                yield cuts[j]

@@ -1,0 +1,250 @@
+"""The token-state cache of partial fine-tuning: the bottom layers' output, computed once.
+
+With `encoder.trainable_layers: N` (0 < N < number of layers) the bottom blocks and the
+embeddings never train, so their output for a text never changes. It is computed once per text
+and stored on disk; every later epoch, run and experiment reads it, and training runs only the
+top N blocks, pooling and the heads.
+
+One cache entry holds the token states of one list of texts:
+
+    <cache>/token_states/<key>/<texts sha256>/states.npy   fp16 [T, d]: every text's real
+                                                            tokens (no padding), concatenated
+                                                            in length order, longest first
+    <cache>/token_states/<key>/<texts sha256>/index.npz    offsets, lengths: int64 [n], by row
+
+Row i's states are `states[offsets[i] : offsets[i] + lengths[i]]`. The key hashes the encoder
+fingerprint, the number of cached layers and `max_length`, so changing any of them never reuses
+stale states. Length order keeps the rows of a length-bucketed batch close together on disk.
+Entries are memory-mapped: the workers on one machine share one copy in the page cache instead
+of each holding the whole cache. An entry is written under a temporary name and renamed, so a
+crash never leaves a truncated one.
+
+What computes the states is a `StateProducer`; `TorchStateProducer` runs the PyTorch encoder
+(eager). Another producer (onnxruntime, say) can replace it without changing the cache, since
+the producer is not part of the key: two producers must agree to well within fp16 precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.data import texts_fingerprint
+from pipeline.features import encoder_fingerprint, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+STATES_FILE = "states.npy"
+INDEX_FILE = "index.npz"
+FORMAT_VERSION = 1
+
+
+class StateProducer(Protocol):
+    """Computes the token states entering the first trained block, for one padded batch."""
+
+    dim: int
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """int64 [B, L] x 2 -> float [B, L, d] (padding positions are ignored)."""
+        ...
+
+
+class TorchStateProducer:
+    """The embeddings and the bottom `n_layers` blocks of an encoder (pipeline.model.Encoder),
+    in PyTorch eager mode."""
+
+    def __init__(self, encoder: Any, n_layers: int, device: str = "cpu"):
+        self.encoder = encoder.eval().to(device)
+        self.n_layers = n_layers
+        self.device = device
+        self.dim = int(encoder.dim)
+
+    @classmethod
+    def from_path(cls, encoder_path: str, n_layers: int, device: str = "cpu") -> TorchStateProducer:
+        from pipeline.model import load_encoder
+
+        return cls(load_encoder(encoder_path), n_layers, device)
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.from_numpy(input_ids).to(self.device)
+            mask = torch.from_numpy(attention_mask).to(self.device)
+            states = self.encoder.lower_states(ids, mask, self.n_layers)
+        return states.float().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class TokenStates:
+    """One memory-mapped cache entry (see the module docstring)."""
+
+    path: Path
+    states: np.ndarray  # fp16 [T, d], memory-mapped
+    offsets: np.ndarray  # int64 [n]
+    lengths: np.ndarray  # int64 [n]
+
+    @classmethod
+    def open(cls, path: str | Path) -> TokenStates:
+        path = Path(path)
+        index = np.load(path / INDEX_FILE)
+        states = np.load(path / STATES_FILE, mmap_mode="r")
+        return cls(path, states, index["offsets"], index["lengths"])
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.states.shape[1])
+
+    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows padded to the longest of them: float32 states [B, L, d], int64 mask [B, L]."""
+        lengths = self.lengths[rows]
+        width = max(int(lengths.max()), 1) if len(rows) else 1
+        out = np.zeros((len(rows), width, self.dim), dtype=np.float32)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            start = int(self.offsets[row])
+            out[i, :n] = self.states[start : start + n]
+            mask[i, :n] = 1
+        return out, mask
+
+
+class TokenStateCache:
+    """Token states of the bottom `n_layers` blocks on disk, computed on first use."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        encoder_path: str,
+        n_layers: int,
+        max_length: int,
+        batch_size: int = 128,
+        producer: StateProducer | None = None,
+    ):
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, got {n_layers}")
+        key = json.dumps(
+            {
+                "encoder": encoder_fingerprint(encoder_path),
+                "layers": n_layers,
+                "max_length": max_length,
+                "format": FORMAT_VERSION,
+            },
+            sort_keys=True,
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        self.dir = Path(cache_dir) / "token_states" / digest
+        self.encoder_path = encoder_path
+        self.n_layers = n_layers
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self._producer = producer
+        self._tokenizer = None
+        self.computed = 0  # texts whose states this object computed (the rest came from disk)
+
+    def path_for(self, texts: list[str]) -> Path:
+        return self.dir / texts_fingerprint(texts)
+
+    def has(self, texts: list[str]) -> bool:
+        path = self.path_for(texts)
+        if not (path / INDEX_FILE).is_file() or not (path / STATES_FILE).is_file():
+            return False
+        with np.load(path / INDEX_FILE) as index:
+            return index["lengths"].shape[0] == len(texts)
+
+    def get(self, texts: list[str], desc: str = "token states") -> TokenStates:
+        """The entry of `texts`, computed and stored on the first call."""
+        path = self.path_for(texts)
+        if self.has(texts):
+            logger.info(
+                "%s: %d texts, cached states of layers 1-%d from %s (lower layers not run)",
+                desc,
+                len(texts),
+                self.n_layers,
+                path,
+            )
+            return TokenStates.open(path)
+        self._compute(texts, path, desc)
+        return TokenStates.open(path)
+
+    def _producer_or_default(self) -> StateProducer:
+        if self._producer is None:
+            self._producer = TorchStateProducer.from_path(self.encoder_path, self.n_layers)
+        return self._producer
+
+    def _compute(self, texts: list[str], path: Path, desc: str) -> None:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.encoder_path)
+        producer = self._producer_or_default()
+        tokenizer = self._tokenizer
+        n = len(texts)
+        ids = tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        order = np.argsort(-lengths, kind="stable")  # longest first: memory peak shows early
+        offsets = np.zeros(n, dtype=np.int64)
+        offsets[order] = np.concatenate([[0], np.cumsum(lengths[order])[:-1]]) if n else []
+        total = int(lengths.sum())
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        states = np.lib.format.open_memmap(
+            tmp / STATES_FILE, mode="w+", dtype=np.float16, shape=(total, producer.dim)
+        )
+        logger.info(
+            "%s: computing layers 1-%d for %d texts (%d tokens), cached in %s",
+            desc,
+            self.n_layers,
+            n,
+            total,
+            path,
+        )
+        start = last = time.monotonic()
+        done = 0
+        for i in range(0, n, self.batch_size):
+            rows = order[i : i + self.batch_size]
+            width = int(lengths[rows].max())
+            batch_ids = np.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for j, row in enumerate(rows):
+                batch_ids[j, : lengths[row]] = ids[row]
+                mask[j, : lengths[row]] = 1
+            out = producer(batch_ids, mask)
+            for j, row in enumerate(rows):
+                states[offsets[row] : offsets[row] + lengths[row]] = out[j, : lengths[row]]
+            done += len(rows)
+            self.computed += len(rows)
+            now = time.monotonic()
+            if now - last >= 10 or done == n:
+                rate = done / max(now - start, 1e-9)
+                logger.info(
+                    "%s: %d/%d texts (%.0f%%), %.0f texts/s, ETA %.0fs",
+                    desc,
+                    done,
+                    n,
+                    100 * done / n,
+                    rate,
+                    (n - done) / rate if rate else 0.0,
+                )
+                last = now
+        states.flush()
+        del states
+        np.savez(tmp / INDEX_FILE, offsets=offsets, lengths=lengths)
+        try:
+            tmp.rename(path)  # atomic; a concurrent run may have written the same entry first
+        except OSError:
+            if not self.has(texts):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
