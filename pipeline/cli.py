@@ -36,13 +36,15 @@ def _overrides(pairs: Sequence[str]) -> dict[str, object]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.data import format_stats, load_tasks
+    from pipeline.config import check_writable_outputs, load_config
+    from pipeline.data import format_stats, load_tasks, warn_large_batch
     from pipeline.features import resolve_encoder_path
 
     config = load_config(args.config, data_dir=args.data_dir, overrides=_overrides(args.set))
+    check_writable_outputs(config, source=str(args.config))
     resolve_encoder_path(config.encoder.path, config.encoder.allow_download)
     tasks = load_tasks(config)
+    warn_large_batch(tasks, config.train.batch_size)
     print(format_stats(tasks))
     print(f"{args.config}: OK ({len(tasks)} tasks)")
     return 0
@@ -206,7 +208,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     try:
         run_name = submit_retrain(
-            args.config, address=args.address, run_name=args.run_name, data_dir=args.data_dir
+            args.config,
+            address=args.address,
+            run_name=args.run_name,
+            data_dir=args.data_dir,
+            allow_insecure_token=args.allow_insecure_token,
         )
     except SubmitError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -227,6 +233,7 @@ def cmd_schedule_run(args: argparse.Namespace) -> int:
             poll_s=args.poll,
             grace_s=args.grace,
             clock_file=args.clock_file,
+            allow_insecure_token=args.allow_insecure_token,
         )
     except SubmitError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -251,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", type=Path, help="run config (YAML)")
         p.add_argument("--data-dir", help="replaces the config's data_root (or POLYTASK_DATA_DIR)")
+
+    def with_insecure_token(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--allow-insecure-token",
+            action="store_true",
+            help="send the Ray auth token over plain HTTP to a non-loopback address (refused "
+            "otherwise; also POLYTASK_ALLOW_INSECURE_TOKEN=1); prefer https:// or an SSH tunnel",
+        )
 
     def with_overrides(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -397,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--address", help="Ray dashboard URL (else RAY_ADDRESS, else local :8265)")
     p.add_argument("--run-name", help="run name = submission id (default: <name>-<time>-<hex>)")
+    with_insecure_token(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("schedule", help="retrain on cron schedules as Ray Jobs; run history")
@@ -411,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=120.0, help="fire a due tick at most this many s late"
     )
     q.add_argument("--clock-file", type=Path, help="tests: read 'now' (ISO 8601) from this file")
+    with_insecure_token(q)
     q.set_defaults(func=cmd_schedule_run)
     q = sched.add_parser("status", help="history of scheduled runs and skip counts")
     q.add_argument("--state-dir", type=Path, default=Path(".polytask/schedule"), help=state_help)

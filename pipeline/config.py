@@ -414,6 +414,27 @@ class MonitoringConfig(StrictModel):
     )
 
 
+class DataLimitsConfig(StrictModel):
+    """Limits on every data file read for training and evaluation (pipeline/data.py). Files are
+    read line by line with a bounded read, so one huge line is refused with its file and line
+    without ever being held in memory whole."""
+
+    max_line_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        description="Longest line (bytes, newline excluded) of a jsonl/csv/tsv file; also the "
+        "longest csv/tsv record spanning several lines. 1 MiB by default: SentEval lines are "
+        "under 2 KB.",
+    )
+    max_text_chars: int = Field(
+        default=100_000,
+        ge=1,
+        description="Longest text (characters). The encoder reads only its first "
+        "`encoder.max_length` tokens anyway; a text this long is a broken file, not a document. "
+        "csv/tsv fields are also capped at 131,072 characters by Python's csv module.",
+    )
+
+
 class RunConfig(StrictModel):
     """A whole training run."""
 
@@ -434,6 +455,7 @@ class RunConfig(StrictModel):
         "Related tasks cut from one corpus (MR, SUBJ, SST-2) share sentences; the overlap is "
         "always measured and logged, this removes it so dev scores measure transfer alone.",
     )
+    data_limits: DataLimitsConfig = Field(default_factory=DataLimitsConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     shared: SharedConfig = Field(default_factory=SharedConfig)
     towers: TowerConfig = Field(default_factory=TowerConfig)
@@ -490,6 +512,52 @@ class ConfigError(Exception):
         self.errors = errors
         lines = "\n".join(f"  {source}: {e}" for e in errors)
         super().__init__(f"{len(errors)} error(s) in {source}:\n{lines}")
+
+
+def check_writable_outputs(config: RunConfig, source: str = "run config") -> None:
+    """Fail before any work when `storage_path` or the feature cache cannot be written.
+
+    A directory that exists must take a new file (one is created and removed); one that does
+    not exist yet must be creatable, i.e. its nearest existing parent must be a writable
+    directory. Nothing is left behind.
+
+    Raises:
+        ConfigError: one line per unwritable output, naming the field and the path.
+    """
+    cache = config.resolved_cache_dir()
+    cache_field = "cache_dir"
+    if config.cache_dir is None:
+        cache_field += f" ({CACHE_DIR_ENV})" if os.environ.get(CACHE_DIR_ENV) else " (default)"
+    errors = []
+    for field, path in (("storage_path", config.storage_path), (cache_field, cache)):
+        problem = _write_problem(Path(path).expanduser())
+        if problem:
+            errors.append(f"{field}: {problem}")
+    if errors:
+        raise ConfigError(source, errors)
+
+
+def _write_problem(path: Path) -> str | None:
+    """Why no file can be written in directory `path` (existing or to be created), or None."""
+    import tempfile
+
+    target = path.absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        if probe == target:
+            return f"{target} exists and is not a directory"
+        return f"cannot create directory {target}: {probe} is not a directory"
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".polytask-write-check-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        if probe == target:
+            return f"directory {target} is not writable ({reason})"
+        return f"cannot create directory {target}: {probe} is not writable ({reason})"
+    return None
 
 
 def _resolve(path: Path, base: Path | None) -> Path:

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-from pipeline.config import RunConfig, TaskConfig
+from pipeline.config import DataLimitsConfig, RunConfig, TaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +63,108 @@ class TaskData:
         return len(self.labels)
 
 
+class LabelKindCheck:
+    """One task's label column holds one kind of value, across all its files.
+
+    Every label is a JSON integer or every label is a string (jsonl), and, unless the task
+    declares its `labels`, every label is a number or every label is a name: `0`/`1` mixed with
+    `negative`/`positive` would otherwise train a silent 4-class task. A label of another kind
+    than the task's first one is an error at its own file and line.
+    """
+
+    def __init__(self, declared: bool = False):
+        self.declared = declared
+        self.first: tuple[Path, int, str | int] | None = None
+
+    def check(self, path: Path, line: int, label: str | int) -> str | None:
+        """The error for `label` at path:line, or None when it is of the task's kind."""
+        if self.first is None:
+            self.first = (path, line, label)
+            return None
+        path0, line0, label0 = self.first
+        where = f"line {line0}" if path0 == path else f"{path0}:{line0}"
+        if isinstance(label, int) != isinstance(label0, int):
+            return (
+                f"label {label!r} is {_json_type(label)} but the task's first label "
+                f"{label0!r} ({where}) is {_json_type(label0)}: one task's labels must be all "
+                "integers or all strings"
+            )
+        if not self.declared and _is_number(label) != _is_number(label0):
+            return (
+                f"label {label!r} is {_shape(label)} but the task's first label {label0!r} "
+                f"({where}) is {_shape(label0)}: numbers and names in one column would train as "
+                "separate classes; fix the data, or declare the task's `labels` if both are meant"
+            )
+        return None
+
+
+def _json_type(label: str | int) -> str:
+    return "an integer" if isinstance(label, int) else "a string"
+
+
+def _is_number(label: str | int) -> bool:
+    return isinstance(label, int) or re.fullmatch(r"[+-]?\d+(\.\d+)?", label.strip()) is not None
+
+
+def _shape(label: str | int) -> str:
+    return "a number" if _is_number(label) else "a name"
+
+
+def _physical_lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, raw line with its newline) for each line of a binary file; None instead of
+    a line longer than `max_bytes` (newline excluded), which is skipped in 64 KiB chunks: no more
+    than `max_bytes` + 2 bytes of a line are ever held."""
+    for number in itertools.count(1):
+        raw = f.readline(max_bytes + 2)  # room for the longest line, "\r" and "\n"
+        if not raw:
+            return
+        if len(raw) == max_bytes + 2 and not raw.endswith(b"\n"):
+            while chunk := f.readline(1 << 16):
+                if chunk.endswith(b"\n"):
+                    break
+            yield number, None
+            continue
+        length = len(raw)
+        if raw.endswith(b"\n"):
+            length -= 2 if raw.endswith(b"\r\n") else 1
+        elif raw.endswith(b"\r"):
+            length -= 1
+        yield number, raw if length <= max_bytes else None
+
+
+def _not_utf8(err: UnicodeDecodeError) -> str:
+    return (
+        f"not UTF-8 text ({err.reason} at byte {err.start} of the line); the rest of the file "
+        "was not read"
+    )
+
+
+class _StopFile(Exception):
+    """A problem after which the rest of a csv/tsv file cannot be read reliably."""
+
+    def __init__(self, line: int, message: str):
+        self.line = line
+        self.message = message
+        super().__init__(message)
+
+
 def read_rows(
-    path: Path, fmt: str, text_field: str, label_field: str
+    path: Path,
+    fmt: str,
+    text_field: str,
+    label_field: str,
+    limits: DataLimitsConfig | None = None,
+    label_kinds: LabelKindCheck | None = None,
 ) -> tuple[list[tuple[int, str, str]], list[str]]:
     """Read (line number, text, label) rows from one file.
+
+    Lines are read with a bounded read: a line over `limits.max_line_bytes` is an error at its
+    line and is never held whole (jsonl goes on with the next line; csv/tsv stops, since a
+    quoted field may span lines).
+
+    Args:
+        limits: Line and text size limits (default: DataLimitsConfig's defaults).
+        label_kinds: The task's label kind check, shared by its files (default: this file's).
 
     Returns:
         The good rows and one error string per bad row (at most MAX_ERRORS_PER_FILE, then a
@@ -72,6 +172,10 @@ def read_rows(
     """
     if not path.is_file():
         return [], [f"{path}: file not found"]
+    limits = limits or DataLimitsConfig()
+    label_kinds = label_kinds or LabelKindCheck()
+    max_bytes = limits.max_line_bytes
+    too_long = f"line longer than data_limits.max_line_bytes ({max_bytes:,} bytes)"
     rows: list[tuple[int, str, str]] = []
     errors: list[str] = []
     n_bad = 0
@@ -94,39 +198,80 @@ def read_rows(
         if not text.strip():
             bad(line, f"field {text_field!r} is empty")
             return
+        if len(text) > limits.max_text_chars:
+            bad(
+                line,
+                f"field {text_field!r} has {len(text):,} characters, more than "
+                f"data_limits.max_text_chars ({limits.max_text_chars:,})",
+            )
+            return
         if isinstance(label, bool) or not isinstance(label, str | int):
             bad(line, f"field {label_field!r} must be a string or integer, got {label!r}")
             return
-        label = str(label).strip()
-        if not label:
+        if not str(label).strip():
             bad(line, f"field {label_field!r} is empty")
             return
-        rows.append((line, text, label))
+        mixed = label_kinds.check(path, line, label)
+        if mixed:
+            bad(line, mixed)
+            return
+        rows.append((line, text, str(label).strip()))
 
-    try:
-        with path.open(encoding="utf-8", newline="") as f:
-            if fmt == "jsonl":
-                for i, raw in enumerate(f, start=1):
-                    if not raw.strip():
-                        continue
+    with path.open("rb") as f:
+        if fmt == "jsonl":
+            for i, raw in _physical_lines(f, max_bytes):
+                if raw is None:
+                    bad(i, too_long)
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    bad(i, _not_utf8(err))
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as err:
+                    bad(i, f"invalid JSON: {err.msg} (column {err.colno})")
+                    continue
+                if not isinstance(record, dict):
+                    bad(i, f"expected a JSON object, got {type(record).__name__}")
+                    continue
+                take(i, record)
+        else:
+            record_bytes = 0  # of the csv record being read, which may span lines
+            last_line = 0
+
+            def text_lines() -> Iterator[str]:
+                nonlocal record_bytes, last_line
+                for i, raw in _physical_lines(f, max_bytes):
+                    last_line = i
+                    if raw is None:
+                        raise _StopFile(i, f"{too_long}; the rest of the file was not read")
+                    record_bytes += len(raw)
+                    if record_bytes > max_bytes + 2:
+                        raise _StopFile(
+                            i,
+                            f"record longer than data_limits.max_line_bytes ({max_bytes:,} "
+                            "bytes); the rest of the file was not read",
+                        )
                     try:
-                        record = json.loads(raw.rstrip("\r\n"))
-                    except json.JSONDecodeError as err:
-                        bad(i, f"invalid JSON: {err.msg} (column {err.colno})")
-                        continue
-                    if not isinstance(record, dict):
-                        bad(i, f"expected a JSON object, got {type(record).__name__}")
-                        continue
-                    take(i, record)
-            else:
-                reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+                        yield raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        raise _StopFile(i, _not_utf8(err)) from None
+
+            reader = csv.DictReader(text_lines(), delimiter="\t" if fmt == "tsv" else ",")
+            try:
                 header = reader.fieldnames or []
+                record_bytes = 0
                 missing = [c for c in (text_field, label_field) if c not in header]
                 if missing:
                     return [], [
                         f"{path}:1: header has no column {missing[0]!r} (columns: {header})"
                     ]
                 for record in reader:
+                    record_bytes = 0
                     line = reader.line_num
                     if None in record:
                         bad(line, f"more values than the {len(header)} header columns")
@@ -135,8 +280,10 @@ def read_rows(
                         bad(line, f"fewer values than the {len(header)} header columns")
                         continue
                     take(line, record)
-    except UnicodeDecodeError as err:
-        return [], [f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"]
+            except _StopFile as err:
+                bad(err.line, err.message)
+            except csv.Error as err:
+                bad(last_line, f"malformed {fmt}: {err}; the rest of the file was not read")
     if n_bad > MAX_ERRORS_PER_FILE:
         errors.append(f"{path}: ... and {n_bad - MAX_ERRORS_PER_FILE} more bad lines")
     return rows, errors
@@ -151,10 +298,16 @@ def _label_order(label: str) -> tuple[int, float, str]:
 
 
 def load_task(
-    task: TaskConfig, data_root: Path | None, splits: Iterable[str] = ("train", "dev")
+    task: TaskConfig,
+    data_root: Path | None,
+    splits: Iterable[str] = ("train", "dev"),
+    limits: DataLimitsConfig | None = None,
 ) -> TaskData:
     """Read and check one task's splits. The label vocabulary comes from `task.labels` if
     declared, else the sorted training labels.
+
+    Args:
+        limits: Line and text size limits (default: DataLimitsConfig's defaults).
 
     Raises:
         DataError: every problem found, each naming its file and line.
@@ -162,9 +315,12 @@ def load_task(
     splits = list(splits)
     errors: list[str] = []
     read: dict[str, tuple[Path, list[tuple[int, str, str]]]] = {}
+    kinds = LabelKindCheck(declared=task.labels is not None)
     for split in splits:
         path = task.split_path(split, data_root)
-        rows, errs = read_rows(path, task.format, task.text_field, task.label_field)
+        rows, errs = read_rows(
+            path, task.format, task.text_field, task.label_field, limits, label_kinds=kinds
+        )
         errors += errs
         if not rows and not errs:
             errors.append(f"{path}: no examples (task {task.name!r}, split {split!r})")
@@ -223,7 +379,7 @@ def load_tasks(
         if labels is not None and task.name in labels:
             task = task.model_copy(update={"labels": labels[task.name]})
         try:
-            out.append(load_task(task, config.data_root, splits))
+            out.append(load_task(task, config.data_root, splits, config.data_limits))
         except DataError as err:
             errors += err.errors
     if errors:
@@ -264,6 +420,30 @@ def format_stats(tasks: list[TaskData]) -> str:
             words = np.mean([len(x.split()) for x in s.texts]) if s.texts else 0.0
             lines.append(f"{t.name:<10} {split:<6} {len(s):>7} {words:>10.1f}  {shares}")
     return "\n".join(lines)
+
+
+def warn_large_batch(tasks: list[TaskData], batch_size: int) -> list[str]:
+    """Log a warning for each task whose training set is smaller than one batch.
+
+    Legal, but every batch of such a task is its whole training set (per worker), so it trains
+    on fewer examples per step than `train.batch_size` says.
+
+    Returns:
+        The names of those tasks.
+    """
+    small = []
+    for t in tasks:
+        n = len(t.splits["train"]) if "train" in t.splits else None
+        if n is not None and n < batch_size:
+            small.append(t.name)
+            logger.warning(
+                "task %r has %d training examples, fewer than train.batch_size %d: each of its "
+                "batches is its whole training set",
+                t.name,
+                n,
+                batch_size,
+            )
+    return small
 
 
 def normalize_text(text: str) -> str:

@@ -195,7 +195,7 @@ def test_labels_sorted_by_default_and_declared_order_kept(tmp_path):
 
 
 def test_integer_labels_become_strings(tmp_path):
-    rows = (_row("a", 1), _row("b", 0), _row("c", "1"))
+    rows = (_row("a", 1), _row("b", 0), _row("c", 1))
     data = load_task(_task(tmp_path, train=rows, dev=rows), tmp_path)
     assert data.labels == ["0", "1"]
     assert data.splits["train"].labels.tolist() == [1, 0, 1]
@@ -240,12 +240,23 @@ def test_jsonl_missing_field_and_csv_missing_field_read_rows(tmp_path):
     assert errors == [f"{path}:2: missing field 'text' (fields present: ['label'])"]
 
 
-def test_not_utf8(tmp_path):
-    path = tmp_path / "a.jsonl"
-    path.write_bytes(b'{"text": "caf\xe9", "label": "x"}\n')
-    rows, errors = read_rows(path, "jsonl", "text", "label")
-    assert rows == []
-    assert len(errors) == 1 and errors[0].startswith(f"{path}: not UTF-8 text")
+@pytest.mark.parametrize(
+    ("fmt", "lines"),
+    [
+        ("jsonl", [b'{"text": "ok", "label": "x"}', b'{"text": "caf\xe9", "label": "x"}']),
+        ("csv", [b"text,label", b"caf\xe9,x"]),
+    ],
+)
+def test_not_utf8_names_the_line(tmp_path, fmt, lines):
+    path = tmp_path / f"a.{fmt}"
+    path.write_bytes(b"\n".join([*lines, *lines[-1:]]) + b"\n")
+    rows, errors = read_rows(path, fmt, "text", "label")
+    at = lines[1].index(b"\xe9")
+    assert errors == [
+        f"{path}:2: not UTF-8 text (invalid continuation byte at byte {at} of the line); "
+        "the rest of the file was not read"
+    ]
+    assert rows == ([(1, "ok", "x")] if fmt == "jsonl" else [])
 
 
 def test_load_tasks_collects_errors_of_every_task(tmp_path):

@@ -25,6 +25,10 @@ from pipeline.jobs.schedule import (
     load_schedules,
 )
 from pipeline.jobs.submit import (
+    INSECURE_TOKEN_ENV,
+    SubmitError,
+    check_token_transport,
+    connect,
     new_run_name,
     read_auth_token,
     retrain_entrypoint,
@@ -183,6 +187,149 @@ def test_auth_token_is_read_like_rays_client(tmp_path, monkeypatch):
     assert read_auth_token() == "path-token"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
     assert read_auth_token() == "env-token"
+
+
+# --- the token never travels unencrypted to another machine ---------------------------------
+
+SECRET = "s3cr3t-token-value"
+
+
+class RecordingSubmissionClient:
+    """Stands in for ray.job_submission.JobSubmissionClient: records what it was given."""
+
+    made: list[tuple[str, dict | None]] = []
+
+    def __init__(self, address: str, headers: dict | None = None, **kwargs):
+        RecordingSubmissionClient.made.append((address, headers))
+
+    def submit_job(self, *, entrypoint: str, submission_id: str | None = None, **kwargs) -> str:
+        return submission_id or "job"
+
+
+@pytest.fixture
+def recording_client(monkeypatch, tmp_path):
+    """A token in RAY_AUTH_TOKEN, no address or opt-in from the environment, Ray's job client
+    replaced by a recorder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", SECRET)
+    for env in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", INSECURE_TOKEN_ENV):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setattr("ray.job_submission.JobSubmissionClient", RecordingSubmissionClient)
+    RecordingSubmissionClient.made = []
+    return RecordingSubmissionClient.made
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "http://10.0.0.5:8265",
+        "10.0.0.5:8265",  # no scheme: Ray reads it as http
+        "http://head.example.com:8265",
+        "HTTP://head.example.com",
+        "ray://10.0.0.5:10001",
+        "http://[2001:db8::1]:8265",
+        "http://127.0.0.1.example.com:8265",
+        "http://0.0.0.0:8265",
+    ],
+)
+def test_token_is_not_sent_unencrypted_to_another_host(address):
+    with pytest.raises(SubmitError) as info:
+        check_token_transport(address, "--address")
+    msg = str(info.value)
+    assert msg.startswith("refusing to send the Ray auth token unencrypted")
+    assert "--allow-insecure-token" in msg and INSECURE_TOKEN_ENV in msg
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "https://head.example.com:8443",
+        "https://10.0.0.5",
+        "http://127.0.0.1:8265",
+        "http://127.8.9.10:8265",
+        "127.0.0.1:8265",
+        "http://localhost:8265",
+        "localhost:8265",
+        "http://LOCALHOST.:8265",
+        "http://[::1]:8265",
+        "http://[::ffff:127.0.0.1]:8265",
+        "auto",  # the cluster on this machine
+    ],
+)
+def test_token_may_go_over_https_anywhere_and_to_loopback(address):
+    check_token_transport(address, "--address")
+
+
+def test_insecure_token_opt_in_warns_without_the_token(caplog):
+    with caplog.at_level("WARNING", logger="pipeline.jobs.submit"):
+        check_token_transport("http://10.0.0.5:8265", "--address", allow_insecure=True)
+    [record] = caplog.records
+    assert "unencrypted (http://) to 10.0.0.5" in record.getMessage()
+
+
+def test_connect_refuses_before_any_request_and_never_shows_the_token(recording_client, caplog):
+    with pytest.raises(SubmitError) as info:
+        connect("http://10.0.0.5:8265")
+    assert recording_client == []  # no client, so no request with the header
+    assert SECRET not in str(info.value) and SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_connect_sends_the_token_when_the_user_opts_in(recording_client, monkeypatch, caplog, how):
+    if how == "environment":
+        monkeypatch.setenv(INSECURE_TOKEN_ENV, "1")
+    connect("http://10.0.0.5:8265", allow_insecure_token=how == "argument")
+    assert recording_client == [("http://10.0.0.5:8265", {"Authorization": f"Bearer {SECRET}"})]
+    assert "allowed by --allow-insecure-token" in caplog.text and SECRET not in caplog.text
+
+
+def test_connect_over_https_or_loopback_or_without_a_token_needs_no_opt_in(
+    recording_client, monkeypatch
+):
+    connect("https://head.example.com")
+    connect("127.0.0.1:8265")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    connect("http://10.0.0.5:8265")  # nothing secret to send
+    assert recording_client == [
+        ("https://head.example.com", {"Authorization": f"Bearer {SECRET}"}),
+        ("http://127.0.0.1:8265", {"Authorization": f"Bearer {SECRET}"}),
+        ("http://10.0.0.5:8265", None),
+    ]
+
+
+@pytest.mark.parametrize("env", ["RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"])
+def test_the_address_checked_is_the_one_rays_client_uses(recording_client, monkeypatch, env):
+    # Ray's JobSubmissionClient replaces the address it is given with these variables.
+    monkeypatch.setenv(env, "http://10.0.0.5:8265")
+    with pytest.raises(SubmitError) as info:
+        connect("https://head.example.com")
+    assert f"(http://10.0.0.5:8265, from {env})" in str(info.value)
+    assert recording_client == []
+
+
+@pytest.mark.parametrize("command", ["submit", "schedule"])
+def test_cli_refuses_with_exit_2_unless_allow_insecure_token(
+    recording_client, tmp_path, capsys, command
+):
+    from pipeline.cli import main
+
+    if command == "submit":
+        args = ["submit", str(REPO_ROOT / "configs" / "senteval6.yaml")]
+    else:
+        schedule = tmp_path / "s.yaml"
+        schedule.write_text(
+            yaml.safe_dump({"schedules": [{"name": "a", "cron": "0 2 * * *", "entrypoint": "x"}]})
+        )
+        args = ["schedule", "run", str(schedule), "--state-dir", str(tmp_path / "state")]
+    args += ["--address", "http://10.0.0.5:8265"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: refusing to send the Ray auth token unencrypted (http://) to 10.0.0.5" in err
+    assert "--allow-insecure-token" in err and SECRET not in err
+    assert recording_client == [] and not (tmp_path / "state").exists()
+    if command == "submit":
+        assert main([*args, "--allow-insecure-token"]) == 0
+        assert recording_client == [("http://10.0.0.5:8265", {"Authorization": f"Bearer {SECRET}"})]
 
 
 # --- the scheduler --------------------------------------------------------------------------

@@ -384,12 +384,16 @@ def run_schedules(
     poll_s: float = 10.0,
     grace_s: float = 120.0,
     clock_file: Path | None = None,
+    allow_insecure_token: bool = False,
 ) -> None:
-    """`polytask schedule run`: validate, connect, then loop until interrupted."""
+    """`polytask schedule run`: validate, connect, then loop until interrupted.
+
+    `allow_insecure_token`: see `pipeline.jobs.submit.connect`.
+    """
     from pipeline.jobs.submit import connect
 
     schedules = load_schedules(schedule_file)
-    client = connect(address)
+    client = connect(address, allow_insecure_token)
     store = StateStore(state_dir)
     clock: Clock = FileClock(clock_file) if clock_file else SystemClock()
     logger.info("scheduler: %d schedule(s), state in %s", len(schedules), store.path)

@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from pipeline import __version__
-from pipeline.config import RunConfig, config_to_dict
+from pipeline.config import RunConfig, check_writable_outputs, config_to_dict
 from pipeline.data import (
     Split,
     TaskData,
@@ -34,6 +34,7 @@ from pipeline.data import (
     fingerprint_files,
     format_stats,
     load_tasks,
+    warn_large_batch,
 )
 from pipeline.features import (
     FeatureCache,
@@ -384,12 +385,14 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
     start = time.monotonic()
     run_name = run_name or new_run_name(config.name)
     run_dir = config.storage_path / run_name
+    check_writable_outputs(config, source=f"run {run_name}")
     encoder_path = resolve_encoder_path(config.encoder.path, config.encoder.allow_download)
 
     tasks = load_tasks(config)
     full_splits = {(t.name, name): split for t in tasks for name, split in t.splits.items()}
     overlap, removed = check_overlap(config, tasks)
     logger.info("data:\n%s", format_stats(tasks))
+    warn_large_batch(tasks, config.train.batch_size)
     inputs = prepare_inputs(config, tasks, encoder_path, full_splits)
     dim = inputs.dim
     weights = task_weights(config, tasks, inputs.train_features)
