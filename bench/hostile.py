@@ -1,0 +1,232 @@
+"""Hostile-mix load check: does any client's input hurt another client's request?
+
+One `polytask serve` on loopback (the artifact registered in a temporary store), then, side by
+side in one run:
+
+    (1) clean traffic: `--concurrency` closed-loop clients sending valid requests (1-4 dev
+        texts each) for `--seconds`; p50 / p99 latency of the valid requests
+    (2) the hostile mix: the same valid clients, plus as many hostile clients sending, in
+        turn, poison texts (lone surrogates, over-long texts), oversized bodies (over
+        Content-Length and chunked), deeply nested and malformed JSON, huge numbers, invalid
+        UTF-8, wrong types and content types; the service's readiness polled throughout
+
+and prints: valid requests failed (must be 0), hostile requests by status, whether /readyz
+ever failed, the valid p99 under the mix next to the clean p99 (target: within 3x), the time
+to refuse a 20 MB body, the service's memory before and after, and /metrics' rejections by
+reason.
+
+    python bench/hostile.py [ARTIFACT_DIR]      # default: runs/latest/artifact
+        [--seconds 60] [--concurrency 32] [--threads N]
+
+Figures depend on the machine's load; compare the two phases of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from serve import Server, dev_texts  # noqa: E402  (bench/serve.py: the same server harness)
+
+JSON = {"content-type": "application/json"}
+
+
+def hostile_requests() -> list[tuple[str, bytes | object, dict[str, str]]]:
+    """(kind, body, headers): every way issue 9 found to hurt the service, and a few more."""
+    huge_text = b"x" * (2 << 20)
+
+    def chunked():  # 2 MB without a Content-Length
+        for i in range(0, 2 << 20, 64 << 10):
+            yield b'{"texts": ["' if i == 0 else huge_text[i : i + (64 << 10)]
+
+    return [
+        ("surrogate", b'{"texts": ["ok \\ud800"]}', JSON),
+        ("surrogate_in_list", b'{"texts": ["good", "\\udfff bad", "fine"]}', JSON),
+        ("text_too_long", b'{"texts": ["' + b"y " * 30_000 + b'"]}', JSON),
+        ("body_too_large", b'{"texts": ["' + huge_text + b'"]}', JSON),
+        ("body_chunked", chunked, JSON),
+        ("deep_json", b"[" * 100_000 + b"]" * 100_000, JSON),
+        ("huge_number", b'{"texts": ["a"], "n": ' + b"9" * 5000 + b"}", JSON),
+        ("invalid_utf8", b'{"texts": ["caf\xe9 \xff"]}', JSON),
+        ("malformed", b'{"texts": ["a"', JSON),
+        ("wrong_type", b'{"texts": ["a"], "return_all_probabilities": "yes"}', JSON),
+        ("not_json_type", b'{"texts": ["a"]}', {"content-type": "text/plain"}),
+        ("no_content_type", b'{"texts": ["a"]}', {}),
+    ]
+
+
+def _send(http, url: str, body, headers) -> int:
+    import httpx
+
+    content = body() if callable(body) else body
+    try:
+        return http.post(f"{url}/predict", content=content, headers=headers).status_code
+    except httpx.TransportError:  # the server closed an oversized upload early: refused
+        return 413
+
+
+def run_phase(url: str, texts: list[str], concurrency: int, seconds: float, hostile: bool):
+    """Closed-loop valid clients (and as many hostile ones); latencies and outcomes."""
+    import httpx
+
+    latencies: list[float] = []
+    valid_failed: Counter[int] = Counter()
+    hostile_status: Counter[tuple[str, int]] = Counter()
+    not_ready = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+    attacks = hostile_requests()
+
+    def valid_client(k: int) -> None:
+        i = k
+        with httpx.Client(timeout=60) as http:
+            while time.perf_counter() < stop:
+                chunk = [texts[(i + j) % len(texts)] for j in range(1 + i % 4)]
+                start = time.perf_counter()
+                try:
+                    code = http.post(f"{url}/predict", json={"texts": chunk}).status_code
+                except httpx.HTTPError:
+                    code = -1
+                with lock:
+                    if code == 200:
+                        latencies.append(1000 * (time.perf_counter() - start))
+                    else:
+                        valid_failed[code] += 1
+                i += concurrency
+
+    def hostile_client(k: int) -> None:
+        i = k
+        with httpx.Client(timeout=60) as http:
+            while time.perf_counter() < stop:
+                kind, body, headers = attacks[i % len(attacks)]
+                code = _send(http, url, body, headers)
+                with lock:
+                    hostile_status[(kind, code)] += 1
+                i += 1
+
+    def watch_ready() -> None:
+        with httpx.Client(timeout=10) as http:
+            while time.perf_counter() < stop:
+                try:
+                    ok = http.get(f"{url}/readyz").status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if not ok:
+                    not_ready[0] += 1
+                time.sleep(0.5)
+
+    threads = [threading.Thread(target=valid_client, args=(k,)) for k in range(concurrency)]
+    if hostile:
+        threads += [threading.Thread(target=hostile_client, args=(k,)) for k in range(concurrency)]
+    threads.append(threading.Thread(target=watch_ready))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, valid_failed, hostile_status, not_ready[0]
+
+
+def server_rss(pgid: int) -> int:
+    """Resident bytes of every process in the server's process group."""
+    import psutil
+
+    total = 0
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) == pgid:
+                total += proc.memory_info().rss
+    return total
+
+
+def rejections(url: str) -> dict[str, float]:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for s in family.samples:
+            if s.name == "polytask_rejected_requests_total":
+                out[s.labels["reason"]] = out.get(s.labels["reason"], 0) + s.value
+    return out
+
+
+def pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifact", type=Path, nargs="?", default=REPO / "runs/latest/artifact")
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/data/senteval")
+    args = parser.parse_args(argv)
+    if not (args.artifact / "model.onnx").is_file():
+        raise SystemExit(
+            f"{args.artifact}: no exported model; run `make train` (or `polytask export RUN`)"
+        )
+    import httpx
+
+    texts = dev_texts(args.data_dir)
+    with Server(args.artifact, args.threads) as server:
+        url, pgid = server.url, server.proc.pid
+        print(f"server {url}, {args.concurrency} valid clients, {args.seconds:.0f} s per phase")
+        clean, clean_failed, _, clean_unready = run_phase(
+            url, texts, args.concurrency, args.seconds, hostile=False
+        )
+        rss_before = server_rss(pgid)
+        start = time.perf_counter()
+        code = _send(
+            httpx.Client(timeout=60), url, b'{"texts": ["' + b"z" * (20 << 20) + b'"]}', JSON
+        )
+        refuse_s = time.perf_counter() - start
+        mixed, failed, hostile, unready = run_phase(
+            url, texts, args.concurrency, args.seconds, hostile=True
+        )
+        rss_after = server_rss(pgid)
+        reasons = rejections(url)
+
+    print("\n== clean traffic")
+    print(
+        f"valid requests: {len(clean)} ok, {sum(clean_failed.values())} failed {dict(clean_failed)}"
+    )
+    print(f"valid latency ms: p50 {pct(clean, 50):.1f}  p99 {pct(clean, 99):.1f}")
+    print("\n== hostile mix (as many hostile clients as valid ones)")
+    print(f"valid requests: {len(mixed)} ok, {sum(failed.values())} failed {dict(failed)}")
+    print(f"valid latency ms: p50 {pct(mixed, 50):.1f}  p99 {pct(mixed, 99):.1f}")
+    print(
+        f"valid p99 under the mix / clean p99: {pct(mixed, 99) / pct(clean, 99):.2f}x (target <= 3x)"
+    )
+    by_kind: dict[str, Counter[int]] = {}
+    for (kind, status), n in hostile.items():
+        by_kind.setdefault(kind, Counter())[status] += n
+    print("hostile requests by kind -> status:")
+    for kind, counts in sorted(by_kind.items()):
+        print(f"  {kind:<20} {dict(counts)}")
+    print(f"/readyz not 200: {clean_unready + unready} of the polls (every 0.5 s)")
+    print(f"20 MB body: status {code} in {1000 * refuse_s:.0f} ms")
+    print(
+        f"service memory: {rss_before / 2**20:.0f} MiB before the mix, {rss_after / 2**20:.0f} MiB after"
+    )
+    print("rejections counted in /metrics by reason:")
+    for reason, n in sorted(reasons.items()):
+        print(f"  {reason:<24} {n:.0f}")
+    bad = sum(failed.values()) + sum(clean_failed.values()) + clean_unready + unready
+    print(f"\nRESULT: {'PASS' if bad == 0 else 'FAIL'}: {bad} valid failures or unready polls")
+    return 0 if bad == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
