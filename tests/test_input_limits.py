@@ -244,18 +244,43 @@ def test_unwritable_storage_and_cache_are_named_with_their_paths(tmp_path):
     assert blocker.read_text() == "not a directory"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_read_only_storage_path_is_refused(tmp_path):
+    """A directory the process may not write into. Root writes anywhere (CAP_DAC_OVERRIDE), so
+    as root (CI) the check runs in a child without capabilities (util-linux's setpriv)."""
+    import shutil
+    import subprocess
+    import sys
+
     storage = tmp_path / "ro"
     storage.mkdir()
     storage.chmod(0o500)
+    code = (
+        "import sys\n"
+        "from pipeline.config import ConfigError, check_writable_outputs, parse_config\n"
+        "config = parse_config({'tasks': [{'name': 'a'}], 'storage_path': sys.argv[1],"
+        " 'cache_dir': sys.argv[2]})\n"
+        "try:\n"
+        "    check_writable_outputs(config)\n"
+        "except ConfigError as err:\n"
+        "    print(err.errors[0]); sys.exit(3)\n"
+    )
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "setpriv (util-linux) is needed to run this check as root"
+        prefix = [setpriv, "--bounding-set=-all", "--inh-caps=-all"]
     try:
-        with pytest.raises(ConfigError) as info:
-            check_writable_outputs(_config(tmp_path, storage, tmp_path / "cache"))
+        proc = subprocess.run(
+            [*prefix, sys.executable, "-c", code, str(storage), str(tmp_path / "cache")],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         storage.chmod(0o700)
-    [error] = info.value.errors
-    assert error.startswith(f"storage_path: directory {storage} is not writable (")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"storage_path: directory {storage} is not writable (")
 
 
 def test_cache_dir_from_the_environment_is_named(tmp_path, monkeypatch):
