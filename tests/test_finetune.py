@@ -281,3 +281,23 @@ def test_export_carries_the_finetuned_layers(finetuned_run, tmp_path, tiny_encod
     np.testing.assert_allclose(onnx["topic"], eager[1].numpy(), atol=1e-4)
     # Not vacuous: the same heads on the pretrained encoder give other logits.
     assert not np.allclose(onnx["topic"], pretrained[1].numpy(), atol=1e-3)
+
+
+def test_svd_weights_with_a_finetuned_encoder_use_pretrained_pooled_features(
+    tmp_path, tiny_data_dir, tiny_encoder_dir
+):
+    from pipeline.train.driver import prepare_inputs, task_weights
+
+    raw = tiny_config_dict(tiny_data_dir, tiny_encoder_dir, tmp_path / "runs", tmp_path / "c")
+    raw["encoder"]["trainable_layers"] = 1
+    raw["weighting"] = {"method": "svd", "rank": 1}
+    config = resolve_paths(parse_config(raw), base=tmp_path)
+    tasks = load_tasks(config)
+    prepared = prepare_inputs(config, tasks, str(tiny_encoder_dir))
+    assert {t: f.shape for t, f in prepared.train_features.items()} == {
+        "sentiment": (48, 32),
+        "topic": (48, 32),
+    }
+    weights = task_weights(config, tasks, prepared.train_features)
+    assert np.mean(list(weights.values())) == pytest.approx(1.0)
+    assert weights["sentiment"] != weights["topic"]

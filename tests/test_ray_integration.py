@@ -25,9 +25,11 @@ def ray_cluster():
     ray.shutdown()
 
 
-def two_worker_config(tmp: Path, data: Path, encoder: Path, **scaling):
+def two_worker_config(tmp: Path, data: Path, encoder: Path, trainable_layers: int = 0, **scaling):
     raw = tiny_config_dict(data, encoder, tmp / "runs", tmp / "cache")
     raw["train"]["epochs"] = 5
+    raw["encoder"]["trainable_layers"] = trainable_layers
+    raw["optim"]["encoder_lr"] = 1e-3
     raw["scaling"] = {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 1, **scaling}
     return resolve_paths(parse_config(raw), base=tmp)
 
@@ -74,6 +76,46 @@ def test_killed_worker_resumes_from_its_checkpoint(
     for a, b in zip(rec["history"], clean["history"], strict=True):
         for task, loss in a["train_loss"].items():
             assert loss == pytest.approx(b["train_loss"][task], rel=1e-4, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def finetuned(ray_cluster, tmp_path_factory, tiny_data_dir, tiny_encoder_dir):
+    """Two DDP workers fine-tuning the top layer on cached bottom-layer states."""
+    tmp = tmp_path_factory.mktemp("ray-finetune")
+    config = two_worker_config(tmp, tiny_data_dir, tiny_encoder_dir, trainable_layers=1)
+    return train(config, run_name="finetune-clean"), tmp
+
+
+def test_finetuned_worker_killed_once_resumes_exactly(
+    finetuned, tiny_data_dir, tiny_encoder_dir, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    clean, tmp = finetuned
+    rec = clean.record
+    assert rec["encoder"]["cached_layers"] == 1 and rec["resumed_from"] is None
+    joint = [h for h in rec["history"] if h["stage"] == "joint"]
+    assert sum(joint[-1]["train_loss"].values()) < sum(joint[0]["train_loss"].values())
+
+    # Same storage and cache: the rerun reads every token state from the cache.
+    marker = tmp / "killed.txt"
+    monkeypatch.setenv(FAULT_ENV, f"joint:3:{marker}")
+    config = two_worker_config(tmp, tiny_data_dir, tiny_encoder_dir, trainable_layers=1)
+    killed = train(config, run_name="finetune-killed")
+    assert marker.is_file(), "the fault was not injected"
+    krec = killed.record
+    assert krec["resumed_from"] == "joint:3"
+    assert [h["epoch"] for h in krec["history"] if h["stage"] == "joint"] == [1, 2, 3, 4, 5]
+    for a, b in zip(krec["history"], rec["history"], strict=True):
+        assert a["dev"] == b["dev"]
+        for task, loss in a["train_loss"].items():
+            assert loss == pytest.approx(b["train_loss"][task], rel=1e-4, abs=1e-6)
+    # The selected models are the same, fine-tuned encoder layer included.
+    a = load_file(str(killed.run_dir / "model" / "model.safetensors"))
+    b = load_file(str(clean.run_dir / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("encoder.") for k in a)
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-5, key
 
 
 def test_a_cluster_too_small_fails_before_training(

@@ -172,6 +172,8 @@ def run_experiment(
     write(f"{suite} suite: {len(specs)} runs ({len(seed_list)} seed(s)) -> {suite_dir}")
     if needs_features(base, specs):
         warm_feature_cache(base, write)
+    if base.encoder.fine_tuned:
+        warm_token_states(base, write)
     # A suite's own inputs (noise: corrupted copies; affinity: encoder-feature similarity).
     prepare = getattr(module, "prepare", None)
     prepared = (prepare(base, specs, suite_dir) if prepare is not None else None) or {}
@@ -212,13 +214,31 @@ def run_experiment(
 
 
 def needs_features(base: RunConfig, specs: Sequence[RunSpec]) -> bool:
-    """Whether the runs read pooled encoder features (frozen encoder, standardization, or SVD
-    weights in some variant), as the training driver decides per run."""
+    """Whether the runs read pooled features of the pretrained encoder (frozen encoder, or SVD
+    weights in some variant), as the training driver decides per run. Fine-tuned runs take
+    their standardization from a sample of cached token states instead."""
     enc = base.encoder
     svd = base.weighting.method == "svd" or any(
         s.overrides.get("weighting.method") == "svd" for s in specs
     )
-    return enc.trainable_layers == 0 or enc.standardize or svd
+    return not enc.fine_tuned or svd
+
+
+def warm_token_states(base: RunConfig, write: Callable[[str], None]) -> None:
+    """Fill the token-state cache of fine-tuned runs once, here, before the runs start (for
+    the same reasons as `warm_feature_cache`); whole-encoder runs have nothing to cache."""
+    from pipeline.data import load_tasks
+    from pipeline.features import resolve_encoder_path
+    from pipeline.train.driver import prepare_inputs
+
+    enc = base.encoder
+    if enc.trainable_layers == "all":
+        return
+    write(
+        f"computing the cached bottom-layer token states once for all runs (top "
+        f"{enc.trainable_layers} layer(s) fine-tuned); progress below"
+    )
+    prepare_inputs(base, load_tasks(base), resolve_encoder_path(enc.path, enc.allow_download))
 
 
 def warm_feature_cache(base: RunConfig, write: Callable[[str], None]) -> None:
