@@ -1,21 +1,30 @@
-"""Serving benchmark: measures side by side, in one run on one machine, and prints ratios.
+"""Serving benchmark: measures side by side, in one run on one machine, and prints ratios, each
+throughput also as a share of the machine's own fp32 ceiling measured in the same run.
 
+    (0) the ceiling: numpy's sgemm (float32 matmul) on the encoder's GEMM shapes, same thread
+        count, best of several repetitions: GFLOP/s; and the FLOPs of the texts sent, counted
+        from the encoder's shape (layers, width, FFN width) and the real token counts (no
+        padding): 2·L·(4·d² + 2·d·d_ff) + 4·L²·d per layer for a text of L tokens
     (a) the six-task endpoint vs six single-task services (one `polytask serve` per task,
         each a full encoder pass), same clients, same concurrency: texts/s of complete
         answers (all six tasks per text); a single-task "answer" is six requests, sent at once
     (b) model engines: onnxruntime fp32 and dynamic int8 vs PyTorch eager, batch 1 and 32
         (texts/s, all tasks' logits, tokenization excluded; same thread count for all)
     (c) POST /predict at saturation (a real `polytask serve` on loopback) vs the raw ORT
-        session at the same batch size, tokenization included on both sides
+        session at the same batch size, tokenization included on both sides; and the raw
+        session on all texts sorted by length (the least padding a batch can have)
     (d) p50 / p99 latency of 1-text requests sent at a fixed rate (open loop)
 
-Usage (the run is exported to a temporary directory unless --artifact is given; (a) runs
-only with one exported single-task artifact per task of the run):
+Usage: with no argument it measures the latest run (`runs/latest`, its `artifact/` when
+exported, else exported to a temporary directory); (a) runs only with one exported
+single-task artifact per task of the run:
 
-    python bench/serve.py runs/<six-task run> [--artifact DIR] [--seconds 8] \
+    python bench/serve.py [RUN] [--artifact DIR] [--seconds 8] \
         [--single mr=DIR --single cr=DIR ...]
 
-Figures depend on the machine's load: compare ratios within one run, not across runs.
+Figures depend on the machine's load: compare ratios within one run, not across runs. Where
+OPENBLAS_CORETYPE is set (older OpenBLAS builds need it on some CPUs), numpy's sgemm may be
+slower than the machine can go, which flatters every share: unset it for this command alone.
 """
 
 from __future__ import annotations
@@ -85,6 +94,50 @@ def tokenize(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
         "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
         "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
     }
+
+
+# --------------------------------------------------------------------------- (0) ceiling
+def matmul_ceiling(threads: int, dim: int, ffn: int, seconds: float = 3.0) -> float:
+    """GFLOP/s of numpy's float32 matmul on the encoder's GEMM shapes ([M, d] x [d, d],
+    [M, d] x [d, d_ff], [M, d_ff] x [d_ff, d] for M of 672 and 4,096 token rows), `threads`
+    BLAS threads: the best over shapes and repetitions, so the ceiling errs high."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    shapes = [(m, k, n) for m in (672, 4096) for k, n in ((dim, dim), (dim, ffn), (ffn, dim))]
+    best = 0.0
+    per_shape = seconds / len(shapes)
+    with threadpool_limits(threads):
+        for m, k, n in shapes:
+            a = rng.standard_normal((m, k), dtype=np.float32)
+            b = rng.standard_normal((k, n), dtype=np.float32)
+            a @ b  # warm-up
+            stop = time.perf_counter() + per_shape
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                a @ b
+                best = max(best, 2 * m * k * n / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+class FlopCounter:
+    """FLOPs of the encoder for given texts, from its shape and their real token counts."""
+
+    def __init__(self, encoder_dir: Path, tokenizer) -> None:
+        config = json.loads((Path(encoder_dir) / "config.json").read_text())
+        self.layers = int(config["num_hidden_layers"])
+        self.dim = int(config["hidden_size"])
+        self.ffn = int(config["intermediate_size"])
+        self.tokenizer = tokenizer
+
+    def per_text(self, tokens: int) -> float:
+        d, f, n = self.dim, self.ffn, tokens
+        return self.layers * (2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d)
+
+    def mean_gflop(self, texts: list[str]) -> float:
+        """Mean GFLOP per text over `texts` (tokens as the model sees them: truncated, unpadded)."""
+        lengths = [sum(e.attention_mask) for e in self.tokenizer.encode_batch(texts)]
+        return float(np.mean([self.per_text(n) for n in lengths])) / 1e9
 
 
 # --------------------------------------------------------------------------- (b) engines
@@ -300,7 +353,13 @@ def fixed_rate(url: str, texts: list[str], per_second: float, seconds: float):
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="a finished six-task run directory")
+    parser.add_argument(
+        "run",
+        type=Path,
+        nargs="?",
+        default=REPO / "runs" / "latest",
+        help="a finished run directory (default: runs/latest)",
+    )
     parser.add_argument("--artifact", type=Path, help="its exported artifact (else exported)")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/data/senteval")
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
@@ -322,29 +381,63 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             raise SystemExit(f"--single {pair!r}: expected TASK=DIR")
         singles[task] = Path(path)
+    if not (args.run / "run.json").is_file():
+        raise SystemExit(
+            f"{args.run}: not a finished run (no run.json); train one with `make train` or "
+            "`polytask train configs/senteval6.yaml`, or name a run directory"
+        )
 
+    from tokenizers import Tokenizer
+
+    from serving.artifact import ArtifactMetadata
     from serving.runtime import Runtime, ort_threads
 
     threads = args.threads or ort_threads()
     texts = dev_texts(args.data_dir)
     artifact = args.artifact
+    if artifact is None and (args.run / "artifact" / "model.onnx").is_file():
+        artifact = args.run / "artifact"
     if artifact is None:
         from pipeline.export import export_run
 
         out = Path(tempfile.mkdtemp(prefix="bench-artifact-")) / "artifact"
         artifact = export_run(args.run, register=False, output_dir=out).artifact_dir
+    print(f"run {args.run.resolve()}, artifact {artifact}")
     print(f"{len(texts)} dev texts; {threads} threads; {args.seconds:g} s per measurement\n")
 
-    print("(b) texts/s, model only (tokenized inputs), all tasks")
+    encoder_dir = Path(ArtifactMetadata.read(artifact).encoder.name)
+    if not (encoder_dir / "config.json").is_file():
+        encoder_dir = Path(json.loads((args.run / "run.json").read_text())["encoder"]["path"])
+    flops = FlopCounter(encoder_dir, Tokenizer.from_file(str(artifact / "tokenizer.json")))
+    gflop = flops.mean_gflop(texts)
+    ceiling = matmul_ceiling(threads, flops.dim, flops.ffn)
+    ceiling_texts = ceiling / gflop
+    print(
+        f"(0) ceiling: numpy sgemm {ceiling:.1f} GFLOP/s ({threads} threads); the encoder "
+        f"({flops.layers} layers, d={flops.dim}, d_ff={flops.ffn}) costs {gflop:.3f} GFLOP "
+        f"per dev text on average, so at most {ceiling_texts:.0f} texts/s\n"
+    )
+    summary: list[tuple[str, float]] = []
+
+    def share(texts_per_s: float) -> str:
+        return f"{100 * texts_per_s / ceiling_texts:.0f}% of ceiling"
+
+    print("(b) texts/s, model only (tokenized inputs, batches as they come), all tasks")
     print(
         f"{'batch':>5} {'torch':>8} {'ort fp32':>9} {'ort int8':>9} {'fp32/torch':>11} "
-        f"{'int8/torch':>11}"
+        f"{'int8/torch':>11} {'fp32 share':>11}"
     )
     for batch, r in bench_engines(args.run, artifact, texts, threads, args.seconds):
         print(
             f"{batch:>5} {r['torch']:>8.1f} {r['fp32']:>9.1f} {r['int8']:>9.1f} "
-            f"{r['fp32'] / r['torch']:>10.2f}x {r['int8'] / r['torch']:>10.2f}x"
+            f"{r['fp32'] / r['torch']:>10.2f}x {r['int8'] / r['torch']:>10.2f}x "
+            f"{100 * r['fp32'] / ceiling_texts:>10.0f}%"
         )
+        summary += [
+            (f"PyTorch eager, batch {batch} (model only)", r["torch"]),
+            (f"raw ORT fp32, batch {batch} (model only)", r["fp32"]),
+            (f"raw ORT int8, batch {batch} (model only)", r["int8"]),
+        ]
 
     runtime = Runtime(artifact, threads=threads)
     b = args.batch
@@ -358,23 +451,41 @@ def main(argv: list[str] | None = None) -> int:
 
         return rate(step, b, args.seconds)
 
+    by_length = sorted(texts, key=len)
+
+    def sorted_rate() -> float:
+        start = time.perf_counter()
+        for i in range(0, len(by_length), b):
+            runtime.run(by_length[i : i + b])
+        return len(by_length) / (time.perf_counter() - start)
+
     raw_before = raw_rate()
     with Server(artifact, threads) as server:
         served, errors = saturate(server.url, texts, b, args.concurrency, args.seconds)
         p50, p99, late_errors = fixed_rate(server.url, texts, args.rate, args.seconds)
     raw_after = raw_rate()
     raw = (raw_before + raw_after) / 2
+    sorted_raw = sorted_rate()
     print(f"\n(c) texts/s, tokenization included, {b} texts per call")
-    print(f"raw ORT session: {raw:.1f} (before {raw_before:.1f}, after {raw_after:.1f})")
+    print(
+        f"raw ORT session, texts as they come: {raw:.1f} (before {raw_before:.1f}, after "
+        f"{raw_after:.1f}), {share(raw)}"
+    )
+    print(f"raw ORT session, all texts sorted by length: {sorted_raw:.1f}, {share(sorted_raw)}")
     print(
         f"/predict at saturation ({args.concurrency} clients): {served:.1f}, "
-        f"{errors} failed requests"
+        f"{errors} failed requests, {share(served)}"
     )
     print(f"ratio /predict / raw ORT: {served / raw:.2f}")
     print(
         f"\n(d) 1-text requests at {args.rate:g}/s for {args.seconds:g} s: p50 {p50:.1f} ms, "
-        f"p99 {p99:.1f} ms, {late_errors} failed requests"
+        f"p99 {p99:.1f} ms (p99/p50 {p99 / p50:.2f}), {late_errors} failed requests"
     )
+    summary += [
+        (f"raw ORT session, {b} texts per call as they come", raw),
+        (f"raw ORT session, sorted by length, batches of {b}", sorted_raw),
+        (f"POST /predict at saturation, {args.concurrency} clients x {b} texts", served),
+    ]
     if singles:
         multi, multi_err, split, split_err = bench_split(artifact, singles, texts, threads, args)
         print(
@@ -389,6 +500,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratio: {multi / split:.2f}x")
     else:
         print("\n(a) six-task endpoint vs single-task services: skipped (no --single)")
+
+    print(f"\nshare of the machine's fp32 ceiling ({ceiling_texts:.0f} texts/s, this run):")
+    print(f"{'path':<58} {'texts/s':>8} {'GFLOP/s':>8} {'share':>6}")
+    for name, value in summary:
+        print(
+            f"{name:<58} {value:>8.1f} {value * gflop:>8.1f} {100 * value / ceiling_texts:>5.0f}%"
+        )
     return 0
 
 
