@@ -1,12 +1,16 @@
 """Export a finished run to the serving artifact (DESIGN section 3) and register it.
 
     run directory -> MultiTaskModel (encoder + R_i + B + A_i; no self-auxiliary towers)
-      -> model.onnx (torch.onnx.export, dynamo) -> parity: onnxruntime vs PyTorch eager
+      -> model.onnx (torch.onnx.export, dynamo) + tokenizer files + metadata.json
+      -> parity: the artifact run by serving.runtime vs PyTorch eager
       -> [int8: quantize_dynamic, kept only if no task's dev accuracy drops too much]
-      -> tokenizer files + metadata.json -> BentoML model store (a new version per export)
+      -> BentoML model store (a new version per export)
 
-The artifact is built in a temporary sibling directory and moved into place only when every
-check passed, so a failed export never leaves a half-written artifact behind.
+The checks run the artifact with `serving.runtime.Runtime`, the one way an artifact is run
+(the service, `polytask predict`, promotion and the retraining gate use it too); only the
+PyTorch reference is computed here. The artifact is built in a temporary sibling directory
+and moved into place only when every check passed, so a failed export never leaves a
+half-written artifact behind.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -43,10 +46,10 @@ from serving.artifact import (
     TaskMetrics,
     output_name,
 )
+from serving.runtime import TOKENIZER_FILE, Runtime
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_ARTIFACT_DIR = "artifact"
 PARITY_BATCH_SIZES = (1, 3, 8)
 # BentoML's rule for a tag's name (bentoml/_internal/tag.py), checked before any work is done.
@@ -186,7 +189,6 @@ def write_artifact(
         )
     name = model_name or default_model_name(run.config.name)
     check_model_name(name)
-    threads = ort_threads()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -197,50 +199,14 @@ def write_artifact(
         logger.info("exported %s in %.1fs", onnx_path.name, time.monotonic() - step)
 
         tokenizer = save_tokenizer(enc["path"], work, enc["max_length"])
-        step = time.monotonic()
-        parity = check_parity(
-            run.model,
-            onnx_path,
-            tasks,
-            vocab_size=int(run.model.encoder.transformer.config.vocab_size),
-            pad_id=int(tokenizer.pad_token_id or 0),
-            max_length=enc["max_length"],
-            tolerance=tolerance,
-            threads=threads,
-        )
-        logger.info(
-            "parity: max abs diff %.2e over %d cases (tolerance %.0e) in %.1fs",
-            parity.max_abs_diff,
-            len(parity.cases),
-            tolerance,
-            time.monotonic() - step,
-        )
-        if not parity.passed:
-            worst = max(parity.cases, key=lambda c: c.max_abs_diff)
-            raise ExportError(
-                f"{run_dir}: onnxruntime and PyTorch disagree: max abs logit difference "
-                f"{parity.max_abs_diff:.3g} > tolerance {tolerance:g} (worst case: batch "
-                f"{worst.batch_size}, seq {worst.seq_len}, "
-                f"{'padded' if worst.padded else 'unpadded'})"
-            )
-
-        quantization = None
-        if quantize == "int8":
-            dev = load_tasks(run.config, splits=["dev"], labels=run.labels)
-            quantization = quantize_if_accurate(
-                onnx_path,
-                {t.name: (t.splits["dev"].texts, t.splits["dev"].labels) for t in dev},
-                work / TOKENIZER_FILE,
-                max_drop=max_int8_drop,
-                threads=threads,
-            )
-
+        # Written now, with the parity check pending (replaced below), so that the checks can
+        # run the artifact as the service does: with serving.runtime, from this directory.
         metadata = ArtifactMetadata(
             model_name=name,
             run_id=record["run_name"],
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             polytask_version=__version__,
-            precision="int8" if quantization is not None and quantization.kept else "fp32",
+            precision="fp32",
             encoder=EncoderInfo(
                 name=str(enc["path"]),
                 fingerprint=enc["fingerprint"],
@@ -260,9 +226,52 @@ def write_artifact(
             dev_macro_accuracy=record.get("dev_macro_accuracy"),
             config_fingerprint=config_fingerprint(record["config"]),
             data_fingerprints={t: record["tasks"][t]["data_fingerprint"] for t in tasks},
-            parity=parity,
-            quantization=quantization,
+            parity=ParityReport(tolerance=tolerance, max_abs_diff=0.0, passed=False, cases=[]),
         )
+        metadata.write(work)
+
+        step = time.monotonic()
+        parity = check_parity(
+            run.model,
+            # On CPU whatever POLYTASK_ORT_DEVICE says: parity is about the graph, against
+            # PyTorch eager on CPU; GPU kernels (TF32 matmuls) may differ by more than 1e-4.
+            Runtime(work, device="cpu"),
+            tasks,
+            vocab_size=int(run.model.encoder.transformer.config.vocab_size),
+            pad_id=int(tokenizer.pad_token_id or 0),
+            max_length=enc["max_length"],
+            tolerance=tolerance,
+        )
+        logger.info(
+            "parity: max abs diff %.2e over %d cases (tolerance %.0e) in %.1fs",
+            parity.max_abs_diff,
+            len(parity.cases),
+            tolerance,
+            time.monotonic() - step,
+        )
+        if not parity.passed:
+            worst = max(parity.cases, key=lambda c: c.max_abs_diff)
+            raise ExportError(
+                f"{run_dir}: onnxruntime and PyTorch disagree: max abs logit difference "
+                f"{parity.max_abs_diff:.3g} > tolerance {tolerance:g} (worst case: batch "
+                f"{worst.batch_size}, seq {worst.seq_len}, "
+                f"{'padded' if worst.padded else 'unpadded'})"
+            )
+        metadata = metadata.model_copy(update={"parity": parity})
+
+        if quantize == "int8":
+            dev = load_tasks(run.config, splits=["dev"], labels=run.labels)
+            quantization = quantize_if_accurate(
+                work,
+                {t.name: (t.splits["dev"].texts, t.splits["dev"].labels) for t in dev},
+                max_drop=max_int8_drop,
+            )
+            metadata = metadata.model_copy(
+                update={
+                    "precision": "int8" if quantization.kept else "fp32",
+                    "quantization": quantization,
+                }
+            )
         metadata.write(work)
         _publish(work, out_dir)
     except BaseException:
@@ -418,25 +427,6 @@ def fix_io_names(proto: Any, inputs: list[str], outputs: list[str]) -> bool:
     return True
 
 
-def ort_threads() -> int:
-    """Threads for onnxruntime: the CPUs this process may use (ORT's default counts the host's
-    cores, not the container's)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def ort_session(path: Path, threads: int) -> Any:
-    """A CPU onnxruntime session with explicit thread counts."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 # --------------------------------------------------------------------------- parity
 def parity_inputs(
     batch_size: int, seq_len: int, padded: bool, vocab_size: int, pad_id: int, seed: int
@@ -461,18 +451,27 @@ def parity_inputs(
 
 def check_parity(
     model: Any,
-    onnx_path: Path,
+    runtime: Runtime,
     tasks: list[str],
     vocab_size: int,
     pad_id: int,
     max_length: int,
     tolerance: float,
-    threads: int,
 ) -> ParityReport:
-    """onnxruntime vs PyTorch eager logits on batch sizes 1, 3, 8, short/medium/max sequence
-    lengths, padded and unpadded; the max abs difference over all tasks' logits per case."""
-    session = ort_session(onnx_path, threads)
-    outputs = [output_name(t) for t in tasks]
+    """The artifact's logits, from the serving runtime's onnxruntime session, vs PyTorch
+    eager on batch sizes 1, 3, 8, short/medium/max sequence lengths, padded and unpadded; the
+    max abs difference over all tasks' logits per case.
+
+    Args:
+        model: The run's MultiTaskModel (the reference).
+        runtime: The artifact loaded by `serving.runtime.Runtime`.
+        tasks: Task order of the graph's outputs.
+        vocab_size: Token ids are drawn below this.
+        pad_id: The tokenizer's padding id.
+        max_length: The longest sequence tried.
+        tolerance: Largest max-abs logit difference that passes.
+    """
+    outputs = [runtime.outputs[t] for t in tasks]
     lengths = sorted({min(5, max_length), max(max_length // 2, 2), max_length})
     cases: list[ParityCase] = []
     seed = 0
@@ -481,7 +480,7 @@ def check_parity(
             for padded in (False, True):
                 seed += 1
                 ids, mask = parity_inputs(batch_size, seq_len, padded, vocab_size, pad_id, seed)
-                got = session.run(outputs, {"input_ids": ids, "attention_mask": mask})
+                got = runtime.session.run(outputs, {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask})
                 want = eager_logits(model, tasks, ids, mask)
                 diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
                 cases.append(
@@ -533,31 +532,6 @@ def save_tokenizer(encoder_path: str, out_dir: Path, max_length: int) -> Any:
     fast.enable_padding(pad_id=int(tokenizer.pad_token_id or 0), pad_token=tokenizer.pad_token)
     fast.save(str(path))
     return tokenizer
-
-
-def onnx_predictions(
-    session: Any, tokenizer: Any, texts: list[str], task: str, batch_size: int = 64
-) -> np.ndarray:
-    """Class indices [n] of `task` for `texts`.
-
-    Args:
-        session: An onnxruntime session of an artifact's model.onnx.
-        tokenizer: The artifact's `tokenizers.Tokenizer` (tokenizer.json), as serving uses it:
-            truncation and padding come from the file.
-        texts: The texts; batched by length so little compute goes to padding.
-        task: Whose output to read.
-        batch_size: Texts per session run.
-    """
-    pred = np.zeros(len(texts), dtype=np.int64)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    for i in range(0, len(texts), batch_size):
-        idx = order[i : i + batch_size]
-        enc = tokenizer.encode_batch([texts[j] for j in idx])
-        ids = np.array([e.ids for e in enc], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
-        (logits,) = session.run([output_name(task)], {"input_ids": ids, "attention_mask": mask})
-        pred[idx] = logits.argmax(axis=-1)
-    return pred
 
 
 # --------------------------------------------------------------------------- int8
@@ -643,54 +617,59 @@ def quantization_decision(
 
 
 def quantize_if_accurate(
-    onnx_path: Path,
+    artifact_dir: Path,
     dev: dict[str, tuple[list[str], np.ndarray]],
-    tokenizer_file: Path,
     max_drop: float,
-    threads: int,
 ) -> QuantizationReport:
-    """Quantize `onnx_path` to int8 and replace it if the dev accuracy allows.
+    """Quantize the artifact's model.onnx to int8 and replace it if the dev accuracy allows.
+
+    Both graphs are scored as the service would run them: each as an artifact directory
+    loaded by `serving.runtime.Runtime` (the int8 one is a candidate copy with the same
+    tokenizer and metadata, removed afterwards).
 
     Args:
-        onnx_path: The fp32 graph; replaced by the int8 graph when that is kept.
+        artifact_dir: A complete fp32 artifact; its model.onnx is replaced by the int8 graph
+            when that is kept.
         dev: Per task, dev texts and their label indices.
-        tokenizer_file: The artifact's tokenizer.json.
         max_drop: Largest dev accuracy drop (points) allowed on any task.
-        threads: onnxruntime intra-op threads.
 
     Returns:
         Per-task fp32 and int8 dev accuracy and whether int8 was kept.
     """
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    int8_path = onnx_path.with_name("model.int8.onnx")
-    step = time.monotonic()
-    quantize_int8(onnx_path, int8_path)
-    logger.info("quantized to int8 in %.1fs", time.monotonic() - step)
-    accuracy: dict[str, dict[str, float]] = {"fp32": {}, "int8": {}}
-    for precision, path in (("fp32", onnx_path), ("int8", int8_path)):
-        session = ort_session(path, threads)
-        for task, (texts, labels) in dev.items():
-            step = time.monotonic()
-            pred = onnx_predictions(session, tokenizer, texts, task)
-            # Percent, as in pipeline.metrics and the run's dev metrics.
-            accuracy[precision][task] = (
-                100.0 * float(np.mean(pred == labels)) if len(texts) else 0.0
-            )
-            logger.info(
-                "%s %s dev accuracy %.2f (%d texts, %.0f texts/s)",
-                precision,
-                task,
-                accuracy[precision][task],
-                len(texts),
-                len(texts) / max(time.monotonic() - step, 1e-9),
-            )
-    report = quantization_decision(accuracy["fp32"], accuracy["int8"], max_drop)
-    if report.kept:
-        int8_path.replace(onnx_path)
-    else:
-        int8_path.unlink()
+    onnx_path = artifact_dir / ONNX_FILE
+    candidate = artifact_dir / ".int8"
+    candidate.mkdir()
+    try:
+        step = time.monotonic()
+        quantize_int8(onnx_path, candidate / ONNX_FILE)
+        logger.info("quantized to int8 in %.1fs", time.monotonic() - step)
+        shutil.copyfile(artifact_dir / TOKENIZER_FILE, candidate / TOKENIZER_FILE)
+        meta = ArtifactMetadata.read(artifact_dir)
+        meta.model_copy(update={"precision": "int8"}).write(candidate)
+        accuracy: dict[str, dict[str, float]] = {"fp32": {}, "int8": {}}
+        for precision, directory in (("fp32", artifact_dir), ("int8", candidate)):
+            runtime = Runtime(directory)
+            for task, (texts, labels) in dev.items():
+                step = time.monotonic()
+                probs = runtime.run(texts, [task]).probabilities[task]
+                # Percent, as in pipeline.metrics and the run's dev metrics.
+                accuracy[precision][task] = (
+                    100.0 * float(np.mean(probs.argmax(axis=-1) == labels)) if len(texts) else 0.0
+                )
+                logger.info(
+                    "%s %s dev accuracy %.2f (%d texts, %.0f texts/s)",
+                    precision,
+                    task,
+                    accuracy[precision][task],
+                    len(texts),
+                    len(texts) / max(time.monotonic() - step, 1e-9),
+                )
+        report = quantization_decision(accuracy["fp32"], accuracy["int8"], max_drop)
+        if report.kept:
+            (candidate / ONNX_FILE).replace(onnx_path)
+    finally:
+        shutil.rmtree(candidate, ignore_errors=True)
+    if not report.kept:
         worst = max(report.tasks.items(), key=lambda kv: kv[1].drop)
         logger.warning(
             "int8 not kept: %s dev accuracy drops %.2f points (> %.2f allowed); keeping fp32",

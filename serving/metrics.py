@@ -13,6 +13,12 @@ first use (`get_metrics()`), inside the worker, never at import.
                                                                503 as reason="unavailable"
     polytask_model_active{version}                  gauge      1 for the version a worker serves
     polytask_model_swaps_total                      counter    hot swaps to a newer model
+    polytask_model_load_failures_total              counter    models that failed to load or to
+                                                               answer known texts (once per
+                                                               worker and version)
+    polytask_model_fallback                         gauge      1 while a worker serves another
+                                                               version than the store designates,
+                                                               because that one failed to load
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class Metrics:
     rejected: Any
     model_active: Any
     swaps: Any
+    load_failures: Any
+    fallback: Any
 
     def record_answers(self, task: str, labels: list[str], confidences: list[float]) -> None:
         """Count one answer per text for `task`."""
@@ -93,4 +101,14 @@ def get_metrics() -> Metrics:
             multiprocess_mode="livemax",
         ),
         swaps=Counter("polytask_model_swaps", "Hot swaps to a newer model."),
+        load_failures=Counter(
+            "polytask_model_load_failures",
+            "Models that failed to load or to answer known texts (once per worker and version).",
+        ),
+        # livemax: 1 while any live worker serves a fallback.
+        fallback=Gauge(
+            "polytask_model_fallback",
+            "1 while a worker serves another version than the store designates (it failed).",
+            multiprocess_mode="livemax",
+        ),
     )

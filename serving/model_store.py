@@ -1,23 +1,47 @@
-"""Which model the service loads, from the BentoML model store ($BENTOML_HOME/models).
+"""The BentoML model store ($BENTOML_HOME/models) as polytask uses it: which model to serve,
+promotion, the promotion history, and what to fall back to when a model does not load.
 
-Resolution order:
+Which model the service loads:
     1. $POLYTASK_MODEL (or --model): a tag, `name:version` or `name` (= its latest version);
-       pinned, so the service never swaps it.
+       pinned, so the service never swaps it (and never falls back from it).
     2. The promoted model: the newest version of the model name that carries the label
-       `stage=production` (PROMOTION_LABEL). The retraining job promotes with `promote(tag)`,
-       which also takes the label off the name's other versions.
+       `stage=production` (PROMOTION_LABEL).
     3. The latest version of the model name.
 The model name is $POLYTASK_MODEL_NAME, default `polytask-senteval6` (what `polytask export`
-registers for configs/senteval6.yaml).
+registers for configs/senteval6.yaml). When that model does not load, the service falls back to
+`fallback_candidates()`: the versions promoted before it, newest promotion first, then the
+others, newest first.
+
+Promotion (`promote`, `rollback`; the CLI's `polytask models` and the retraining job call them):
+    - The artifact is loaded with the service's runtime and must answer known texts
+      (`serving.runtime.load_checked`) before it is labelled: a broken model is refused with
+      the reason, and never becomes what a restarted service looks for.
+    - Every write (model.yaml labels, the history) happens under one lock file,
+      $BENTOML_HOME/polytask/store.lock, and atomically (temporary file, fsync, rename): a
+      reader (the service, `models list`, another promotion) sees the old file or the new one,
+      never half of one. The new version is labelled before the others are unlabelled, so a
+      reader always finds a promoted version.
+    - The history, $BENTOML_HOME/polytask/promotions.jsonl, gets one JSON object per promotion:
+      {"name", "tag", "at" (UTC ISO 8601), "by" ("retrain" | "promote" | "rollback"),
+      "reason"}. It sits beside the store's `models/` directory, so BentoML never mistakes it
+      for a model. A damaged line is reported as `file:line` (by `rollback`, which needs the
+      history) and kept on its own line: nothing is ever appended onto it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import io
+import json
 import logging
 import os
-from dataclasses import dataclass
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +49,26 @@ MODEL_ENV = "POLYTASK_MODEL"
 MODEL_NAME_ENV = "POLYTASK_MODEL_NAME"
 DEFAULT_MODEL_NAME = "polytask-senteval6"
 PROMOTION_LABEL = ("stage", "production")
+HISTORY_FILE = Path("polytask") / "promotions.jsonl"
+LOCK_FILE = Path("polytask") / "store.lock"
+# A promotion holds the lock for a model load at most (rollback checks its target under it).
+LOCK_TIMEOUT_S = 300.0
+MODEL_YAML = "model.yaml"  # BentoML's model record (labels, metadata) in each version's directory
+
+PromotedBy = Literal["retrain", "promote", "rollback"]
+Source = Literal["pinned", "promoted", "latest", "fallback"]
 
 
 class ModelNotFoundError(LookupError, ValueError):
     """No model to serve; the message says what was looked for and how to get one."""
+
+
+class PromotionError(ValueError):
+    """A promotion or rollback that cannot be done; the message says why."""
+
+
+class HistoryError(PromotionError):
+    """A damaged line in the promotion history; the message starts with `file:line`."""
 
 
 @dataclass(frozen=True)
@@ -38,14 +78,34 @@ class ResolvedModel:
     Attributes:
         tag: `name:version`.
         path: The model's directory (the artifact).
-        source: Why it was chosen: pinned by tag, promoted, or the latest version.
+        source: Why it was chosen: pinned by tag, promoted, the latest version, or a fallback
+            for one that did not load.
     """
 
     tag: str
     path: Path
-    source: Literal["pinned", "promoted", "latest"]
+    source: Source
+
+    @property
+    def name(self) -> str:
+        return self.tag.split(":", 1)[0]
 
 
+@dataclass(frozen=True)
+class Promotion:
+    """One line of the promotion history."""
+
+    name: str
+    tag: str
+    at: str
+    by: str
+    reason: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+# --------------------------------------------------------------------------- resolution
 def model_name(env: dict[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     return env.get(MODEL_NAME_ENV, "").strip() or DEFAULT_MODEL_NAME
@@ -76,10 +136,7 @@ def resolve_model(tag: str | None = None, name: str | None = None) -> ResolvedMo
         return ResolvedModel(str(model.tag), Path(model.path), "pinned")
 
     name = name or model_name()
-    try:
-        versions = bentoml.models.list(name)
-    except (NotFound, BentoMLException):
-        versions = []
+    versions = _versions(name)
     if not versions:
         raise ModelNotFoundError(
             f"no model named {name!r} in the model store {_store_dir()}: export one with "
@@ -92,26 +149,301 @@ def resolve_model(tag: str | None = None, name: str | None = None) -> ResolvedMo
     return ResolvedModel(str(chosen.tag), Path(chosen.path), "promoted" if promoted else "latest")
 
 
-def promote(tag: str) -> str:
-    """Label `tag` as the promoted model of its name and unlabel the name's other versions.
+def fallback_candidates(
+    name: str, exclude: set[str] | frozenset[str] = frozenset()
+) -> list[ResolvedModel]:
+    """What to serve when the model `resolve_model` chose does not load, best first: the
+    versions of `name` promoted before (newest promotion first, from the history), then the
+    other versions (newest first); versions no longer in the store and `exclude` left out.
 
-    A running service picks the promoted model up at its next check (no restart).
+    A damaged history line is logged and skipped here: the service must still start.
+    """
+    versions = {str(m.tag): m for m in _versions(name)}
+    order: list[str] = []
+    for event in reversed(read_history(name, strict=False)):
+        if event.tag in versions and event.tag not in order:
+            order.append(event.tag)
+    newest = sorted(versions.values(), key=lambda m: m.info.creation_time, reverse=True)
+    order += [str(m.tag) for m in newest if str(m.tag) not in order]
+    return [
+        ResolvedModel(tag, Path(versions[tag].path), "fallback")
+        for tag in order
+        if tag not in exclude
+    ]
+
+
+def promoted_tag(name: str) -> str | None:
+    """The version of `name` labelled `stage=production` (the newest, if several are)."""
+    key, value = PROMOTION_LABEL
+    promoted = [m for m in _versions(name) if m.info.labels.get(key) == value]
+    if not promoted:
+        return None
+    return str(max(promoted, key=lambda m: m.info.creation_time).tag)
+
+
+# --------------------------------------------------------------------------- promotion
+def promote(tag: str, by: PromotedBy = "promote", reason: str = "") -> str:
+    """Check that `tag` loads and answers known texts, label it promoted (unlabelling the
+    name's other versions) and record it in the history. A running service follows without
+    a restart.
 
     Returns:
-        The full tag that was promoted.
+        The full tag.
+
+    Raises:
+        PromotionError: `tag` is not in the store, or its model is broken (the reason is in
+            the message); nothing is changed then.
     """
+    model = _get(tag)
+    # Outside the lock: the artifact of a version never changes, and a load takes seconds.
+    check_model(str(model.tag), Path(model.path))
+    with store_lock():
+        _label_promoted(str(model.tag))
+        _record(str(model.tag), by, reason)
+    logger.info("promoted %s (%s)", model.tag, by)
+    return str(model.tag)
+
+
+def rollback(name: str) -> str:
+    """Promote the version of `name` promoted before the current one, as `kubectl rollout
+    undo` does: two rollbacks in a row swap back.
+
+    Returns:
+        The tag promoted now.
+
+    Raises:
+        HistoryError: a damaged history line (`file:line` in the message).
+        PromotionError: no earlier promoted version is still in the store, or it is broken.
+    """
+    with store_lock():  # the target is chosen and promoted on one consistent view
+        current = promoted_tag(name)
+        present = {str(m.tag): m for m in _versions(name)}
+        for event in reversed(read_history(name)):
+            if event.tag != current and event.tag in present:
+                target = present[event.tag]
+                break
+        else:
+            raise PromotionError(
+                f"{name}: no earlier promoted version to roll back to (current: {current}; "
+                f"history {history_path()})"
+            )
+        check_model(str(target.tag), Path(target.path))
+        _label_promoted(str(target.tag))
+        _record(str(target.tag), "rollback", f"rollback from {current}")
+    logger.info("rolled back %s: %s -> %s", name, current, target.tag)
+    return str(target.tag)
+
+
+def check_model(tag: str, path: Path) -> None:
+    """Raise PromotionError unless the model loads with the service's runtime and answers
+    known texts with probabilities (`serving.runtime.load_checked`)."""
+    from serving.runtime import ModelCheckError, load_checked
+
+    try:
+        load_checked(path, version=tag)
+    except ModelCheckError as err:
+        detail = str(err).removeprefix(f"{tag}: ")
+        raise PromotionError(f"{tag}: refused, the model is broken: {detail}") from None
+
+
+@contextlib.contextmanager
+def store_lock(timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the store's lock file (one promotion or rollback at a time, across processes).
+
+    Raises:
+        PromotionError: another promotion held the lock for `timeout` seconds.
+    """
+    from filelock import FileLock, Timeout
+
+    path = bentoml_home() / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise PromotionError(
+            f"{path}: another promotion has held the store lock for {timeout:.0f} s"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _label_promoted(tag: str) -> None:
+    """Label `tag` promoted, then unlabel the name's other versions (lock held)."""
     import bentoml
 
-    model = bentoml.models.get(tag)
     key, value = PROMOTION_LABEL
-    for other in bentoml.models.list(model.tag.name):
+    model = bentoml.models.get(tag)  # read again under the lock: the labels are current
+    if model.info.labels.get(key) != value:
+        model.info.labels[key] = value
+        _write_model_yaml(model)
+    for other in _versions(model.tag.name):
         if other.tag != model.tag and other.info.labels.get(key) == value:
             del other.info.labels[key]
-            other.flush()
-    model.info.labels[key] = value
-    model.flush()
-    logger.info("promoted %s", model.tag)
-    return str(model.tag)
+            _write_model_yaml(other)
+
+
+def _write_model_yaml(model: Any) -> None:
+    """What `Model.flush()` writes (our models have no custom objects), but atomically:
+    concurrent flushes of model.yaml are what made other processes read a malformed one."""
+    buffer = io.StringIO()
+    model.info.dump(buffer)
+    atomic_write(Path(model.path) / MODEL_YAML, buffer.getvalue().encode())
+
+
+def _record(tag: str, by: str, reason: str) -> None:
+    """Add a promotion to the history (lock held): the file is rewritten atomically with the
+    new line at the end, on a line of its own even after a damaged, unterminated last line."""
+    path = history_path()
+    data = path.read_bytes() if path.is_file() else b""
+    for problem in _damaged_lines(path, data):
+        logger.warning("%s (kept as is; the new promotion goes on a line of its own)", problem)
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    event = Promotion(
+        name=tag.split(":", 1)[0],
+        tag=tag,
+        at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        by=by,
+        reason=reason,
+    )
+    atomic_write(path, data + event.to_json().encode() + b"\n")
+
+
+# --------------------------------------------------------------------------- history
+def bentoml_home() -> Path:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Path(BentoMLContainer.bentoml_home.get())
+
+
+def history_path() -> Path:
+    """The promotion history file of the current BentoML home."""
+    return bentoml_home() / HISTORY_FILE
+
+
+def read_history(name: str | None = None, strict: bool = True) -> list[Promotion]:
+    """Promotions, oldest first (only `name`'s when given).
+
+    Args:
+        name: Keep only this model name's promotions.
+        strict: Raise on a damaged line; otherwise log it and skip it.
+
+    Raises:
+        HistoryError: (strict) a line that is not a promotion record, as `file:line: why`.
+    """
+    path = history_path()
+    if not path.is_file():
+        return []
+    events: list[Promotion] = []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            event = _parse_line(raw)
+        except ValueError as err:
+            message = f"{path}:{number}: damaged promotion record ({err})"
+            if strict:
+                raise HistoryError(
+                    f"{message}; fix or delete that line (the other lines are intact)"
+                ) from None
+            logger.warning("%s; skipped", message)
+            continue
+        if name is None or event.name == name:
+            events.append(event)
+    return events
+
+
+def _parse_line(raw: bytes) -> Promotion:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON: {err.msg} at column {err.colno}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    fields = ("name", "tag", "at", "by")
+    missing = [f for f in fields if not isinstance(data.get(f), str)]
+    if missing:
+        raise ValueError(f"missing or non-string {', '.join(missing)}")
+    return Promotion(*(data[f] for f in fields), reason=str(data.get("reason", "")))
+
+
+def _damaged_lines(path: Path, data: bytes) -> list[str]:
+    problems = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if raw.strip():
+            try:
+                _parse_line(raw)
+            except ValueError as err:
+                problems.append(f"{path}:{number}: damaged promotion record ({err})")
+    return problems
+
+
+# --------------------------------------------------------------------------- helpers
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`: a temporary sibling, fsync, rename, fsync of the directory.
+    A reader sees the old content or the new, and a crash leaves one of them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# An absolute POSIX path (or ~/...): a '/' that does not follow a word character, ':', '.' or
+# another '/' (so URLs and relative names are left alone), up to whitespace or a quote; a
+# trailing punctuation mark is left outside.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.-])~?/[^\s'\"]*[^\s'\".,:;)\]]")
+
+
+def redact_paths(text: str, names: dict[str, str] | None = None) -> str:
+    """`text` without filesystem paths, for HTTP bodies (logs keep the paths).
+
+    Args:
+        text: A message, e.g. an exception's.
+        names: Known paths -> what to say instead (e.g. a model's directory -> its tag).
+    """
+    for path, name in sorted((names or {}).items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(path, name)
+    with contextlib.suppress(Exception):  # the store may not be configured
+        text = text.replace(_store_dir(), "the model store")
+        text = text.replace(str(bentoml_home()), "$BENTOML_HOME")
+    return _ABSOLUTE_PATH.sub("<path>", text)
+
+
+def _get(tag: str) -> Any:
+    import bentoml
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    try:
+        return bentoml.models.get(tag)
+    except (NotFound, BentoMLException, ValueError) as err:
+        raise PromotionError(f"{tag!r}: not in the model store ({err})") from None
+
+
+def _versions(name: str) -> list[Any]:
+    import bentoml
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    try:
+        return list(bentoml.models.list(name))
+    except (NotFound, BentoMLException):
+        return []
 
 
 def _store_dir() -> str:

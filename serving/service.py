@@ -41,14 +41,22 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import ServiceUnavailable
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving.guard import ApiKeyGuard, check_content_type, read_body
 from serving.metrics import get_metrics
-from serving.model_store import MODEL_ENV, ResolvedModel, model_name, resolve_model
-from serving.runtime import Runtime, ort_threads
+from serving.model_store import (
+    MODEL_ENV,
+    ResolvedModel,
+    fallback_candidates,
+    model_name,
+    redact_paths,
+    resolve_model,
+)
+from serving.runtime import Runtime, load_checked, ort_threads
 from serving.schemas import (
     ErrorResponse,
     PredictRequest,
@@ -93,7 +101,13 @@ class Encoder:
 
     def __init__(self) -> None:
         self._runtime: Runtime | None = None
+        # For HTTP bodies, so without filesystem paths (the log has them): why no model is
+        # loaded, and, while a fallback is served, which model failed and why.
         self._error: str | None = None
+        self._fallback: str | None = None
+        # Versions that failed to load or to answer known texts, with the reason. A version's
+        # files never change, so a worker tries (and counts) each broken version once.
+        self._failed: dict[str, str] = {}
         self._pinned = bool(os.environ.get(MODEL_ENV, "").strip())
         self._interval = _env_int(RELOAD_ENV, 30)
         self._threads = (
@@ -105,47 +119,110 @@ class Encoder:
         # Load in the background: /livez answers at once, /readyz once the model is loaded.
         threading.Thread(target=self._load_and_watch, name="polytask-model", daemon=True).start()
 
-    def _load(self, resolved: ResolvedModel) -> Runtime:
-        return Runtime(resolved.path, version=resolved.tag, threads=self._threads)
+    def _load(self, resolved: ResolvedModel) -> Runtime | None:
+        """The model, loaded and checked on known texts (`load_checked`, as promotion checks
+        it); None when it is broken: logged with its path, counted, and not tried again."""
+        if resolved.tag in self._failed:
+            return None
+        try:
+            return load_checked(resolved.path, version=resolved.tag, threads=self._threads)
+        except Exception as err:
+            reason = str(err).removeprefix(f"{resolved.tag}: ")  # the tag is said around it
+            self._failed[resolved.tag] = redact_paths(reason, {str(resolved.path): resolved.tag})
+            get_metrics().load_failures.inc()
+            logger.error(
+                "model %s (%s, %s) cannot be served: %s",
+                resolved.tag,
+                resolved.source,
+                resolved.path,
+                err,
+            )
+            return None
 
     def _load_and_watch(self) -> None:
-        metrics = get_metrics()
-        while self._runtime is None and not self._stop.is_set():
-            try:
-                resolved = resolve_model()
-                self._runtime = self._load(resolved)
-                metrics.set_active_version(resolved.tag)
-                logger.info("serving %s (%s)", resolved.tag, resolved.source)
-            except Exception as err:  # keep trying: a model may be exported later
-                self._error = str(err)
-                logger.error("no model loaded: %s", err)
-                self._stop.wait(max(self._interval, 5))
+        while not self._stop.is_set() and not self._load_first():
+            self._stop.wait(max(self._interval, 5))  # a model may be exported or promoted later
         if self._pinned or self._interval <= 0:
             return
         while not self._stop.wait(self._interval):
             self.check_for_new_model()
 
+    def _load_first(self) -> bool:
+        """Serve the model the store designates or, when it is broken (and not pinned), the
+        first of `fallback_candidates` that loads: the last good promoted version, else the
+        newest. Returns whether a model is served."""
+        try:
+            wanted = resolve_model()
+            runtime, chosen = self._load(wanted), wanted
+            if runtime is None and wanted.source != "pinned":
+                for candidate in fallback_candidates(wanted.name, exclude=set(self._failed)):
+                    runtime, chosen = self._load(candidate), candidate
+                    if runtime is not None:
+                        break
+        except Exception as err:  # no model yet, or the store cannot be read
+            self._error = redact_paths(str(err))
+            logger.error("no model loaded: %s", err)
+            return False
+        if runtime is None:
+            others = (
+                "" if wanted.source == "pinned" else f"; no other version of {wanted.name} loads"
+            )
+            self._error = f"{wanted.tag} is broken: {self._failed[wanted.tag]}{others}"
+            logger.error("no model loaded: %s", self._error)
+            return False
+        self._serve(runtime, chosen, wanted)
+        return True
+
+    def _serve(self, runtime: Runtime, chosen: ResolvedModel, wanted: ResolvedModel) -> None:
+        """Swap in `runtime` (the model `chosen`, in place of `wanted` if they differ)."""
+        previous = self._runtime.version if self._runtime is not None else None
+        self._runtime = runtime
+        self._error = None
+        metrics = get_metrics()
+        metrics.set_active_version(runtime.version, previous)
+        if previous is not None:
+            metrics.swaps.inc()
+        self._set_fallback(None if chosen.tag == wanted.tag else wanted)
+        logger.info("serving %s (%s; before: %s)", chosen.tag, chosen.source, previous)
+
+    def _set_fallback(self, failed: ResolvedModel | None) -> None:
+        """Record that the served model stands in for `failed` (None: it does not)."""
+        note = None
+        if failed is not None:
+            note = (
+                f"serving {self._runtime.version if self._runtime else None} because the "
+                f"{failed.source} model {failed.tag} is broken: {self._failed[failed.tag]}"
+            )
+            if note != self._fallback:
+                logger.warning("fallback: %s", note)
+        elif self._fallback is not None:
+            logger.info("no longer on a fallback model")
+        self._fallback = note
+        get_metrics().fallback.set(0 if note is None else 1)
+
     def check_for_new_model(self) -> bool:
         """Load the promoted/latest model if it changed, then swap the reference.
 
         Requests in flight keep the Runtime they started with; the swap is one assignment,
-        so no request sees a half-loaded model and none fails.
+        so no request sees a half-loaded model and none fails. A model that does not load is
+        not swapped in: the current one stays, as a fallback (counted, logged, in `describe`).
         """
         try:
-            resolved = resolve_model(name=model_name())
-            current = self._runtime
-            if current is not None and resolved.tag == current.version:
-                return False
-            new = self._load(resolved)
+            wanted = resolve_model(name=model_name())
         except Exception:
             logger.exception("model check failed; keeping the current model")
             return False
-        previous = current.version if current is not None else None
-        self._runtime = new
-        metrics = get_metrics()
-        metrics.set_active_version(new.version, previous)
-        metrics.swaps.inc()
-        logger.info("swapped model %s -> %s (%s)", previous, new.version, resolved.source)
+        current = self._runtime
+        if current is not None and wanted.tag == current.version:
+            if self._fallback is not None:  # e.g. rolled back to the model served
+                self._set_fallback(None)
+            return False
+        new = self._load(wanted)
+        if new is None:
+            if current is not None:
+                self._set_fallback(wanted)
+            return False
+        self._serve(new, wanted, wanted)
         return True
 
     @bentoml.on_shutdown
@@ -188,7 +265,8 @@ class Encoder:
         runtime = self._runtime
         if runtime is None:
             return {"error": f"no model loaded yet: {self._error or 'loading'}"}
-        return runtime.describe()
+        # `fallback`: why another model than the store's promoted/latest one is served, or None.
+        return {**runtime.describe(), "fallback": self._fallback}
 
 
 # Answered alone when a text's own batch failed, to tell a bad text from a broken model.
@@ -385,12 +463,19 @@ class Polytask:
         self._client_tuned = False
 
     async def __is_ready__(self) -> bool:
+        """Ready once the Encoder serves a model.
+
+        BentoML 1.4.39's /readyz body is fixed (a newline, or a generic 503 text), but Starlette
+        renders an HTTPException raised here with its own status and text: /readyz says why
+        it is not ready, and (200) which model it serves instead of a broken one."""
+        try:
+            info = await self.model_info(refresh=True)
+        except RequestError as err:
+            raise HTTPException(503, f"not ready: {err}\n") from None
         if not await self.encoder.is_ready(5):  # its /readyz: model loaded
             return False
-        try:
-            await self.model_info(refresh=True)
-        except RequestError:
-            return False
+        if info.get("fallback"):
+            raise HTTPException(200, f"ready, on a fallback model: {info['fallback']}\n")
         return True
 
     async def model_info(self, refresh: bool = False) -> dict[str, Any]:
@@ -405,7 +490,10 @@ class Polytask:
         try:
             info = await self.encoder.to_async.describe()
         except Exception as err:
-            raise RequestError(503, "not_ready", f"model not available: {err}") from None
+            # The error may name a socket or file: HTTP bodies carry no paths.
+            raise RequestError(
+                503, "not_ready", f"model not available: {redact_paths(str(err))}"
+            ) from None
         if "error" in info:
             raise RequestError(503, "not_ready", info["error"])
         self._info = info

@@ -502,6 +502,50 @@ def test_alerts_cover_the_issue_and_name_only_known_metrics() -> None:
     assert contract["polytask_promotion_decisions_total"] == "counter"
 
 
+# Series for `promtool test rules`: one worker fails to load the promoted model at minute 2
+# and serves a fallback until minute 12, when a good model is promoted.
+LOAD_FAILURE_SERIES = [
+    {"series": 'polytask_model_load_failures_total{job="polytask-serve"}', "values": "0 0 1x40"},
+    {"series": 'polytask_model_fallback{job="polytask-serve"}', "values": "0 0 1x10 0x30"},
+]
+
+
+def test_model_load_failure_alert_fires_on_fallback_and_recent_failures(tmp_path: Path) -> None:
+    """promtool's rule unit test: PolytaskModelLoadFailed is quiet before the failure, fires
+    while a worker is on a fallback and for 15 minutes after the failure, then resolves."""
+    rule = alert_rules()["PolytaskModelLoadFailed"]
+    expr = re.sub(r"\s+", " ", rule["expr"])
+    assert "polytask_model_fallback" in expr and "polytask_model_load_failures_total" in expr
+    firing = [{"exp_labels": {"severity": rule["labels"]["severity"]}}]
+    expected = {1: [], 5: firing, 14: firing, 20: []}  # minute -> alerts
+    test = {
+        "rule_files": [str(PROM_RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": LOAD_FAILURE_SERIES,
+                "alert_rule_test": [
+                    {
+                        "eval_time": f"{minute}m",
+                        "alertname": "PolytaskModelLoadFailed",
+                        "exp_alerts": [
+                            {**a, "exp_annotations": rule["annotations"]} for a in alerts
+                        ],
+                    }
+                    for minute, alerts in expected.items()
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "alerts_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    proc = subprocess.run(
+        [promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 # --------------------------------------------------------------------------- Grafana
 def test_dashboard_covers_every_serving_and_training_metric() -> None:
     dash = dashboard()

@@ -5,15 +5,19 @@
       -> RUN/retrain.json + the log
 
 Fair comparison: both models are evaluated the same way, here and now: their exported ONNX
-artifacts (what the service runs; the champion's is its directory in the model store, so no
-run directory is needed) on the same files (`promotion.eval_data_dir`, split dev; default the
-config's dev files). The dev numbers in a model's metadata are not used: they come from
-whatever data that run had, and per-task model selection made them optimistic.
+artifacts, loaded, checked and run by the service's own runtime (`serving.runtime`; the
+champion's is its directory in the model store, so no run directory is needed) on the same
+files (`promotion.eval_data_dir`, split dev; default the config's dev files). The dev numbers
+in a model's metadata are not used: they come from whatever data that run had, and per-task
+model selection made them optimistic.
 
 A refused challenger stays in the store (so `polytask models promote TAG` can override the
 gate), except when nothing is promoted yet: the service would then fall back to serving the
 latest version, i.e. the refused model, so it is deleted from the store. Its artifact stays in
-`RUN/artifact` (`polytask export RUN` registers it again).
+`RUN/artifact` (`polytask export RUN` registers it again). A challenger that does not load
+or does not answer known texts (`serving.runtime.load_checked`) is broken, not just worse: it
+is deleted from the store and the job fails with the reason. So does the job when the
+promoted champion is broken (roll back or promote a working version first).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.jobs.gate import GateDecision, decide, format_decision
-from pipeline.jobs.models import promote, promoted_tag
+from pipeline.jobs.models import PromotionError, promote, promoted_tag
+from serving.runtime import ModelCheckError
 
 logger = logging.getLogger(__name__)
 
@@ -96,30 +101,29 @@ def evaluation_config(config: RunConfig) -> RunConfig:
 
 
 def evaluate_artifact(artifact_dir: Path, eval_config: RunConfig) -> dict[str, Any]:
-    """Per-task accuracy and macro-F1 (percent) of an exported artifact, run with onnxruntime
-    as the service runs it, on the evaluation set's tasks that the artifact answers.
+    """Per-task accuracy and macro-F1 (percent) of an exported artifact, on the evaluation
+    set's tasks that the artifact answers, run exactly as the service runs it: loaded and
+    checked by `serving.runtime.load_checked` (threads, providers, truncation and all).
 
     Returns:
         {"tasks": {task: {"accuracy", "macro_f1", "n"}}, "missing": [artifact tasks without
          evaluation data]}
+
+    Raises:
+        ModelCheckError: the artifact does not load or does not answer known texts.
     """
-    from tokenizers import Tokenizer
-
     from pipeline.data import load_tasks
-    from pipeline.export import onnx_predictions, ort_session, ort_threads
     from pipeline.metrics import classification_metrics
-    from serving.artifact import ONNX_FILE, ArtifactMetadata
+    from serving.runtime import load_checked
 
-    meta = ArtifactMetadata.read(artifact_dir)
-    labels = {t.name: t.labels for t in meta.tasks}
+    runtime = load_checked(artifact_dir)
+    labels = runtime.labels
     tasks = [t for t in eval_config.tasks if t.name in labels]
     data = load_tasks(eval_config.model_copy(update={"tasks": tasks}), [EVAL_SPLIT], labels)
-    session = ort_session(Path(artifact_dir) / ONNX_FILE, ort_threads())
-    tokenizer = Tokenizer.from_file(str(Path(artifact_dir) / "tokenizer.json"))
     per_task = {}
     for t in data:
         split = t.splits[EVAL_SPLIT]
-        pred = onnx_predictions(session, tokenizer, split.texts, t.name)
+        pred = runtime.run(split.texts, [t.name]).probabilities[t.name].argmax(axis=-1)
         per_task[t.name] = classification_metrics(split.labels, pred, t.num_classes)
     return {"tasks": per_task, "missing": [t for t in labels if t not in per_task]}
 
@@ -152,6 +156,8 @@ def retrain(
 
     Raises:
         ConfigError, DataError, TrainingError, ExportError: as `train` and `export_run`.
+        PromotionError: the challenger or the promoted champion is broken (the reason is in
+            the message).
     """
     from pipeline.jobs.monitoring import push_retrain_failure, push_retrain_metrics
 
@@ -193,13 +199,28 @@ def _retrain(
     t_export = time.monotonic()
 
     eval_config = evaluation_config(config)
-    challenger_eval = evaluate_artifact(exported.artifact_dir, eval_config)
+    try:
+        challenger_eval = evaluate_artifact(exported.artifact_dir, eval_config)
+    except ModelCheckError as err:
+        # Broken: nobody may serve it, not even as the latest version.
+        bentoml.models.delete(tag)
+        raise PromotionError(
+            f"challenger {tag} refused and removed from the store, the model is broken: {err} "
+            f"(artifact kept in {exported.artifact_dir})"
+        ) from None
     champion = promoted_tag(name)
     champion_eval = None
     champion_acc = None
     if champion is not None:
         champion_dir = Path(bentoml.models.get(champion).path)
-        champion_eval = evaluate_artifact(champion_dir, eval_config)
+        try:
+            champion_eval = evaluate_artifact(champion_dir, eval_config)
+        except ModelCheckError as err:
+            raise PromotionError(
+                f"champion {champion} cannot be evaluated, the promoted model is broken: {err}; "
+                f"roll back (`polytask models rollback --name {name}`) or promote a working "
+                f"version (`polytask models promote TAG`), then retrain"
+            ) from None
         champion_acc = _champion_accuracies(champion_dir, champion_eval)
     t_eval = time.monotonic()
 
