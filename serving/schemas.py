@@ -182,6 +182,11 @@ class TasksResponse(BaseModel):
     precision: str
     max_length: int = Field(description="Texts are truncated to this many tokens.")
     tasks: dict[str, TaskInfoOut]
+    fallback: str | None = Field(
+        default=None,
+        description="Why the service answers with another model than the store's promoted "
+        "(or latest) one, which failed to load; null when it serves that model.",
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -11,9 +11,11 @@ BentoML batches only calls that reach a batchable API through its server (a call
 same instance is a plain call), so the model sits behind `bentoml.depends(Encoder)`.
 `/predict` and `/tasks` are a small Starlette app mounted on the main service: it validates the
 raw body itself, so every rejection (malformed JSON included) gets a 4xx with a message and is
-counted by reason. `/healthz`, `/livez`, `/readyz` and `/metrics` are BentoML's; `/readyz` is
-503 until the Encoder has loaded a model (`__is_ready__`), and `/metrics` aggregates our
-prometheus_client metrics over all workers of both services.
+counted by reason. In front of every route, `serving.guard.ApiKeyGuard` checks API keys; the
+body is read under a byte limit before anything parses it (serving/guard.py). `/healthz`,
+`/livez`, `/readyz` and `/metrics` are BentoML's; `/readyz` is 503 until the Encoder has loaded
+a model (`__is_ready__`), and `/metrics` aggregates our prometheus_client metrics over all
+workers of both services.
 
 Environment (read when the service module is imported / a worker starts):
     POLYTASK_MODEL             pinned model tag (never swapped); else promoted, else latest
@@ -23,7 +25,9 @@ Environment (read when the service module is imported / a worker starts):
     POLYTASK_API_WORKERS       main service workers (default 1)
     POLYTASK_MAX_BATCH_SIZE    texts per adaptive batch (default 64)
     POLYTASK_MAX_LATENCY_MS    queueing bound before the batcher sheds load with 503 (5000)
-    POLYTASK_MAX_TEXTS         texts per request (default 64)
+    POLYTASK_MAX_TEXTS, POLYTASK_MAX_BODY_BYTES, POLYTASK_MAX_TEXT_CHARS, POLYTASK_API_KEYS(_FILE),
+    POLYTASK_METRICS_API_KEYS(_FILE)
+                               the trust boundary: limits and API keys (serving/settings.py)
     POLYTASK_ORT_THREADS       onnxruntime intra-op threads per Encoder worker
     POLYTASK_ORT_DEVICE        auto | cpu | cuda
 

@@ -83,7 +83,10 @@ def test_restarted_with_a_broken_promoted_model_serves_the_previous_good_one(art
         resp = _post(url, {"texts": ["good film", "pizza"]})
         assert resp.status_code == 200, resp.text
         assert resp.json()["model_version"] == good
-        assert httpx.get(f"{url}/tasks", timeout=10).json()["model_version"] == good
+        tasks = httpx.get(f"{url}/tasks", timeout=10).json()
+        assert tasks["model_version"] == good
+        assert tasks["fallback"].startswith(f"serving {good} because the promoted model {broken}")
+        _assert_no_paths(tasks["fallback"], home)
         metrics = _metrics(url)
         assert _sum(metrics, "polytask_model_load_failures_total") == 1
         assert _sum(metrics, "polytask_model_fallback") == 1
@@ -108,6 +111,7 @@ def test_restarted_with_a_broken_promoted_model_serves_the_previous_good_one(art
         assert _sum(metrics, "polytask_model_load_failures_total") == 1
         assert _sum(metrics, "polytask_model_active", version=first) == 1
         assert httpx.get(f"{url}/readyz", timeout=10).text == "\n"
+        assert httpx.get(f"{url}/tasks", timeout=10).json()["fallback"] is None
     assert "Traceback" not in log.read_text()
 
 
