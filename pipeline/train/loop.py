@@ -657,16 +657,29 @@ def pooled_features(
     module: TrainModule, ctx: Context, splits: dict[str, Split], batch_size: int = 256
 ) -> dict[str, Split]:
     """Each split as the pooled features of the current encoder (eval mode): what stage 2
-    reads, since E is fixed there."""
+    reads, since E is fixed there. Each rank computes every world_size-th batch and one
+    all-reduce (of rows that only one rank filled, the others holding zeros) gives every rank
+    all of them."""
     module.eval()
+    encoder = module.encoder
+    assert encoder is not None
+    plan = {t: list(eval_batches(split, batch_size)) for t, split in splits.items()}
+    progress = Progress(
+        ctx, "stage 2 features", sum(len(b[ctx.rank :: ctx.world_size]) for b in plan.values())
+    )
+    done = 0
     out: dict[str, Split] = {}
     for task, split in splits.items():
-        feats = torch.zeros(len(split), module.encoder.dim, device=ctx.device)
-        for idx in eval_batches(split, batch_size):
+        feats = torch.zeros(len(split), encoder.dim, device=ctx.device)
+        for idx in plan[task][ctx.rank :: ctx.world_size]:
             inputs, _ = split.batch(idx)
             with autocast_context(ctx.precision, ctx.device.type):
                 x = module.features(inputs)
             feats[torch.as_tensor(idx, device=ctx.device)] = x.float()
+            done += 1
+            progress.update(done)
+        if ctx.world_size > 1:
+            torch.distributed.all_reduce(feats)
         out[task] = TaskTensors({"features": feats}, split.labels)
     return out
 
