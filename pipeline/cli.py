@@ -157,7 +157,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.commands import serve
 
-    serve(model=args.model, port=args.port, host=args.host, workers=args.workers)
+    serve(
+        model=args.model,
+        port=args.port,
+        host=args.host,
+        workers=args.workers,
+        api_workers=args.api_workers,
+    )
     return 0
 
 
@@ -249,6 +255,8 @@ def cmd_schedule_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from serving.cli import add_predict_arguments, add_serve_arguments
+
     parser = argparse.ArgumentParser(
         prog="polytask", description="Train and evaluate multi-task text classifiers."
     )
@@ -391,21 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", help="model name (default: POLYTASK_MODEL_NAME or polytask-senteval6)")
     q.set_defaults(func=cmd_models_rollback)
 
+    # The same arguments as `polytask-serving` (serving/cli.py, the serve image's command).
     p = sub.add_parser("serve", help="serve the model over HTTP (BentoML): POST /predict")
-    p.add_argument("--model", help="model tag to pin (default: promoted, else latest)")
-    p.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000)")
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="interface to bind (default 127.0.0.1, this machine only; 0.0.0.0 for every "
-        "interface, e.g. in a container: set POLYTASK_API_KEYS before exposing the service)",
-    )
-    p.add_argument("--workers", type=int, help="model worker processes (default 1)")
+    add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("predict", help="every task's answer for some texts, from the model store")
-    p.add_argument("texts", nargs="+", help="texts to classify")
-    p.add_argument("--model", help="model tag (default: promoted, else latest)")
+    add_predict_arguments(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("submit", help="submit one retraining run to a Ray cluster (a Ray Job)")
