@@ -3,10 +3,10 @@
 One `polytask serve` on loopback (the artifact registered in a temporary store), then, side by
 side in one run:
 
-    (1) clean traffic: `--concurrency` closed-loop clients sending valid requests (1-4 dev
-        texts each) for `--seconds`; p50 / p99 latency of the valid requests
-    (2) the hostile mix: the same valid clients, plus as many hostile clients sending, in
-        turn, poison texts (lone surrogates, over-long texts), oversized bodies (over
+    (1) clean traffic: closed-loop clients sending valid requests (1-4 dev texts each) for
+        `--seconds`; p50 / p99 latency of the valid requests
+    (2) the hostile mix: the same valid clients, plus `--hostile` clients (together
+        `--concurrency`) sending, in turn, poison texts (lone surrogates, over-long texts), oversized bodies (over
         Content-Length and chunked), deeply nested and malformed JSON, huge numbers, invalid
         UTF-8, wrong types and content types; the service's readiness polled throughout
 
@@ -16,7 +16,7 @@ to refuse a 20 MB body, the service's memory before and after, and /metrics' rej
 reason.
 
     python bench/hostile.py [ARTIFACT_DIR]      # default: runs/latest/artifact
-        [--seconds 60] [--concurrency 32] [--threads N]
+        [--seconds 60] [--concurrency 32] [--hostile 8] [--threads N]
 
 Figures depend on the machine's load; compare the two phases of one run.
 """
@@ -76,8 +76,8 @@ def _send(http, url: str, body, headers) -> int:
         return 413
 
 
-def run_phase(url: str, texts: list[str], concurrency: int, seconds: float, hostile: bool):
-    """Closed-loop valid clients (and as many hostile ones); latencies and outcomes."""
+def run_phase(url: str, texts: list[str], valid: int, hostile: int, seconds: float):
+    """`valid` closed-loop valid clients and `hostile` hostile ones; latencies and outcomes."""
     import httpx
 
     latencies: list[float] = []
@@ -103,7 +103,7 @@ def run_phase(url: str, texts: list[str], concurrency: int, seconds: float, host
                         latencies.append(1000 * (time.perf_counter() - start))
                     else:
                         valid_failed[code] += 1
-                i += concurrency
+                i += valid
 
     def hostile_client(k: int) -> None:
         i = k
@@ -126,9 +126,8 @@ def run_phase(url: str, texts: list[str], concurrency: int, seconds: float, host
                     not_ready[0] += 1
                 time.sleep(0.5)
 
-    threads = [threading.Thread(target=valid_client, args=(k,)) for k in range(concurrency)]
-    if hostile:
-        threads += [threading.Thread(target=hostile_client, args=(k,)) for k in range(concurrency)]
+    threads = [threading.Thread(target=valid_client, args=(k,)) for k in range(valid)]
+    threads += [threading.Thread(target=hostile_client, args=(k,)) for k in range(hostile)]
     threads.append(threading.Thread(target=watch_ready))
     for t in threads:
         t.start()
@@ -169,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", type=Path, nargs="?", default=REPO / "runs/latest/artifact")
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32, help="clients in the mix")
+    parser.add_argument("--hostile", type=int, default=8, help="of which hostile")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/data/senteval")
     args = parser.parse_args(argv)
@@ -182,19 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     texts = dev_texts(args.data_dir)
     with Server(args.artifact, args.threads) as server:
         url, pgid = server.url, server.proc.pid
-        print(f"server {url}, {args.concurrency} valid clients, {args.seconds:.0f} s per phase")
-        clean, clean_failed, _, clean_unready = run_phase(
-            url, texts, args.concurrency, args.seconds, hostile=False
+        valid = args.concurrency - args.hostile
+        if valid < 1 or args.hostile < 1:
+            raise SystemExit("--hostile: between 1 and --concurrency - 1")
+        print(
+            f"server {url}; {valid} valid clients, then the same plus {args.hostile} hostile "
+            f"ones; {args.seconds:.0f} s per phase"
         )
+        clean, clean_failed, _, clean_unready = run_phase(url, texts, valid, 0, args.seconds)
         rss_before = server_rss(pgid)
         start = time.perf_counter()
         code = _send(
             httpx.Client(timeout=60), url, b'{"texts": ["' + b"z" * (20 << 20) + b'"]}', JSON
         )
         refuse_s = time.perf_counter() - start
-        mixed, failed, hostile, unready = run_phase(
-            url, texts, args.concurrency, args.seconds, hostile=True
-        )
+        mixed, failed, hostile, unready = run_phase(url, texts, valid, args.hostile, args.seconds)
         rss_after = server_rss(pgid)
         reasons = rejections(url)
 
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         f"valid requests: {len(clean)} ok, {sum(clean_failed.values())} failed {dict(clean_failed)}"
     )
     print(f"valid latency ms: p50 {pct(clean, 50):.1f}  p99 {pct(clean, 99):.1f}")
-    print("\n== hostile mix (as many hostile clients as valid ones)")
+    print(f"\n== hostile mix ({valid} valid + {args.hostile} hostile clients)")
     print(f"valid requests: {len(mixed)} ok, {sum(failed.values())} failed {dict(failed)}")
     print(f"valid latency ms: p50 {pct(mixed, 50):.1f}  p99 {pct(mixed, 99):.1f}")
     print(
