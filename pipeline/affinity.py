@@ -256,7 +256,7 @@ def similarity_before_after(
 
         run = load_run(run_dir)
         labels = run.labels
-        if run.record["encoder"]["trainable_layers"] > 0:
+        if run.record.encoder.fine_tuned:
             raise ValueError(
                 f"{run_dir}: affinity after alignment needs a frozen-encoder run (the features "
                 "of a fine-tuned encoder differ from the ones the matrix is computed on)"

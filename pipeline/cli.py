@@ -63,8 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     rec = result.record
     print()
     print("What each stage did (dev accuracy, %):")
-    print(format_stage_table(rec["stages"]))
-    print(f"\nselected model: dev macro-average accuracy {rec['dev_macro_accuracy']:.2f}")
+    print(format_stage_table(rec.stages))
+    print(f"\nselected model: dev macro-average accuracy {rec.dev_macro_accuracy:.2f}")
     print(f"run directory: {result.run_dir}")
     return 0
 

@@ -19,14 +19,12 @@ logger = logging.getLogger(__name__)
 def run_features(run: LoadedRun, texts: list[str], desc: str) -> np.ndarray:
     """Pooled features of `texts` under the run's encoder: from the feature cache when the
     encoder was frozen (its weights are the pretrained ones), else computed."""
-    enc = run.record["encoder"]
-    if enc["trainable_layers"] == 0:
-        cache = FeatureCache(
-            run.config.resolved_cache_dir(), enc["path"], enc["max_length"], enc["pooling"]
-        )
+    enc = run.record.encoder
+    if not enc.fine_tuned:
+        cache = FeatureCache(run.config.resolved_cache_dir(), enc.path, enc.max_length, enc.pooling)
         return cache.get(texts, desc=desc, batch_size=run.config.encoder.batch_size)
-    tokenizer = load_tokenizer(enc["path"])
-    return encode_texts(run.model.encoder, tokenizer, texts, enc["max_length"], desc=desc)
+    tokenizer = load_tokenizer(enc.path)
+    return encode_texts(run.model.encoder, tokenizer, texts, enc.max_length, desc=desc)
 
 
 def predict_features(run: LoadedRun, task: str, features: np.ndarray) -> np.ndarray:
@@ -69,7 +67,7 @@ def evaluate_run(
         pred = predict_features(run, t.name, feats)
         per_task[t.name] = classification_metrics(s.labels, pred, t.num_classes)
     return {
-        "run": run.record["run_name"],
+        "run": run.record.run_name,
         "split": split,
         "data_dir": str(config.data_root),
         "tasks": per_task,

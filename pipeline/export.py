@@ -110,7 +110,7 @@ def export_run(
     from pipeline.runs import read_record
 
     run_dir = Path(run_dir)
-    name = model_name or default_model_name(read_record(run_dir)["config"]["name"])
+    name = model_name or default_model_name(read_record(run_dir).run_config().name)
     check_model_name(name)
     out = Path(output_dir) if output_dir is not None else run_dir / DEFAULT_ARTIFACT_DIR
     start = time.monotonic()
@@ -181,11 +181,11 @@ def write_artifact(
     _check_replaceable(out_dir)
     run = load_run(run_dir)
     record = run.record
-    enc = record["encoder"]
+    enc = record.encoder
     tasks = list(run.model.heads.tasks)
-    if tasks != list(record["tasks"]):
+    if tasks != list(record.tasks):
         raise ExportError(
-            f"{run_dir}: the model's tasks {tasks} differ from run.json's {list(record['tasks'])}"
+            f"{run_dir}: the model's tasks {tasks} differ from run.json's {list(record.tasks)}"
         )
     name = model_name or default_model_name(run.config.name)
     check_model_name(name)
@@ -195,37 +195,37 @@ def write_artifact(
     try:
         onnx_path = work / ONNX_FILE
         step = time.monotonic()
-        export_onnx(run.model, tasks, enc["max_length"], onnx_path)
+        export_onnx(run.model, tasks, enc.max_length, onnx_path)
         logger.info("exported %s in %.1fs", onnx_path.name, time.monotonic() - step)
 
-        tokenizer = save_tokenizer(enc["path"], work, enc["max_length"])
+        tokenizer = save_tokenizer(enc.path, work, enc.max_length)
         # Written now, with the parity check pending (replaced below), so that the checks can
         # run the artifact as the service does: with serving.runtime, from this directory.
         metadata = ArtifactMetadata(
             model_name=name,
-            run_id=record["run_name"],
+            run_id=record.run_name,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             polytask_version=__version__,
             precision="fp32",
             encoder=EncoderInfo(
-                name=str(enc["path"]),
-                fingerprint=enc["fingerprint"],
-                max_length=int(enc["max_length"]),
-                pooling=enc["pooling"],
-                dim=int(enc["dim"]),
+                name=enc.path,
+                fingerprint=enc.fingerprint,
+                max_length=enc.max_length,
+                pooling=enc.pooling,
+                dim=enc.dim,
             ),
             tasks=[
                 TaskInfo(
                     name=t,
-                    labels=list(record["tasks"][t]["labels"]),
+                    labels=list(record.tasks[t].labels),
                     output=output_name(t),
-                    dev=_task_metrics(record.get("dev", {}).get(t)),
+                    dev=_task_metrics(record.dev.get(t)),
                 )
                 for t in tasks
             ],
-            dev_macro_accuracy=record.get("dev_macro_accuracy"),
-            config_fingerprint=config_fingerprint(record["config"]),
-            data_fingerprints={t: record["tasks"][t]["data_fingerprint"] for t in tasks},
+            dev_macro_accuracy=record.dev_macro_accuracy,
+            config_fingerprint=config_fingerprint(record.config),
+            data_fingerprints={t: record.tasks[t].data_fingerprint for t in tasks},
             parity=ParityReport(tolerance=tolerance, max_abs_diff=0.0, passed=False, cases=[]),
         )
         metadata.write(work)
@@ -239,7 +239,7 @@ def write_artifact(
             tasks,
             vocab_size=int(run.model.encoder.transformer.config.vocab_size),
             pad_id=int(tokenizer.pad_token_id or 0),
-            max_length=enc["max_length"],
+            max_length=enc.max_length,
             tolerance=tolerance,
         )
         logger.info(

@@ -1,44 +1,154 @@
-"""Loading a finished run directory back into a model (evaluation, affinity, export)."""
+"""The run directory: its one owner. Layout, the typed run record, and loading a finished run
+back into a model (evaluation, affinity, export, retraining).
+
+    <storage_path>/<run name>/          Ray's experiment directory (its checkpoint_* folders)
+        run.json                        RunRecord, written by the training driver
+        config.yaml                     the resolved config
+        model/model.safetensors         the selected model (heads; the encoder when fine-tuned)
+    <storage_path>/latest               -> the newest finished run
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pipeline.config import RunConfig, parse_config
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.config import RunConfig, config_to_dict, parse_config
 from pipeline.features import encoder_fingerprint
-from pipeline.train.driver import MODEL_DIR, MODEL_FILE, RUN_RECORD
 
 logger = logging.getLogger(__name__)
+
+RUN_RECORD = "run.json"
+CONFIG_FILE = "config.yaml"
+MODEL_DIR = "model"
+MODEL_FILE = "model.safetensors"
+LATEST = "latest"
+SCHEMA_VERSION = 1
 
 
 class RunNotFoundError(Exception):
     """The path is not a finished polytask run."""
 
 
+class _Record(BaseModel):
+    # Unknown keys of newer writers are ignored rather than fatal to older readers.
+    model_config = ConfigDict(extra="ignore")
+
+
+class TaskRecord(_Record):
+    labels: list[str]  # index order of the model's outputs
+    n_train: int
+    n_dev: int
+    data_fingerprint: str  # sha256 of the task's split files and task config
+
+
+class EncoderRecord(_Record):
+    path: str
+    fingerprint: str
+    dim: int
+    max_length: int
+    pooling: str
+    trainable_layers: int | Literal["all"] = 0
+    cached_layers: int = 0  # bottom blocks whose token states training read from the cache
+
+    @property
+    def fine_tuned(self) -> bool:
+        return self.trainable_layers != 0
+
+
+class StageRecord(_Record):
+    """What each stage did for one task (dev accuracy, %)."""
+
+    joint: float | None  # best stage-1 epoch
+    joint_best_epoch: int | None
+    align_best: float | None  # best stage-2 epoch
+    final: float | None  # the selected model
+    alignment_kept: bool
+
+
+class RunRecord(_Record):
+    """run.json: everything needed to evaluate, export or compare the run later."""
+
+    schema_version: int = SCHEMA_VERSION
+    polytask_version: str
+    run_name: str
+    created: str
+    tasks: dict[str, TaskRecord]
+    task_weights: dict[str, float]
+    encoder: EncoderRecord
+    config: dict[str, Any]  # the resolved RunConfig as JSON (see `run_config`)
+    dev: dict[str, dict[str, float | int]]  # per task: accuracy, macro_f1 (%), n
+    dev_macro_accuracy: float
+    dev_macro_f1: float
+    stages: dict[str, StageRecord]
+    resumed_from: str | None = None
+    history: list[dict[str, Any]]  # every epoch of both stages plus "final"
+    data_overlap: dict[str, Any] | None = None
+    duration_seconds: float | None = None
+
+    @property
+    def labels(self) -> dict[str, list[str]]:
+        return {t: v.labels for t, v in self.tasks.items()}
+
+    def run_config(self, source: str = RUN_RECORD) -> RunConfig:
+        return parse_config(self.config, source)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def record_path(run_dir: Path) -> Path:
+    return Path(run_dir) / RUN_RECORD
+
+
+def model_path(run_dir: Path) -> Path:
+    """The selected model's weights."""
+    return Path(run_dir) / MODEL_DIR / MODEL_FILE
+
+
+def write_run(run_dir: Path, record: RunRecord, config: RunConfig) -> None:
+    """Write run.json and config.yaml (the model is copied in by the driver first)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record_path(run_dir).write_text(json.dumps(record.to_json(), indent=1))
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def point_latest(storage: Path, run_dir: Path) -> None:
+    """`<storage>/latest` -> the newest finished run (replaced atomically)."""
+    link = storage / LATEST
+    tmp = storage / f".latest-{uuid.uuid4().hex[:8]}"
+    tmp.symlink_to(run_dir.name)
+    tmp.replace(link)
+
+
 @dataclass
 class LoadedRun:
     run_dir: Path
-    record: dict[str, Any]
+    record: RunRecord
     config: RunConfig
     model: Any  # pipeline.model.MultiTaskModel, in eval mode
 
     @property
     def labels(self) -> dict[str, list[str]]:
-        return {t: v["labels"] for t, v in self.record["tasks"].items()}
+        return self.record.labels
 
 
-def read_record(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / RUN_RECORD
+def read_record(run_dir: Path) -> RunRecord:
+    path = record_path(run_dir)
     if not path.is_file():
         raise RunNotFoundError(
             f"{run_dir}: not a finished run (no {RUN_RECORD}); `polytask train` prints the run "
             "directory when it finishes"
         )
-    return json.loads(path.read_text())
+    return RunRecord.model_validate_json(path.read_text())
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -52,25 +162,25 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
     run_dir = Path(run_dir)
     record = read_record(run_dir)
-    config = parse_config(record["config"], str(run_dir / RUN_RECORD))
-    enc = record["encoder"]
-    if not Path(enc["path"]).exists():
-        raise RunNotFoundError(f"{run_dir}: the run's encoder is missing: {enc['path']}")
-    if encoder_fingerprint(enc["path"]) != enc["fingerprint"]:
+    config = record.run_config(str(record_path(run_dir)))
+    enc = record.encoder
+    if not Path(enc.path).exists():
+        raise RunNotFoundError(f"{run_dir}: the run's encoder is missing: {enc.path}")
+    if encoder_fingerprint(enc.path) != enc.fingerprint:
         raise RunNotFoundError(
-            f"{run_dir}: the encoder at {enc['path']} changed since training (fingerprint "
+            f"{run_dir}: the encoder at {enc.path} changed since training (fingerprint "
             "mismatch); evaluate with the encoder the run was trained on"
         )
-    encoder = load_encoder(enc["path"], enc["pooling"])
+    encoder = load_encoder(enc.path, enc.pooling)
     heads = build_heads(
-        int(enc["dim"]),
-        {t: len(v["labels"]) for t, v in record["tasks"].items()},
+        enc.dim,
+        {t: len(v.labels) for t, v in record.tasks.items()},
         config.shared,
         config.towers,
         config.aux,
     )
     model = MultiTaskModel(encoder, heads)
-    state = load_tensors(run_dir / MODEL_DIR / MODEL_FILE)
+    state = load_tensors(model_path(run_dir))
     # Frozen runs store only the heads; the encoder weights are the pretrained ones.
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("encoder.") for k in missing):
@@ -78,5 +188,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             f"{run_dir}: model weights do not match the run's config "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    if enc.fine_tuned and missing:
+        raise RunNotFoundError(f"{run_dir}: the fine-tuned encoder's weights are missing")
     model.eval()
     return LoadedRun(run_dir=run_dir, record=record, config=config, model=model)

@@ -22,6 +22,7 @@ from conftest import tiny_config_dict
 
 from pipeline.config import parse_config
 from pipeline.jobs import monitoring
+from pipeline.runs import EncoderRecord, RunRecord, TaskRecord
 from pipeline.train.driver import stage_summary
 
 TASKS = ["sentiment", "topic"]
@@ -42,7 +43,7 @@ def entry(stage: str, epoch: int, acc: dict[str, float], loss: dict[str, float])
 
 
 @pytest.fixture
-def run_record() -> dict:
+def run_record() -> RunRecord:
     """A run.json as pipeline.train.driver.build_record writes it (the parts monitoring reads):
     2 stage-1 epochs (the 2nd is best), 2 alignment epochs, then the selected model, where
     alignment was kept for sentiment (75 -> 80) and not for topic (stays 60)."""
@@ -53,14 +54,23 @@ def run_record() -> dict:
         entry("align", 2, {"sentiment": 80.0, "topic": 58.0}, {"sentiment": 0.3, "topic": 0.9}),
         entry("final", 0, {"sentiment": 80.0, "topic": 60.0}, {}),
     ]
-    return {
-        "run_name": "tiny-20261122-093000-abcdef",
-        "tasks": {t: {"labels": ["a", "b"], "n_train": 48, "n_dev": 24} for t in TASKS},
-        "task_weights": {"sentiment": 1.25, "topic": 0.75},
-        "dev": history[-1]["dev"],
-        "stages": stage_summary(history, TASKS),
-        "history": history,
-    }
+    return RunRecord(
+        polytask_version="0",
+        run_name="tiny-20261122-093000-abcdef",
+        created="2026-11-22T09:30:00+00:00",
+        tasks={
+            t: TaskRecord(labels=["a", "b"], n_train=48, n_dev=24, data_fingerprint="0")
+            for t in TASKS
+        },
+        task_weights={"sentiment": 1.25, "topic": 0.75},
+        encoder=EncoderRecord(path="e", fingerprint="0", dim=8, max_length=16, pooling="mean"),
+        config={},
+        dev=history[-1]["dev"],
+        dev_macro_accuracy=history[-1]["dev_macro_accuracy"],
+        dev_macro_f1=history[-1]["dev_macro_f1"],
+        stages=stage_summary(history, TASKS),
+        history=history,
+    )
 
 
 def samples(registry) -> dict[tuple[str, frozenset], float]:

@@ -122,11 +122,11 @@ def execute_run(
             }
         return {
             "status": "ok",
-            "dev": {t: v["accuracy"] for t, v in rec["dev"].items()},
-            "dev_macro": rec["dev_macro_accuracy"],
-            "stages": rec["stages"],
-            "task_weights": rec["task_weights"],
-            "data_overlap": rec["data_overlap"]["pairs"],
+            "dev": {t: v["accuracy"] for t, v in rec.dev.items()},
+            "dev_macro": rec.dev_macro_accuracy,
+            "stages": {t: s.model_dump() for t, s in rec.stages.items()},
+            "task_weights": rec.task_weights,
+            "data_overlap": (rec.data_overlap or {}).get("pairs", []),
             "duration_seconds": round(time.monotonic() - start, 1),
             "started_at": started_at,
             "finished_at": time.time(),

@@ -48,7 +48,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from pipeline.runs import RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def _last_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def build_registry(
-    run_record: dict[str, Any],
+    run_record: RunRecord,
     *,
     duration_seconds: float,
     decision: Decision,
@@ -88,7 +91,7 @@ def build_registry(
     """The metrics of one successful retraining job, in a registry of their own.
 
     Args:
-        run_record: The training run's `run.json` (pipeline.train.driver.build_record).
+        run_record: The training run's record (pipeline.runs.RunRecord).
         duration_seconds: Wall time of the whole job.
         decision: The promotion gate's verdict.
         decisions_before: The decision counter's values already in the Pushgateway.
@@ -100,8 +103,8 @@ def build_registry(
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    tasks = list(run_record["tasks"])
-    history = run_record.get("history", [])
+    tasks = list(run_record.tasks)
+    history = run_record.history
     families: list[Any] = []
 
     def gauge(name: str, doc: str, labels: list[str], values: list[tuple[list[str], float]]):
@@ -121,38 +124,36 @@ def build_registry(
         "polytask_train_dev_accuracy",
         "Dev accuracy (ratio) of the run's selected model.",
         ["task"],
-        [([t], _ratio(run_record["dev"][t]["accuracy"])) for t in tasks],
+        [([t], _ratio(run_record.dev[t]["accuracy"])) for t in tasks],
     )
-    stages = run_record.get("stages", {})
+    stages = run_record.stages
     gauge(
         "polytask_train_stage_dev_accuracy",
         "Dev accuracy (ratio) by stage: joint = best stage-1 epoch, align = best stage-2 "
         "epoch, final = the selected model.",
         ["task", "stage"],
         [
-            ([t, stage], _ratio(stages[t][key]))
+            ([t, stage], _ratio(getattr(stages[t], key)))
             for t in tasks
             if t in stages
             for key, stage in STAGES.items()
-            if stages[t].get(key) is not None
+            if getattr(stages[t], key) is not None
         ],
     )
     gauge(
         "polytask_train_task_weight",
         "The task's loss weight (SVD or size weighting; 1 with none).",
         ["task"],
-        [([t], float(w)) for t, w in run_record.get("task_weights", {}).items()],
+        [([t], float(w)) for t, w in run_record.task_weights.items()],
     )
     gauge(
         "polytask_train_alignment_gain",
         "Dev accuracy (ratio) after covariance alignment minus after stage 1.",
         ["task"],
         [
-            ([t], (stages[t]["final"] - stages[t]["joint"]) / 100.0)
+            ([t], (stages[t].final - stages[t].joint) / 100.0)
             for t in tasks
-            if t in stages
-            and stages[t].get("final") is not None
-            and stages[t].get("joint") is not None
+            if t in stages and stages[t].final is not None and stages[t].joint is not None
         ],
     )
     gauge(
@@ -260,7 +261,7 @@ def push_retrain_metrics(
     pushgateway: str | None,
     job: str,
     config_name: str,
-    run_record: dict[str, Any],
+    run_record: RunRecord,
     *,
     duration_seconds: float,
     promoted: bool,
@@ -273,7 +274,7 @@ def push_retrain_metrics(
         pushgateway: Pushgateway URL (`http://host:9091`); None logs one line and pushes nothing.
         job: The `job` grouping label.
         config_name: The `config` grouping label.
-        run_record: The training run's `run.json`.
+        run_record: The training run's record (pipeline.runs.RunRecord).
         duration_seconds: Wall time of the whole job.
         promoted: The gate's decision.
         finished: Unix time of success; default now.

@@ -33,6 +33,7 @@ from typing import Any
 from pipeline.config import ConfigError, RunConfig
 from pipeline.jobs.gate import GateDecision, decide, format_decision
 from pipeline.jobs.models import PromotionError, promote, promoted_tag
+from pipeline.runs import RunRecord
 from serving.runtime import ModelCheckError
 
 logger = logging.getLogger(__name__)
@@ -180,11 +181,12 @@ def retrain(
 
 def _retrain(
     config: RunConfig, run_name: str | None, model_name: str | None
-) -> tuple[RetrainRecord, dict[str, Any]]:
-    """`retrain` without monitoring: the record and the training run's `run.json`."""
+) -> tuple[RetrainRecord, RunRecord]:
+    """`retrain` without monitoring: the record and the training run's record."""
     import bentoml
 
     from pipeline.export import default_model_name, export_run
+    from pipeline.jobs.monitoring import epoch_callback
     from pipeline.train.driver import train
 
     check_promotion_config(config)
@@ -192,7 +194,10 @@ def _retrain(
     t0 = time.monotonic()
     name = model_name or default_model_name(config.name)
 
-    result = train(config, run_name=run_name)
+    mon = config.monitoring  # per-epoch gauges to the Pushgateway, if one is configured
+    push_epochs = epoch_callback(mon.pushgateway, mon.job, config.name, config.task_names)
+    callbacks = [push_epochs] if push_epochs is not None else []
+    result = train(config, run_name=run_name, callbacks=callbacks)
     t_train = time.monotonic()
     exported = export_run(result.run_dir, model_name=name, register=True)
     tag = str(exported.tag)

@@ -17,12 +17,12 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from pipeline import __version__
 from pipeline.config import RunConfig, check_writable_outputs, config_to_dict
@@ -43,6 +43,16 @@ from pipeline.features import (
     resolve_encoder_path,
     tokenize,
 )
+from pipeline.runs import (
+    MODEL_DIR,
+    MODEL_FILE,
+    EncoderRecord,
+    RunRecord,
+    StageRecord,
+    TaskRecord,
+    point_latest,
+    write_run,
+)
 from pipeline.train.spec import (
     FAULT_ENV,
     CachedStateSplit,
@@ -61,9 +71,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["FAULT_ENV", "TrainingError", "TrainResult", "train"]
 SPLITS = ("train", "dev")
 STATS_SAMPLE = 4096  # texts whose pooled features give the standardization when fine-tuning
-RUN_RECORD = "run.json"
-MODEL_DIR = "model"
-MODEL_FILE = "model.safetensors"
 
 
 class TrainingError(Exception):
@@ -73,7 +80,7 @@ class TrainingError(Exception):
 @dataclass
 class TrainResult:
     run_dir: Path
-    record: dict[str, Any]
+    record: RunRecord
 
 
 def new_run_name(config_name: str) -> str:
@@ -369,8 +376,13 @@ def loop_config(config: RunConfig, dim: int, encoder: EncoderSpec | None) -> Loo
 
 
 # ---------------------------------------------------------------------------------- the driver
-def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
+def train(
+    config: RunConfig, run_name: str | None = None, callbacks: Sequence[Any] = ()
+) -> TrainResult:
     """Train, select and record one run. Returns the run directory and its record.
+
+    `callbacks` are `ray.train.UserCallback`s run by Ray's Train controller after every report
+    (the retraining job passes its Pushgateway epoch callback; local mode runs none).
 
     Raises:
         DataError, EncoderNotFoundError: bad data or encoder, before Ray starts.
@@ -379,7 +391,6 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.jobs.monitoring import epoch_callback
     from pipeline.train.loop import train_loop_per_worker
 
     start = time.monotonic()
@@ -416,8 +427,6 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
         data_ref: Any = ray.put(data)  # via the object store: workers on any node can read it
     else:
         data_ref = data
-    mon = config.monitoring  # per-epoch gauges to the Pushgateway, if one is configured
-    push_epochs = epoch_callback(mon.pushgateway, mon.job, config.name, config.task_names)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop_config(config, dim, inputs.encoder), "data": data_ref},
@@ -437,7 +446,7 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
             ),
             # Our workers log one line per epoch; Ray Train's per-report INFO lines are noise.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=[push_epochs] if push_epochs is not None else None,
+            callbacks=list(callbacks) or None,
         ),
     )
     logger.info(
@@ -450,10 +459,9 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
     if result.checkpoint is None:
         raise TrainingError(f"run {run_name} finished without a checkpoint")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MODEL_DIR).mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as ckpt:
         state = json.loads((Path(ckpt) / "state.json").read_text())
-        (run_dir / MODEL_DIR).mkdir(exist_ok=True)
         # The final checkpoint's model is the selected one (best stage 1 + per-task alignment).
         shutil.copyfile(Path(ckpt) / "model.safetensors", run_dir / MODEL_DIR / MODEL_FILE)
     if config.scaling.num_workers == 0:
@@ -462,44 +470,34 @@ def train(config: RunConfig, run_name: str | None = None) -> TrainResult:
     record = build_record(
         config, run_name, tasks, weights, encoder_path, inputs.encoder, dim, state
     )
-    record["data_overlap"] = {"pairs": overlap, "removed_from_train": removed}
-    record["duration_seconds"] = round(time.monotonic() - start, 1)
-    (run_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    record.data_overlap = {"pairs": overlap, "removed_from_train": removed}
+    record.duration_seconds = round(time.monotonic() - start, 1)
+    write_run(run_dir, record, config)
     point_latest(config.storage_path, run_dir)
     return TrainResult(run_dir=run_dir, record=record)
 
 
-def point_latest(storage: Path, run_dir: Path) -> None:
-    """`<storage>/latest` -> the newest finished run (replaced atomically)."""
-    link = storage / "latest"
-    tmp = storage / f".latest-{uuid.uuid4().hex[:8]}"
-    tmp.symlink_to(run_dir.name)
-    tmp.replace(link)
-
-
-def stage_summary(history: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, Any]]:
+def stage_summary(history: list[dict[str, Any]], tasks: list[str]) -> dict[str, StageRecord]:
     """Per task: dev accuracy after stage 1 (best epoch), best during stage 2, and final."""
     joint = [h for h in history if h["stage"] == "joint"]
     align = [h for h in history if h["stage"] == "align"]
     final = [h for h in history if h["stage"] == "final"]
     best_joint = max(joint, key=lambda h: h["dev_macro_accuracy"]) if joint else None
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, StageRecord] = {}
     for t in tasks:
-        row: dict[str, Any] = {
-            "joint": best_joint["dev"][t]["accuracy"] if best_joint else None,
-            "joint_best_epoch": best_joint["epoch"] if best_joint else None,
-            "align_best": max(h["dev"][t]["accuracy"] for h in align) if align else None,
-            "final": final[-1]["dev"][t]["accuracy"] if final else None,
-        }
-        row["alignment_kept"] = (
-            row["final"] is not None and row["joint"] is not None and row["final"] > row["joint"]
+        stage1 = best_joint["dev"][t]["accuracy"] if best_joint else None
+        last = final[-1]["dev"][t]["accuracy"] if final else None
+        out[t] = StageRecord(
+            joint=stage1,
+            joint_best_epoch=best_joint["epoch"] if best_joint else None,
+            align_best=max(h["dev"][t]["accuracy"] for h in align) if align else None,
+            final=last,
+            alignment_kept=last is not None and stage1 is not None and last > stage1,
         )
-        out[t] = row
     return out
 
 
-def format_stage_table(summary: dict[str, dict[str, Any]]) -> str:
+def format_stage_table(summary: dict[str, StageRecord]) -> str:
     """What each stage did for each task (dev accuracy, %)."""
 
     def f(x: float | None) -> str:
@@ -508,16 +506,16 @@ def format_stage_table(summary: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'task':<12} {'stage 1':>8} {'stage 2':>8} {'final':>8}  R_i kept"]
     for t, r in summary.items():
         lines.append(
-            f"{t:<12} {f(r['joint']):>8} {f(r['align_best']):>8} {f(r['final']):>8}  "
-            f"{'yes' if r['alignment_kept'] else 'no'}"
+            f"{t:<12} {f(r.joint):>8} {f(r.align_best):>8} {f(r.final):>8}  "
+            f"{'yes' if r.alignment_kept else 'no'}"
         )
-    vals = {
-        k: [r[k] for r in summary.values() if r[k] is not None]
+    columns = [
+        [getattr(r, k) for r in summary.values() if getattr(r, k) is not None]
         for k in ("joint", "align_best", "final")
-    }
+    ]
     lines.append(
         f"{'MACRO AVG':<12} "
-        + " ".join(f"{(np.mean(v) if v else float('nan')):>8.2f}" for v in vals.values())
+        + " ".join(f"{(np.mean(v) if v else float('nan')):>8.2f}" for v in columns)
     )
     return "\n".join(lines)
 
@@ -531,43 +529,42 @@ def build_record(
     encoder: EncoderSpec | None,
     dim: int,
     state: dict[str, Any],
-) -> dict[str, Any]:
-    """run.json: everything needed to evaluate, export or compare the run later."""
+) -> RunRecord:
+    """The run record (runs.py) of a finished run, from its final checkpoint's state."""
     history = state["history"]
     final = history[-1]
     names = [t.name for t in tasks]
-    return {
-        "schema_version": 1,
-        "polytask_version": __version__,
-        "run_name": run_name,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "tasks": {
-            t.name: {
-                "labels": t.labels,
-                "n_train": len(t.splits["train"]),
-                "n_dev": len(t.splits["dev"]),
-                "data_fingerprint": fingerprint_files(
+    return RunRecord(
+        polytask_version=__version__,
+        run_name=run_name,
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        tasks={
+            t.name: TaskRecord(
+                labels=t.labels,
+                n_train=len(t.splits["train"]),
+                n_dev=len(t.splits["dev"]),
+                data_fingerprint=fingerprint_files(
                     [s.path for s in t.splits.values()],
                     extra=json.dumps(config.tasks[i].model_dump(mode="json"), sort_keys=True),
                 ),
-            }
+            )
             for i, t in enumerate(tasks)
         },
-        "task_weights": weights,
-        "encoder": {
-            "path": encoder_path,
-            "fingerprint": encoder_fingerprint(encoder_path),
-            "dim": dim,
-            "max_length": config.encoder.max_length,
-            "pooling": config.encoder.pooling,
-            "trainable_layers": config.encoder.trainable_layers,
-            "cached_layers": encoder.cached_layers if encoder is not None else 0,
-        },
-        "config": config_to_dict(config),
-        "dev": final["dev"],
-        "dev_macro_accuracy": final["dev_macro_accuracy"],
-        "dev_macro_f1": final["dev_macro_f1"],
-        "stages": stage_summary(history, names),
-        "resumed_from": state.get("resumed_from"),
-        "history": history,
-    }
+        task_weights=weights,
+        encoder=EncoderRecord(
+            path=encoder_path,
+            fingerprint=encoder_fingerprint(encoder_path),
+            dim=dim,
+            max_length=config.encoder.max_length,
+            pooling=config.encoder.pooling,
+            trainable_layers=config.encoder.trainable_layers,
+            cached_layers=encoder.cached_layers if encoder is not None else 0,
+        ),
+        config=config_to_dict(config),
+        dev=final["dev"],
+        dev_macro_accuracy=final["dev_macro_accuracy"],
+        dev_macro_f1=final["dev_macro_f1"],
+        stages=stage_summary(history, names),
+        resumed_from=state.get("resumed_from"),
+        history=history,
+    )
