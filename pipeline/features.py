@@ -91,6 +91,33 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, 
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
 
+class TextProgress:
+    """Progress of a pass over texts: count, percentage, rate and ETA, logged about every
+    `every` seconds and once at the end (the feature and token-state caches share it)."""
+
+    def __init__(self, desc: str, total: int, every: float = 10.0):
+        self.desc, self.total, self.every = desc, total, every
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last < self.every and self.done < self.total:
+            return
+        rate = self.done / max(now - self.start, 1e-9)
+        logger.info(
+            "%s: %d/%d texts (%.0f%%), %.0f texts/s, ETA %.0fs",
+            self.desc,
+            self.done,
+            self.total,
+            100 * self.done / max(self.total, 1),
+            rate,
+            (self.total - self.done) / rate if rate else 0.0,
+        )
+        self.last = now
+
+
 def encode_texts(
     encoder,
     tokenizer,
@@ -115,29 +142,14 @@ def encode_texts(
     lengths = [len(t) for t in texts]
     order = np.argsort(lengths, kind="stable")[::-1]  # longest first: memory peak shows early
     encoder.eval()
-    start = last = time.monotonic()
-    done = 0
+    progress = TextProgress(desc, n)
     with torch.inference_mode():
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
             ids, mask = tokenize(tokenizer, [texts[j] for j in idx], max_length)
             feats = encoder(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
             out[idx] = feats.float().cpu().numpy()
-            done += len(idx)
-            now = time.monotonic()
-            if now - last >= 10 or done == n:
-                rate = done / max(now - start, 1e-9)
-                eta = (n - done) / rate if rate else 0.0
-                logger.info(
-                    "%s: %d/%d texts (%.0f%%), %.0f texts/s, ETA %.0fs",
-                    desc,
-                    done,
-                    n,
-                    100 * done / n,
-                    rate,
-                    eta,
-                )
-                last = now
+            progress.add(len(idx))
     return out
 
 

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.data import texts_fingerprint
-from pipeline.features import encoder_fingerprint, load_tokenizer
+from pipeline.features import TextProgress, encoder_fingerprint, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +210,7 @@ class TokenStateCache:
             total,
             path,
         )
-        start = last = time.monotonic()
-        done = 0
+        progress = TextProgress(desc, n)
         for i in range(0, n, self.batch_size):
             rows = order[i : i + self.batch_size]
             width = int(lengths[rows].max())
@@ -224,21 +222,8 @@ class TokenStateCache:
             out = producer(batch_ids, mask)
             for j, row in enumerate(rows):
                 states[offsets[row] : offsets[row] + lengths[row]] = out[j, : lengths[row]]
-            done += len(rows)
             self.computed += len(rows)
-            now = time.monotonic()
-            if now - last >= 10 or done == n:
-                rate = done / max(now - start, 1e-9)
-                logger.info(
-                    "%s: %d/%d texts (%.0f%%), %.0f texts/s, ETA %.0fs",
-                    desc,
-                    done,
-                    n,
-                    100 * done / n,
-                    rate,
-                    (n - done) / rate if rate else 0.0,
-                )
-                last = now
+            progress.add(len(rows))
         states.flush()
         del states
         np.savez(tmp / INDEX_FILE, offsets=offsets, lengths=lengths)
