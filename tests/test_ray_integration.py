@@ -49,11 +49,11 @@ def test_two_worker_run_persists_ranked_checkpoints(uninterrupted):
         state = json.loads((ckpt / "state.json").read_text())
         assert state["history"]
     rec = uninterrupted.record
-    joint = [h for h in rec["history"] if h["stage"] == "joint"]
+    joint = [h for h in rec.history if h["stage"] == "joint"]
     assert [h["epoch"] for h in joint] == [1, 2, 3, 4, 5]
     first, last = (sum(h["train_loss"].values()) for h in (joint[0], joint[-1]))
     assert last < first  # loss falls under DDP too
-    assert rec["resumed_from"] is None
+    assert rec.resumed_from is None
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 
@@ -67,13 +67,13 @@ def test_killed_worker_resumes_from_its_checkpoint(
 
     assert marker.is_file(), "the fault was not injected"
     rec = result.record
-    assert rec["resumed_from"] == "joint:2"
-    joint = [h["epoch"] for h in rec["history"] if h["stage"] == "joint"]
+    assert rec.resumed_from == "joint:2"
+    joint = [h["epoch"] for h in rec.history if h["stage"] == "joint"]
     assert joint == [1, 2, 3, 4, 5]  # each epoch once: epochs 1-2 came from the checkpoint
     # Seeding by (seed, epoch, rank) makes the resumed run replay the lost epochs exactly.
     clean = uninterrupted.record
-    assert rec["dev_macro_accuracy"] == pytest.approx(clean["dev_macro_accuracy"], abs=1e-6)
-    for a, b in zip(rec["history"], clean["history"], strict=True):
+    assert rec.dev_macro_accuracy == pytest.approx(clean.dev_macro_accuracy, abs=1e-6)
+    for a, b in zip(rec.history, clean.history, strict=True):
         for task, loss in a["train_loss"].items():
             assert loss == pytest.approx(b["train_loss"][task], rel=1e-4, abs=1e-6)
 
@@ -93,8 +93,8 @@ def test_finetuned_worker_killed_once_resumes_exactly(
 
     clean, tmp = finetuned
     rec = clean.record
-    assert rec["encoder"]["cached_layers"] == 1 and rec["resumed_from"] is None
-    joint = [h for h in rec["history"] if h["stage"] == "joint"]
+    assert rec.encoder.cached_layers == 1 and rec.resumed_from is None
+    joint = [h for h in rec.history if h["stage"] == "joint"]
     assert sum(joint[-1]["train_loss"].values()) < sum(joint[0]["train_loss"].values())
 
     # Same storage and cache: the rerun reads every token state from the cache.
@@ -104,9 +104,9 @@ def test_finetuned_worker_killed_once_resumes_exactly(
     killed = train(config, run_name="finetune-killed")
     assert marker.is_file(), "the fault was not injected"
     krec = killed.record
-    assert krec["resumed_from"] == "joint:3"
-    assert [h["epoch"] for h in krec["history"] if h["stage"] == "joint"] == [1, 2, 3, 4, 5]
-    for a, b in zip(krec["history"], rec["history"], strict=True):
+    assert krec.resumed_from == "joint:3"
+    assert [h["epoch"] for h in krec.history if h["stage"] == "joint"] == [1, 2, 3, 4, 5]
+    for a, b in zip(krec.history, rec.history, strict=True):
         assert a["dev"] == b["dev"]
         for task, loss in a["train_loss"].items():
             assert loss == pytest.approx(b["train_loss"][task], rel=1e-4, abs=1e-6)
