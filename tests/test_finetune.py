@@ -301,3 +301,23 @@ def test_svd_weights_with_a_finetuned_encoder_use_pretrained_pooled_features(
     weights = task_weights(config, tasks, prepared.train_features)
     assert np.mean(list(weights.values())) == pytest.approx(1.0)
     assert weights["sentiment"] != weights["topic"]
+
+
+def test_transfer_suite_with_a_finetuned_encoder(tmp_path, tiny_data_dir, tiny_encoder_dir):
+    """The suites run fine-tuned: the token states are computed once, before the runs, and
+    every run (single-task and multi-task) reads them."""
+    path = _config(tmp_path, tiny_data_dir, tiny_encoder_dir, 1, epochs=2)
+    out = io.StringIO()
+    argv = ["experiment", str(path), "--suite", "transfer", "--in-process", "--seeds", "1"]
+    with contextlib.redirect_stdout(out):
+        assert main([*argv, "--output", str(tmp_path / "suite")]) == 0
+    assert "computing the cached bottom-layer token states once for all runs" in out.getvalue()
+    numbers = json.loads((tmp_path / "suite" / "results.json").read_text())
+    assert numbers["meta"]["n_runs"] == 7 and numbers["meta"]["n_failed"] == 0
+    for log in (tmp_path / "suite" / "logs").glob("*.log"):
+        text = log.read_text()
+        assert "the lower 1 layers were not run" in text and "computing layers" not in text
+    record = json.loads(
+        (Path(numbers["runs"]["single-topic-s0"]["run_dir"]) / "run.json").read_text()
+    )
+    assert record["encoder"]["cached_layers"] == 1 and list(record["tasks"]) == ["topic"]
