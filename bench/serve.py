@@ -13,7 +13,8 @@ throughput also as a share of the machine's own fp32 ceiling measured in the sam
     (c) POST /predict at saturation (a real `polytask serve` on loopback) vs the raw ORT
         session at the same batch size, tokenization included on both sides; and the raw
         session on all texts sorted by length (the least padding a batch can have)
-    (d) p50 / p99 latency of 1-text requests sent at a fixed rate (open loop)
+    (d) p50 / p99 latency of 1-text requests sent at a fixed rate (open loop), and the median
+        of one request alone (sent one after another)
 
 Usage: with no argument it measures the latest run (`runs/latest`, its `artifact/` when
 exported, else exported to a temporary directory); (a) runs only with one exported
@@ -322,32 +323,61 @@ def bench_split(artifact: Path, singles: dict[str, Path], texts, threads, args):
 
 def fixed_rate(url: str, texts: list[str], per_second: float, seconds: float):
     """p50, p99 latency (ms) of 1-text requests sent every 1/per_second s (open loop: latency
-    counts from the scheduled send time, so queueing behind slow requests is included)."""
+    counts from the scheduled send time, so queueing behind slow requests is included).
+
+    The HTTP clients are made and connected before the clock starts (making one costs more
+    CPU than a request), and reused: one per sender thread."""
+    import queue
+
     import httpx
 
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
-    start = time.perf_counter() + 0.2
     n = int(per_second * seconds)
-    local = threading.local()
+    senders = min(64, max(4, int(per_second)))
+    clients: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(senders):
+        http = httpx.Client(timeout=60)
+        http.get(f"{url}/livez")
+        clients.put(http)
+    start = time.perf_counter() + 0.2
 
     def send(i: int) -> None:
         scheduled = start + i / per_second
         time.sleep(max(0.0, scheduled - time.perf_counter()))
-        if not hasattr(local, "http"):
-            local.http = httpx.Client(timeout=60)
-        r = local.http.post(f"{url}/predict", json={"texts": [texts[i % len(texts)]]})
+        http = clients.get()
+        try:
+            r = http.post(f"{url}/predict", json={"texts": [texts[i % len(texts)]]})
+        finally:
+            clients.put(http)
         with lock:
             if r.status_code == 200:
                 latencies.append(1000 * (time.perf_counter() - scheduled))
             else:
                 errors[0] += 1
 
-    with ThreadPoolExecutor(max_workers=64) as pool:
+    with ThreadPoolExecutor(max_workers=senders) as pool:
         list(pool.map(send, range(n)))
+    while not clients.empty():
+        clients.get().close()
     q = statistics.quantiles(latencies, n=100)
     return q[49], q[98], errors[0]
+
+
+def single_latency(url: str, texts: list[str], n: int = 50) -> float:
+    """Median latency (ms) of 1-text requests sent one after another: the time one request
+    takes when nothing else is in flight."""
+    import httpx
+
+    times = []
+    with httpx.Client(timeout=60) as http:
+        http.post(f"{url}/predict", json={"texts": [texts[0]]})
+        for i in range(n):
+            start = time.perf_counter()
+            http.post(f"{url}/predict", json={"texts": [texts[i % len(texts)]]})
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
 
 
 # --------------------------------------------------------------------------- main
@@ -462,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     raw_before = raw_rate()
     with Server(artifact, threads) as server:
         served, errors = saturate(server.url, texts, b, args.concurrency, args.seconds)
+        alone = single_latency(server.url, texts)
         p50, p99, late_errors = fixed_rate(server.url, texts, args.rate, args.seconds)
     raw_after = raw_rate()
     raw = (raw_before + raw_after) / 2
@@ -479,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio /predict / raw ORT: {served / raw:.2f}")
     print(
         f"\n(d) 1-text requests at {args.rate:g}/s for {args.seconds:g} s: p50 {p50:.1f} ms, "
-        f"p99 {p99:.1f} ms (p99/p50 {p99 / p50:.2f}), {late_errors} failed requests"
+        f"p99 {p99:.1f} ms (p99/p50 {p99 / p50:.2f}), {late_errors} failed requests; one "
+        f"request alone (sequential, median): {alone:.1f} ms"
     )
     summary += [
         (f"raw ORT session, {b} texts per call as they come", raw),

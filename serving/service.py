@@ -3,12 +3,18 @@
 Two services, so that BentoML's adaptive batching applies across HTTP requests:
 
     client --HTTP--> Polytask (main)                        Encoder (dependency)
-                     POST /predict: validate, 4xx   --->    infer(texts) batchable: requests
-                     GET  /tasks                            merged into one ORT call
+                     POST /predict: validate, 4xx   --->    infer(texts): one ORT pass per
+                     GET  /tasks                            length bucket (serving.runtime);
                      /healthz /livez /readyz /metrics       hot swap of the model
+                     Batcher: requests merged
 
-BentoML batches only calls that reach a batchable API through its server (a call inside the
-same instance is a plain call), so the model sits behind `bentoml.depends(Encoder)`.
+Requests are merged in the main service by `Batcher`, greedily: a request that arrives while
+the Encoder is idle is sent at once, alone; requests that arrive while it is busy are merged
+into the next call (up to POLYTASK_MAX_BATCH_SIZE texts), sent as soon as a call returns. The
+runtime then splits each call into length buckets, so merging never pads short texts to long
+ones. BentoML's own adaptive batching (a batchable API) was replaced: its dispatcher delays a
+batch by its running average of past queueing times, which after a burst stays high for
+minutes; one-text requests at 10/s then waited tens to hundreds of ms for nothing.
 `/predict` and `/tasks` are a small Starlette app mounted on the main service: it validates the
 raw body itself, so every rejection (malformed JSON included) gets a 4xx with a message and is
 counted by reason. In front of every route, `serving.guard.ApiKeyGuard` checks API keys; the
@@ -23,7 +29,7 @@ Environment (read when the service module is imported / a worker starts):
     POLYTASK_RELOAD_SECONDS    how often the Encoder looks for a newer model (default 30; 0 off)
     POLYTASK_WORKERS           Encoder workers (default 1)
     POLYTASK_API_WORKERS       main service workers (default 1)
-    POLYTASK_MAX_BATCH_SIZE    texts per adaptive batch (default 64)
+    POLYTASK_MAX_BATCH_SIZE    texts per merged Encoder call (default 64)
     POLYTASK_MAX_LATENCY_MS    queueing bound before the batcher sheds load with 503 (5000)
     POLYTASK_MAX_TEXTS, POLYTASK_MAX_BODY_BYTES, POLYTASK_MAX_TEXT_CHARS, POLYTASK_API_KEYS(_FILE),
     POLYTASK_METRICS_API_KEYS(_FILE)
@@ -36,10 +42,13 @@ Run: `polytask serve` or `bentoml serve serving.service:Polytask`.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import bentoml
@@ -93,9 +102,12 @@ def _env_int(name: str, default: int) -> int:
 ENCODER_WORKERS = max(1, _env_int("POLYTASK_WORKERS", 1))
 API_WORKERS = max(1, _env_int("POLYTASK_API_WORKERS", 1))
 MAX_BATCH_SIZE = max(2, _env_int("POLYTASK_MAX_BATCH_SIZE", 64))
-# BentoML's dispatcher picks the batching wait itself; max_latency_ms is the bound beyond which
-# it sheds queued requests with a 503 ("process is overloaded"), so it must not be tight.
+# How long a request may wait in the batcher's queue before it is refused with a 503 ("process
+# is overloaded"); a bound against runaway queues, so it must not be tight.
 MAX_LATENCY_MS = max(1, _env_int("POLYTASK_MAX_LATENCY_MS", 5000))
+# Encoder calls one main-service worker keeps in flight: while the Encoder runs one, the next
+# one travels (HTTP, pickling), so the model does not idle between calls.
+MAX_CALLS_IN_FLIGHT = 2
 
 
 # --------------------------------------------------------------------------- the model
@@ -120,6 +132,9 @@ class Encoder:
             else max(1, ort_threads() // ENCODER_WORKERS)
         )
         self._stop = threading.Event()
+        # One model call at a time per worker: two concurrent ORT runs would each get all
+        # intra-op threads and fight over the same cores.
+        self._run_lock = threading.Lock()
         # Load in the background: /livez answers at once, /readyz once the model is loaded.
         threading.Thread(target=self._load_and_watch, name="polytask-model", daemon=True).start()
 
@@ -244,18 +259,22 @@ class Encoder:
             )
         return runtime
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    @bentoml.api
     def infer(self, texts: list[str]) -> list[dict[str, Any]]:
         """Per text: model version, truncated flag and every task's probabilities; or, for a
-        text the model could not process, `{"version", "error"}` (see `_one_by_one`)."""
+        text the model could not process, `{"version", "error"}` (see `_one_by_one`).
+
+        `texts` are usually several requests' texts, merged by the caller's `Batcher`."""
         runtime = self._require()
         metrics = get_metrics()
-        start = time.perf_counter()
-        try:
-            out = runtime.run(texts)
-        except Exception as err:
-            # The batch merges several clients' requests: one bad text must not fail the rest.
-            return _one_by_one(runtime, texts, err)
+        with self._run_lock:
+            start = time.perf_counter()
+            try:
+                out = runtime.run(texts)
+            except Exception as err:
+                # The batch merges several clients' requests: one bad text must not fail the
+                # rest.
+                return _one_by_one(runtime, texts, err)
         metrics.latency.observe(time.perf_counter() - start)
         metrics.batch_size.observe(len(texts))
         return _rows(runtime, out)
@@ -464,7 +483,7 @@ class Polytask:
         # The Encoder's describe(), for validating `tasks` before inference; refreshed when an
         # answer comes from another model version.
         self._info: dict[str, Any] | None = None
-        self._client_tuned = False
+        self._batcher: Batcher | None = None
 
     async def __is_ready__(self) -> bool:
         """Ready once the Encoder serves a model.
@@ -504,10 +523,17 @@ class Polytask:
         return info
 
     async def _infer(self, texts: list[str]) -> list[dict[str, Any]]:
-        if not self._client_tuned:
+        """The Encoder's rows for `texts`, merged with other requests' by the batcher."""
+        if self._batcher is None:
             _keep_sessions_open(self.encoder)
-            self._client_tuned = True
-        return await _infer_with_retry(self.encoder, texts)
+            encoder = self.encoder
+            self._batcher = Batcher(
+                lambda merged: _infer_with_retry(encoder, merged),
+                max_texts=MAX_BATCH_SIZE,
+                max_wait_s=MAX_LATENCY_MS / 1000,
+                max_calls=MAX_CALLS_IN_FLIGHT,
+            )
+        return await self._batcher.submit(texts)
 
     async def predict(self, req: PredictRequest) -> dict[str, Any]:
         """Validate tasks against the model, run the Encoder, pick each task's label."""
@@ -576,6 +602,88 @@ async def _infer_with_retry(encoder: Any, texts: list[str]) -> list[dict[str, An
     except aiohttp.ClientConnectionError as err:
         logger.warning("Encoder connection dropped (%s); retrying once", err)
         return await encoder.to_async.infer(texts=texts)
+
+
+class Batcher:
+    """Merges concurrent requests into few model calls, without ever waiting for more.
+
+    A request is sent at once when fewer than `max_calls` calls are in flight; otherwise it
+    queues, and when a call returns, everything queued (up to `max_texts` texts; a request is
+    never split) goes out as the next call. So a lone request pays no batching delay, and under
+    load the calls grow as large as the model's pace makes them. Runs on one event loop (no
+    locks). A request queued longer than `max_wait_s` is refused with ServiceUnavailable (503).
+
+    Args:
+        call: Answers a list of texts with one row per text, in order.
+        max_texts: Most texts merged into one call (a larger request goes alone).
+        max_wait_s: Longest a request may wait in the queue.
+        max_calls: Calls in flight at once.
+    """
+
+    def __init__(
+        self,
+        call: Callable[[list[str]], Awaitable[list[dict[str, Any]]]],
+        max_texts: int,
+        max_wait_s: float,
+        max_calls: int = 1,
+    ) -> None:
+        self._call = call
+        self.max_texts = max_texts
+        self.max_wait_s = max_wait_s
+        self.max_calls = max_calls
+        self._queue: collections.deque[tuple[list[str], asyncio.Future, float]] = (
+            collections.deque()
+        )
+        self._in_flight = 0
+        self.calls = 0  # calls made, for tests and debugging
+
+    async def submit(self, texts: list[str]) -> list[dict[str, Any]]:
+        """The rows of `texts`, from a call shared with whatever else was queued."""
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queue.append((texts, future, time.monotonic()))
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        now = time.monotonic()
+        while self._queue and self._in_flight < self.max_calls:
+            jobs: list[tuple[list[str], asyncio.Future]] = []
+            size = 0
+            while self._queue:
+                texts, future, queued = self._queue[0]
+                if future.done():  # the client went away
+                    self._queue.popleft()
+                    continue
+                if now - queued > self.max_wait_s:
+                    self._queue.popleft()
+                    future.set_exception(ServiceUnavailable("process is overloaded"))
+                    continue
+                if jobs and size + len(texts) > self.max_texts:
+                    break
+                self._queue.popleft()
+                jobs.append((texts, future))
+                size += len(texts)
+            if not jobs:
+                return
+            self._in_flight += 1
+            self.calls += 1
+            asyncio.get_running_loop().create_task(self._run(jobs))
+
+    async def _run(self, jobs: list[tuple[list[str], asyncio.Future]]) -> None:
+        try:
+            rows = await self._call([t for texts, _ in jobs for t in texts])
+            start = 0
+            for texts, future in jobs:
+                if not future.done():
+                    future.set_result(rows[start : start + len(texts)])
+                start += len(texts)
+        except Exception as err:
+            for _, future in jobs:
+                if not future.done():
+                    future.set_exception(err)
+        finally:
+            self._in_flight -= 1
+            self._dispatch()
 
 
 def _check_tasks(tasks: list[str] | None, known: list[str]) -> list[str]:

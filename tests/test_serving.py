@@ -87,12 +87,28 @@ def test_predictions_equal_onnxruntime_direct(runtime, artifact):
 
 
 def test_answers_do_not_depend_on_batch_composition(runtime):
-    """Length-sorted chunking and padding must not change a text's answer."""
+    """Length buckets and padding must not change a text's answer."""
     alone = [runtime.run([t]).probabilities for t in TEXTS]
     together = runtime.run(TEXTS).probabilities
     for i in range(len(TEXTS)):
         for task in TASKS:
             np.testing.assert_allclose(together[task][i], alone[i][task][0], atol=1e-5)
+
+
+def test_length_buckets_skip_padding_and_keep_every_answer(runtime, artifact):
+    """Short and long texts mixed: the runtime splits them into length buckets, computes far
+    fewer padded positions than one batch padded to the longest, and every answer equals the
+    unbucketed reference (one batch, tokenizers + onnxruntime directly)."""
+    short = ["good", "bad film", "pizza", "the coach", "awful", "nice", "dull soup", "team"]
+    long = [" ".join(["good great film with the team"] * 3) + f" {i}" for i in range(8)]
+    texts = [t for pair in zip(short, long, strict=True) for t in pair]
+    out = runtime.run(texts)
+    one_batch = len(texts) * MAX_LENGTH - out.tokens  # every long text fills max_length
+    assert out.runs >= 2
+    assert out.padded_tokens < one_batch / 4
+    ref = _ort_probabilities(artifact, texts)
+    for task in TASKS:
+        np.testing.assert_allclose(out.probabilities[task], ref[task], atol=1e-5)
 
 
 def test_long_texts_are_truncated_and_flagged(runtime):
