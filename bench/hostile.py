@@ -136,15 +136,16 @@ def run_phase(url: str, texts: list[str], valid: int, hostile: int, seconds: flo
     return latencies, valid_failed, hostile_status, not_ready[0]
 
 
-def server_rss(pgid: int) -> int:
-    """Resident bytes of every process in the server's process group."""
+def server_rss(pid: int) -> int:
+    """Resident bytes of the server and every process under it (BentoML's workers start their
+    own sessions, so the process group would miss them)."""
     import psutil
 
+    root = psutil.Process(pid)
     total = 0
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getpgid(proc.pid) == pgid:
-                total += proc.memory_info().rss
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
     return total
 
 
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     texts = dev_texts(args.data_dir)
     with Server(args.artifact, args.threads) as server:
-        url, pgid = server.url, server.proc.pid
+        url, pid = server.url, server.proc.pid
         valid = args.concurrency - args.hostile
         if valid < 1 or args.hostile < 1:
             raise SystemExit("--hostile: between 1 and --concurrency - 1")
@@ -190,14 +191,14 @@ def main(argv: list[str] | None = None) -> int:
             f"ones; {args.seconds:.0f} s per phase"
         )
         clean, clean_failed, _, clean_unready = run_phase(url, texts, valid, 0, args.seconds)
-        rss_before = server_rss(pgid)
+        rss_before = server_rss(pid)
         start = time.perf_counter()
         code = _send(
             httpx.Client(timeout=60), url, b'{"texts": ["' + b"z" * (20 << 20) + b'"]}', JSON
         )
         refuse_s = time.perf_counter() - start
         mixed, failed, hostile, unready = run_phase(url, texts, valid, args.hostile, args.seconds)
-        rss_after = server_rss(pgid)
+        rss_after = server_rss(pid)
         reasons = rejections(url)
 
     print("\n== clean traffic")

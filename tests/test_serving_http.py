@@ -328,15 +328,17 @@ def test_not_ready_until_a_model_is_loaded(store, tmp_path):
 
 # --------------------------------------------------------------------------- trust boundary
 def _server_rss(url: str) -> int:
-    """Resident bytes of every process of the server (its process group)."""
+    """Resident bytes of the server and every process under it (BentoML's workers start their
+    own sessions, so its process group would miss them)."""
     import psutil
 
-    pgid = SERVERS[url].pid
+    root = psutil.Process(SERVERS[url].pid)
+    procs = [root, *root.children(recursive=True)]
+    assert len(procs) >= 3, procs  # the supervisor and at least one worker of each service
     total = 0
-    for proc in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getpgid(proc.pid) == pgid:
-                total += proc.memory_info().rss
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
     return total
 
 
