@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             httpx.Client(timeout=60), url, b'{"texts": ["' + b"z" * (20 << 20) + b'"]}', JSON
         )
         refuse_s = time.perf_counter() - start
+        rss_refused = server_rss(pid)
         mixed, failed, hostile, unready = run_phase(url, texts, valid, args.hostile, args.seconds)
         rss_after = server_rss(pid)
         reasons = rejections(url)
@@ -219,9 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     for kind, counts in sorted(by_kind.items()):
         print(f"  {kind:<20} {dict(counts)}")
     print(f"/readyz not 200: {clean_unready + unready} of the polls (every 0.5 s)")
-    print(f"20 MB body: status {code} in {1000 * refuse_s:.0f} ms")
     print(
-        f"service memory: {rss_before / 2**20:.0f} MiB before the mix, {rss_after / 2**20:.0f} MiB after"
+        f"20 MB body: status {code} in {1000 * refuse_s:.0f} ms; service memory "
+        f"{rss_before / 2**20:.0f} MiB before it, {rss_refused / 2**20:.0f} MiB after"
+    )
+    print(
+        f"service memory: {rss_refused / 2**20:.0f} MiB before the mix, {rss_after / 2**20:.0f} MiB after"
     )
     print("rejections counted in /metrics by reason:")
     for reason, n in sorted(reasons.items()):
