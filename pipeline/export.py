@@ -42,6 +42,7 @@ from serving.artifact import (
     ParityReport,
     QuantizationReport,
     QuantizedTask,
+    QuantizedVariant,
     TaskInfo,
     TaskMetrics,
     output_name,
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ARTIFACT_DIR = "artifact"
 PARITY_BATCH_SIZES = (1, 3, 8)
+# Training texts that calibrate the activation scales of static int8 variants.
+CALIBRATION_TEXTS = 256
 # BentoML's rule for a tag's name (bentoml/_internal/tag.py), checked before any work is done.
 MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9]([-._a-z0-9]*[a-z0-9])?$")
 MODEL_NAME_MAX_LENGTH = 63
@@ -150,6 +153,7 @@ def write_artifact(
     tolerance: float = 1e-4,
     max_int8_drop: float = 0.5,
     model_name: str | None = None,
+    min_int8_speedup: float = 1.0,
 ) -> ArtifactMetadata:
     """Write the artifact of a finished run: model.onnx, tokenizer files and metadata.json.
 
@@ -163,6 +167,8 @@ def write_artifact(
         tolerance: Largest max-abs logit difference allowed between onnxruntime and PyTorch.
         max_int8_drop: int8 is kept only if no task's dev accuracy drops by more than this
             many points.
+        min_int8_speedup: ...and only if it runs at least this many times as fast as fp32
+            (dev texts through serving.runtime, measured side by side).
         model_name: Name recorded in the metadata; default `polytask-<config name>`.
 
     Returns:
@@ -260,11 +266,13 @@ def write_artifact(
         metadata = metadata.model_copy(update={"parity": parity})
 
         if quantize == "int8":
-            dev = load_tasks(run.config, splits=["dev"], labels=run.labels)
+            data = load_tasks(run.config, splits=["train", "dev"], labels=run.labels)
             quantization = quantize_if_accurate(
                 work,
-                {t.name: (t.splits["dev"].texts, t.splits["dev"].labels) for t in dev},
+                {t.name: (t.splits["dev"].texts, t.splits["dev"].labels) for t in data},
                 max_drop=max_int8_drop,
+                calibration_texts=calibration_sample([t.splits["train"].texts for t in data]),
+                min_speedup=min_int8_speedup,
             )
             metadata = metadata.model_copy(
                 update={
@@ -279,6 +287,16 @@ def write_artifact(
         raise
     logger.info("artifact written: %s (%s, %d tasks)", out_dir, metadata.precision, len(tasks))
     return metadata
+
+
+def calibration_sample(texts: list[list[str]], n: int = CALIBRATION_TEXTS) -> list[str]:
+    """Up to `n` training texts, the same share from each task, spread over each list."""
+    per_task = max(1, n // max(len(texts), 1))
+    out: list[str] = []
+    for task_texts in texts:
+        step = max(1, len(task_texts) // per_task)
+        out += task_texts[::step][:per_task]
+    return out
 
 
 def config_fingerprint(config: dict[str, Any]) -> str:
@@ -535,37 +553,145 @@ def save_tokenizer(encoder_path: str, out_dir: Path, max_length: int) -> Any:
 
 
 # --------------------------------------------------------------------------- int8
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantization: int8 weights (one scale per output channel), activations
-    quantized on the fly, for the weight matmuls (MatMul, Gemm) only.
+@dataclass(frozen=True)
+class Int8Variant:
+    """One way to quantize the graph to int8 (weights int8, one scale per output channel).
+
+    Attributes:
+        name: Recorded in the metadata when kept.
+        method: Dynamic (activations quantized on the fly) or static QDQ (activation scales
+            calibrated on training texts).
+        description: One line for reports.
+        heads: Also quantize the task heads (R_i, B, A_i): little time, some accuracy.
+        ffn_out: Also quantize each block's FFN output projection, whose input (after GELU)
+            is long-tailed and loses the most to a per-tensor activation scale.
+    """
+
+    name: str
+    method: Literal["dynamic-int8", "static-int8-qdq"]
+    description: str
+    heads: bool = False
+    ffn_out: bool = True
+
+
+INT8_VARIANTS = (
+    Int8Variant(
+        "dynamic-all",
+        "dynamic-int8",
+        "dynamic; every weight MatMul and Gemm, heads included (the earlier default)",
+        heads=True,
+    ),
+    Int8Variant("dynamic-encoder", "dynamic-int8", "dynamic; encoder weight MatMuls, heads fp32"),
+    Int8Variant(
+        "dynamic-encoder-ffn-out-fp32",
+        "dynamic-int8",
+        "dynamic; encoder weight MatMuls but the FFN output projections, heads fp32",
+        ffn_out=False,
+    ),
+    Int8Variant(
+        "static-qdq-encoder",
+        "static-int8-qdq",
+        "static QDQ, activations calibrated on training texts; encoder weight MatMuls, heads fp32",
+    ),
+)
+
+
+def int8_nodes(proto: Any, variant: Int8Variant) -> list[str]:
+    """Names of the weight MatMul/Gemm nodes `variant` quantizes (attention's activation x
+    activation MatMuls never: they have no weights)."""
+    weights = {i.name for i in proto.graph.initializer}
+    producers = {out: node.op_type for node in proto.graph.node for out in node.output}
+    names = []
+    for node in proto.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        if weight not in weights:
+            continue
+        if weight.startswith("heads.") and not variant.heads:
+            continue
+        if not variant.ffn_out and producers.get(node.input[0]) == "Gelu":
+            continue
+        names.append(node.name)
+    return names
+
+
+def quantize_int8(
+    src: Path,
+    dst: Path,
+    variant: Int8Variant = INT8_VARIANTS[0],
+    calibration: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """Quantize `src` to int8 as `variant` says, into `dst`.
 
     Measured on a six-task MiniLM run (dev accuracy, points lost, average over tasks): the
-    defaults (per-tensor scales, embedding Gather quantized too) lost 1.6; per-channel scales
-    with the embedding lookups left in fp32 lost 0.2. A lookup does no arithmetic, so
-    quantizing it saves memory but no time.
+    quantizer's defaults (per-tensor scales, embedding Gather quantized too) lost 1.6;
+    per-channel scales with the embedding lookups left in fp32 lost 0.2. A lookup does no
+    arithmetic, so quantizing it saves memory but no time.
+
+    Args:
+        src: The fp32 graph.
+        dst: Where the int8 graph goes.
+        variant: Which weights, dynamic or static.
+        calibration: For a static variant: input_ids and attention_mask [n, L] of training
+            texts (padded), run in batches of 16 to calibrate the activation scales.
     """
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     proto = onnx.load(str(src))
     # The dynamo exporter's value_info carries shapes the quantizer's type inference trips
     # over; without it (and with float as the default tensor type) quantization succeeds.
     del proto.graph.value_info[:]
     unshare_gemm_weights(proto)
+    nodes = int8_nodes(proto, variant)
+    options = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     # The quantizer logs a line per tensor at INFO through the root logger.
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.INFO))
     try:
-        quantize_dynamic(
-            proto,
-            str(dst),
-            op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
+        if variant.method == "dynamic-int8":
+            quantize_dynamic(
+                proto,
+                str(dst),
+                op_types_to_quantize=["MatMul", "Gemm"],
+                nodes_to_quantize=nodes,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                extra_options=options,
+            )
+        else:
+            if calibration is None:
+                raise ExportError(f"int8 variant {variant.name}: needs calibration texts")
+            quantize_static(
+                proto,
+                str(dst),
+                _CalibrationReader(*calibration),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                nodes_to_quantize=nodes,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                extra_options=options,
+            )
     finally:
         logging.disable(previous)
+
+
+class _CalibrationReader:
+    """onnxruntime's CalibrationDataReader over padded token batches of 16 texts."""
+
+    def __init__(self, ids: np.ndarray, mask: np.ndarray, batch: int = 16) -> None:
+        self._batches = iter(
+            [
+                {INPUT_NAMES[0]: ids[i : i + batch], INPUT_NAMES[1]: mask[i : i + batch]}
+                for i in range(0, len(ids), batch)
+            ]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
 
 
 def unshare_gemm_weights(proto: Any) -> int:
@@ -616,76 +742,167 @@ def quantization_decision(
     return QuantizationReport(max_drop_allowed=max_drop, kept=kept, tasks=tasks)
 
 
+def _score(
+    runtime: Runtime, dev: dict[str, tuple[list[str], np.ndarray]]
+) -> tuple[dict[str, float], float]:
+    """Per-task dev accuracy (percent) of an artifact run as served, and its texts/s over all
+    dev texts (every task's logits come from one pass, so each text is run once)."""
+    texts = [t for task_texts, _ in dev.values() for t in task_texts]
+    step = time.monotonic()
+    out = runtime.run(texts)
+    speed = len(texts) / max(time.monotonic() - step, 1e-9)
+    accuracy: dict[str, float] = {}
+    start = 0
+    for task, (task_texts, labels) in dev.items():
+        probs = out.probabilities[task][start : start + len(task_texts)]
+        start += len(task_texts)
+        # Percent, as in pipeline.metrics and the run's dev metrics.
+        accuracy[task] = (
+            100.0 * float(np.mean(probs.argmax(axis=-1) == labels)) if len(task_texts) else 0.0
+        )
+    return accuracy, speed
+
+
 def quantize_if_accurate(
     artifact_dir: Path,
     dev: dict[str, tuple[list[str], np.ndarray]],
     max_drop: float,
+    calibration_texts: list[str] | None = None,
+    variants: tuple[Int8Variant, ...] = INT8_VARIANTS,
+    min_speedup: float = 1.0,
 ) -> QuantizationReport:
-    """Quantize the artifact's model.onnx to int8 and replace it if the dev accuracy allows.
+    """Try each int8 variant and replace the artifact's model.onnx by the fastest that passes
+    the accuracy gate, if it is faster than fp32 (by `min_speedup`).
 
-    Both graphs are scored as the service would run them: each as an artifact directory
-    loaded by `serving.runtime.Runtime` (the int8 one is a candidate copy with the same
-    tokenizer and metadata, removed afterwards).
+    Every graph is scored as the service would run it: as an artifact directory loaded by
+    `serving.runtime.Runtime` (each int8 one a candidate copy with the same tokenizer and
+    metadata, removed afterwards), on every task's dev texts; the speed is texts/s over them.
 
     Args:
-        artifact_dir: A complete fp32 artifact; its model.onnx is replaced by the int8 graph
-            when that is kept.
+        artifact_dir: A complete fp32 artifact; its model.onnx is replaced by the kept variant.
         dev: Per task, dev texts and their label indices.
         max_drop: Largest dev accuracy drop (points) allowed on any task.
+        calibration_texts: Training texts for static variants (skipped without them).
+        variants: The variants to try.
+        min_speedup: A passing variant is kept only if at least this many times as fast as
+            fp32.
 
     Returns:
-        Per-task fp32 and int8 dev accuracy and whether int8 was kept.
+        Per variant, per-task fp32 and int8 dev accuracy and speed; which variant was kept.
     """
     onnx_path = artifact_dir / ONNX_FILE
-    candidate = artifact_dir / ".int8"
-    candidate.mkdir()
+    meta = ArtifactMetadata.read(artifact_dir)
+    fp32_runtime = Runtime(artifact_dir)
+    fp32_accuracy, fp32_speed = _score(fp32_runtime, dev)
+    calibration = None
+    if calibration_texts:
+        enc = fp32_runtime.tokenizer.encode_batch(calibration_texts[:CALIBRATION_TEXTS])
+        width = max(len(e.ids) for e in enc)
+        ids = np.full((len(enc), width), fp32_runtime.pad_id, dtype=np.int64)
+        mask = np.zeros((len(enc), width), dtype=np.int64)
+        for row, e in enumerate(enc):
+            ids[row, : len(e.ids)] = e.ids
+            mask[row, : len(e.ids)] = 1
+        calibration = (ids, mask)
+    tried: list[QuantizedVariant] = []
+    best: tuple[float, Path, QuantizedVariant] | None = None
+    work = artifact_dir / ".int8"
+    work.mkdir()
     try:
-        step = time.monotonic()
-        quantize_int8(onnx_path, candidate / ONNX_FILE)
-        logger.info("quantized to int8 in %.1fs", time.monotonic() - step)
-        shutil.copyfile(artifact_dir / TOKENIZER_FILE, candidate / TOKENIZER_FILE)
-        meta = ArtifactMetadata.read(artifact_dir)
-        meta.model_copy(update={"precision": "int8"}).write(candidate)
-        accuracy: dict[str, dict[str, float]] = {"fp32": {}, "int8": {}}
-        for precision, directory in (("fp32", artifact_dir), ("int8", candidate)):
-            runtime = Runtime(directory)
-            for task, (texts, labels) in dev.items():
-                step = time.monotonic()
-                probs = runtime.run(texts, [task]).probabilities[task]
-                # Percent, as in pipeline.metrics and the run's dev metrics.
-                accuracy[precision][task] = (
-                    100.0 * float(np.mean(probs.argmax(axis=-1) == labels)) if len(texts) else 0.0
+        for variant in variants:
+            if variant.method != "dynamic-int8" and calibration is None:
+                continue
+            candidate = work / variant.name
+            candidate.mkdir()
+            report = QuantizedVariant(
+                name=variant.name,
+                method=variant.method,
+                description=variant.description,
+                passed=False,
+                fp32_texts_per_s=fp32_speed,
+            )
+            step = time.monotonic()
+            try:
+                quantize_int8(onnx_path, candidate / ONNX_FILE, variant, calibration)
+                shutil.copyfile(artifact_dir / TOKENIZER_FILE, candidate / TOKENIZER_FILE)
+                meta.model_copy(update={"precision": "int8"}).write(candidate)
+                accuracy, speed = _score(Runtime(candidate), dev)
+            except Exception as err:  # the quantizer raises many types; record and go on
+                logger.warning(
+                    "int8 variant %s failed: %s: %s", variant.name, type(err).__name__, err
                 )
-                logger.info(
-                    "%s %s dev accuracy %.2f (%d texts, %.0f texts/s)",
-                    precision,
-                    task,
-                    accuracy[precision][task],
-                    len(texts),
-                    len(texts) / max(time.monotonic() - step, 1e-9),
-                )
-        report = quantization_decision(accuracy["fp32"], accuracy["int8"], max_drop)
-        if report.kept:
-            (candidate / ONNX_FILE).replace(onnx_path)
+                tried.append(report.model_copy(update={"error": f"{type(err).__name__}: {err}"}))
+                continue
+            decision = quantization_decision(fp32_accuracy, accuracy, max_drop)
+            report = report.model_copy(
+                update={"passed": decision.kept, "tasks": decision.tasks, "texts_per_s": speed}
+            )
+            tried.append(report)
+            worst = max(decision.tasks.items(), key=lambda kv: kv[1].drop)
+            logger.info(
+                "int8 %s: %s (worst %s %+.2f points), %.0f texts/s vs fp32 %.0f, built and "
+                "scored in %.0fs",
+                variant.name,
+                "passes" if decision.kept else "refused",
+                worst[0],
+                -worst[1].drop,
+                speed,
+                fp32_speed,
+                time.monotonic() - step,
+            )
+            fast = speed >= min_speedup * fp32_speed
+            if decision.kept and fast and (best is None or speed > best[0]):
+                best = (speed, candidate / ONNX_FILE, report)
+        if best is not None:
+            best[1].replace(onnx_path)
     finally:
-        shutil.rmtree(candidate, ignore_errors=True)
-    if not report.kept:
-        worst = max(report.tasks.items(), key=lambda kv: kv[1].drop)
-        logger.warning(
-            "int8 not kept: %s dev accuracy drops %.2f points (> %.2f allowed); keeping fp32",
-            worst[0],
-            worst[1].drop,
-            max_drop,
+        shutil.rmtree(work, ignore_errors=True)
+    if best is not None:
+        kept = best[2]
+        return QuantizationReport(
+            method=kept.method,
+            max_drop_allowed=max_drop,
+            kept=True,
+            tasks=kept.tasks,
+            variant=kept.name,
+            variants=tried,
         )
-    return report
+    scored = [v for v in tried if v.tasks]
+    closest = min(scored, key=lambda v: max(q.drop for q in v.tasks.values()), default=None)
+    logger.warning(
+        "int8 not kept (no variant passes the gate and is faster than fp32); keeping fp32"
+    )
+    return QuantizationReport(
+        method=closest.method if closest else "dynamic-int8",
+        max_drop_allowed=max_drop,
+        kept=False,
+        tasks=closest.tasks if closest else {},
+        variants=tried,
+    )
 
 
 def format_quantization(report: QuantizationReport) -> str:
-    """The per-task fp32 vs int8 dev accuracy table."""
-    lines = [f"{'task':<12} {'fp32':>8} {'int8':>8} {'drop':>8}"]
+    """Per variant: speed against fp32 and per-task dev accuracy drop; then the verdict."""
+    lines = []
+    if report.variants:
+        tasks = list(next((v.tasks for v in report.variants if v.tasks), report.tasks))
+        lines.append(
+            f"{'variant':<30} {'texts/s':>8} {'x fp32':>7} "
+            + " ".join(f"{t:>7}" for t in tasks)
+            + "  (dev points lost per task)"
+        )
+        for v in report.variants:
+            if v.error:
+                lines.append(f"{v.name:<30} failed: {v.error[:80]}")
+                continue
+            ratio = (v.texts_per_s or 0) / (v.fp32_texts_per_s or 1)
+            drops = " ".join(f"{v.tasks[t].drop:>7.2f}" for t in tasks)
+            mark = "pass" if v.passed else "fail"
+            lines.append(f"{v.name:<30} {v.texts_per_s or 0:>8.1f} {ratio:>6.2f}x {drops}  {mark}")
+    lines.append(f"{'task':<12} {'fp32':>8} {'int8':>8} {'drop':>8}")
     for task, q in report.tasks.items():
         lines.append(f"{task:<12} {q.fp32_accuracy:>8.2f} {q.int8_accuracy:>8.2f} {q.drop:>8.2f}")
-    verdict = "kept" if report.kept else "not kept (fp32 exported)"
+    verdict = f"kept ({report.variant})" if report.kept else "not kept (fp32 exported)"
     lines.append(f"int8 {verdict}: max drop allowed {report.max_drop_allowed:.2f} points")
     return "\n".join(lines)
 

@@ -174,35 +174,76 @@ def test_failed_parity_fails_loudly_and_leaves_no_artifact(
 def test_int8_is_kept_only_if_no_task_drops_too_much(run_dir, tmp_path, reuse_graph):
     import onnx
 
-    from pipeline.export import export_run, write_artifact
+    from pipeline.export import INT8_VARIANTS, export_run, write_artifact
 
     record = json.loads((run_dir / "run.json").read_text())
     # The tiny model's shared module B feeds both tasks: two Gemm nodes share its weights,
     # which onnxruntime's quantizer mishandles unless export un-shares them first.
     result = export_run(run_dir, quantize="int8", register=False, output_dir=tmp_path / "q")
     report = result.metadata.quantization
-    assert report is not None and report.method == "dynamic-int8"
+    assert report is not None
     assert report.max_drop_allowed == 0.5 and set(report.tasks) == set(TASKS)
-    for task, q in report.tasks.items():
-        # fp32 ONNX accuracy is the trained run's dev accuracy (same predictions).
-        assert q.fp32_accuracy == pytest.approx(record["dev"][task]["accuracy"], abs=1e-6)
-        assert 0 <= q.int8_accuracy <= 100
-        assert q.drop == pytest.approx(q.fp32_accuracy - q.int8_accuracy)
-    assert report.kept == all(q.drop <= 0.5 for q in report.tasks.values())
+    # Every variant was tried (the static one calibrated on training texts) and scored
+    # through serving.runtime, with its speed next to fp32's.
+    assert [v.name for v in report.variants] == [v.name for v in INT8_VARIANTS]
+    for v in report.variants:
+        assert v.error is None, v.error
+        assert v.texts_per_s > 0 and v.fp32_texts_per_s > 0
+        assert v.passed == all(q.drop <= 0.5 for q in v.tasks.values())
+        for task, q in v.tasks.items():
+            # fp32 ONNX accuracy is the trained run's dev accuracy (same predictions).
+            assert q.fp32_accuracy == pytest.approx(record["dev"][task]["accuracy"], abs=1e-6)
+            assert 0 <= q.int8_accuracy <= 100
+            assert q.drop == pytest.approx(q.fp32_accuracy - q.int8_accuracy)
     assert result.metadata.precision == ("int8" if report.kept else "fp32")
+    assert (report.variant is not None) == report.kept
+    if report.kept:  # the fastest passing variant, faster than fp32
+        kept = next(v for v in report.variants if v.name == report.variant)
+        assert kept.passed and kept.texts_per_s > kept.fp32_texts_per_s
+        assert kept.texts_per_s == max(v.texts_per_s for v in report.variants if v.passed)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node}
-    assert ("MatMulInteger" in ops) == report.kept
-    assert not (tmp_path / "q" / "model.int8.onnx").exists()
+    assert bool(ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DequantizeLinear"}) == (
+        report.kept
+    )
+    assert not any(p.name.startswith(".int8") for p in (tmp_path / "q").iterdir())
     assert ArtifactMetadata.read(tmp_path / "q") == result.metadata
 
-    # A generous gate keeps int8: model.onnx is then the int8 graph, still the same contract.
-    kept = write_artifact(run_dir, tmp_path / "k", quantize="int8", max_int8_drop=100.0)
+    # A generous gate keeps int8: model.onnx is then the int8 graph, still the same contract,
+    # and the metadata says which variant it holds.
+    kept = write_artifact(
+        run_dir, tmp_path / "k", quantize="int8", max_int8_drop=100.0, min_int8_speedup=0.0
+    )
     assert kept.quantization.kept and kept.precision == "int8"
+    variant = next(v for v in INT8_VARIANTS if v.name == kept.quantization.variant)
+    assert kept.quantization.method == variant.method
     graph = onnx.load(str(tmp_path / "k" / "model.onnx")).graph
-    assert "MatMulInteger" in {n.op_type for n in graph.node}
+    ops = {n.op_type for n in graph.node}
+    assert ("DequantizeLinear" in ops) == (variant.method == "static-int8-qdq")
+    assert ("MatMulInteger" in ops) == (variant.method == "dynamic-int8")
     assert [o.name for o in graph.output] == [f"logits_{t}" for t in TASKS]
     texts = ["good pizza", "the team was bad"]
     assert _ort_predict(tmp_path / "k", "topic", texts).shape == (2,)
+
+
+def test_int8_variants_choose_their_nodes(run_dir, tmp_path, reuse_graph):
+    """Heads stay fp32 unless the variant says otherwise; the FFN output projections (input
+    from GELU) are left out by the variant that keeps them fp32; attention's activation x
+    activation MatMuls are never quantized."""
+    import onnx
+
+    from pipeline.export import INT8_VARIANTS, export_run, int8_nodes, unshare_gemm_weights
+
+    art = export_run(run_dir, register=False, output_dir=tmp_path / "a").artifact_dir
+    proto = onnx.load(str(art / "model.onnx"))
+    unshare_gemm_weights(proto)
+    weights = {i.name for i in proto.graph.initializer}
+    by_name = {n.name: n for n in proto.graph.node}
+    chosen = {v.name: set(int8_nodes(proto, v)) for v in INT8_VARIANTS}
+    heads = {n for n in chosen["dynamic-all"] if by_name[n].input[1].startswith("heads.")}
+    assert heads and chosen["dynamic-encoder"] == chosen["dynamic-all"] - heads
+    ffn_out = chosen["dynamic-encoder"] - chosen["dynamic-encoder-ffn-out-fp32"]
+    assert len(ffn_out) == 2  # one per block of the tiny 2-layer BERT
+    assert all(by_name[n].input[1] in weights for names in chosen.values() for n in names)
 
 
 def test_quantization_decision_gates_on_the_largest_task_drop():
