@@ -15,6 +15,9 @@ throughput also as a share of the machine's own fp32 ceiling measured in the sam
         session on all texts sorted by length (the least padding a batch can have)
     (d) p50 / p99 latency of 1-text requests sent at a fixed rate (open loop), and the median
         of one request alone (sent one after another)
+    (e) frozen feature extraction on training texts (`--features N` of them, every task's train
+        split interleaved): PyTorch eager in fixed length-sorted batches (how the feature cache
+        ran before) vs PyTorch and onnxruntime in length buckets (how it runs now)
 
 Usage: with no argument it measures the latest run (`runs/latest`, its `artifact/` when
 exported, else exported to a temporary directory); (a) runs only with one exported
@@ -380,6 +383,57 @@ def single_latency(url: str, texts: list[str], n: int = 50) -> float:
     return statistics.median(times)
 
 
+# --------------------------------------------------------------------------- (e) features
+def train_texts(data_dir: Path, limit: int) -> list[str]:
+    """Training texts of every task under data_dir, interleaved, at most `limit`."""
+    per_task = [
+        [json.loads(line)["text"] for line in path.open()]
+        for path in sorted(data_dir.glob("*/train.jsonl"))
+    ]
+    return [t for group in zip(*per_task, strict=False) for t in group][:limit]
+
+
+def bench_features(encoder_dir: Path, texts: list[str], threads: int, max_length: int):
+    """Texts/s of the three ways to compute pooled features of `texts`, each run once over
+    all of them, in alternation (two rounds, the best of each)."""
+    import torch
+
+    from pipeline.features import OrtFeatureEncoder, encode_texts, load_tokenizer, tokenize
+    from pipeline.model import load_encoder
+
+    torch.set_num_threads(threads)
+    encoder = load_encoder(str(encoder_dir)).eval()
+    tokenizer = load_tokenizer(str(encoder_dir))
+    onnx_path = Path(tempfile.mkdtemp(prefix="bench-features-")) / "encoder.onnx"
+    ort_encoder = OrtFeatureEncoder(encoder, onnx_path, max_length, threads=threads)
+
+    def fixed_batches() -> None:  # the feature cache before length buckets
+        order = np.argsort([len(t) for t in texts], kind="stable")[::-1]
+        with torch.inference_mode():
+            for i in range(0, len(texts), 128):
+                ids, mask = tokenize(tokenizer, [texts[j] for j in order[i : i + 128]], max_length)
+                encoder(torch.from_numpy(ids), torch.from_numpy(mask))
+
+    from pipeline.features import run_buckets
+
+    ways = {
+        "PyTorch eager, fixed batches of 128 (before)": fixed_batches,
+        "PyTorch eager, length buckets": lambda: encode_texts(
+            encoder, tokenizer, texts, max_length
+        ),
+        "onnxruntime, length buckets (now)": lambda: run_buckets(
+            ort_encoder, tokenizer, texts, max_length, encoder.dim
+        ),
+    }
+    best = dict.fromkeys(ways, 0.0)
+    for _ in range(2):
+        for name, fn in ways.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = max(best[name], len(texts) / (time.perf_counter() - start))
+    return best
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -397,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="(c) texts per request")
     parser.add_argument("--concurrency", type=int, default=4, help="(c) clients")
     parser.add_argument("--rate", type=float, default=10.0, help="(d) requests per second")
+    parser.add_argument("--features", type=int, default=2000, help="(e) training texts (0: skip)")
     parser.add_argument(
         "--single",
         action="append",
@@ -447,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({flops.layers} layers, d={flops.dim}, d_ff={flops.ffn}) costs {gflop:.3f} GFLOP "
         f"per dev text on average, so at most {ceiling_texts:.0f} texts/s\n"
     )
-    summary: list[tuple[str, float]] = []
+    summary: list[tuple[str, float]] = []  # (path, texts/s) on the dev texts
+    feature_rows: list[tuple[str, float, float]] = []  # (path, texts/s, GFLOP per text)
 
     def share(texts_per_s: float) -> str:
         return f"{100 * texts_per_s / ceiling_texts:.0f}% of ceiling"
@@ -533,11 +589,25 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("\n(a) six-task endpoint vs single-task services: skipped (no --single)")
 
+    if args.features:
+        sample = train_texts(args.data_dir, args.features)
+        sample_gflop = flops.mean_gflop(sample)
+        max_length = ArtifactMetadata.read(artifact).encoder.max_length
+        print(
+            f"\n(e) feature extraction, {len(sample)} training texts ({sample_gflop:.3f} GFLOP "
+            f"per text: at most {ceiling / sample_gflop:.0f} texts/s), texts/s"
+        )
+        for name, value in bench_features(encoder_dir, sample, threads, max_length).items():
+            print(f"{name}: {value:.1f}, {100 * value * sample_gflop / ceiling:.0f}% of ceiling")
+            feature_rows.append((f"features: {name}", value, sample_gflop))
+
     print(f"\nshare of the machine's fp32 ceiling ({ceiling_texts:.0f} texts/s, this run):")
     print(f"{'path':<58} {'texts/s':>8} {'GFLOP/s':>8} {'share':>6}")
-    for name, value in summary:
+    rows = [(name, value, gflop) for name, value in summary] + feature_rows
+    for name, value, per_text in rows:
         print(
-            f"{name:<58} {value:>8.1f} {value * gflop:>8.1f} {100 * value / ceiling_texts:>5.0f}%"
+            f"{name:<58} {value:>8.1f} {value * per_text:>8.1f} "
+            f"{100 * value * per_text / ceiling:>5.0f}%"
         )
     return 0
 
