@@ -172,25 +172,10 @@ def run_buckets(
     out = np.zeros((n, dim), dtype=np.float32)
     if n == 0:
         return out
-    start = last = time.monotonic()
-    done = 0
+    progress = TextProgress(desc, n)
     for idx, ids, mask in length_buckets(tokenizer, texts, max_length, batch_size):
         out[idx] = run(ids, mask)
-        done += len(idx)
-        now = time.monotonic()
-        if now - last >= 10 or done == n:
-            rate = done / max(now - start, 1e-9)
-            eta = (n - done) / rate if rate else 0.0
-            logger.info(
-                "%s: %d/%d texts (%.0f%%), %.0f texts/s, ETA %.0fs",
-                desc,
-                done,
-                n,
-                100 * done / n,
-                rate,
-                eta,
-            )
-            last = now
+        progress.add(len(idx))
     return out
 
 

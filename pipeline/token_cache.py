@@ -20,8 +20,9 @@ of each holding the whole cache. An entry is written under a temporary name and 
 crash never leaves a truncated one.
 
 What computes the states is a `StateProducer`; `TorchStateProducer` runs the PyTorch encoder
-(eager). Another producer (onnxruntime, say) can replace it without changing the cache, since
-the producer is not part of the key: two producers must agree to well within fp16 precision.
+(eager), `OrtStateProducer` the same layers exported to onnxruntime. One can replace the other
+without changing the cache, since the producer is not part of the key: two producers must agree
+to well within fp16 precision.
 """
 
 from __future__ import annotations
@@ -81,6 +82,101 @@ class TorchStateProducer:
             mask = torch.from_numpy(attention_mask).to(self.device)
             states = self.encoder.lower_states(ids, mask, self.n_layers)
         return states.float().cpu().numpy()
+
+
+class OrtStateProducer:
+    """The same states as `TorchStateProducer`, from onnxruntime: the embeddings and the
+    bottom `n_layers` blocks exported once (dynamo, as the serving artifact) to `path`, reused
+    by later runs, and checked against PyTorch at load (`max_abs_diff`).
+
+    Args:
+        encoder: A pipeline.model.Encoder with the pretrained (frozen) lower layers.
+        n_layers: Blocks whose output is cached.
+        path: Where the graph is (or will be) stored, e.g. next to the cache entries.
+        max_length: The longest sequence the graph must take.
+        threads: onnxruntime intra-op threads; default `serving.runtime.ort_threads()`.
+    """
+
+    def __init__(
+        self, encoder: Any, n_layers: int, path: Path, max_length: int, threads: int | None = None
+    ):
+        import onnxruntime as ort
+
+        from serving.runtime import ort_spinning, ort_threads
+
+        self.encoder = encoder.eval()
+        self.n_layers = n_layers
+        self.dim = int(encoder.dim)
+        self.path = Path(path)
+        if not self.path.is_file():
+            _export_lower(encoder, n_layers, self.path, max_length)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or ort_threads()
+        options.inter_op_num_threads = 1
+        spin = "1" if ort_spinning() else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        self.session = ort.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """int64 [B, L] x 2 -> float32 [B, L, d]."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return self.session.run(None, feeds)[0]
+
+    def max_abs_diff(self, vocab_size: int, pad_id: int, max_length: int) -> float:
+        """Largest |onnxruntime - PyTorch| over the real tokens of padded and unpadded random
+        batches of several shapes (the export parity cases)."""
+        from pipeline.export import parity_inputs
+
+        torch_producer = TorchStateProducer(self.encoder, self.n_layers)
+        worst, seed = 0.0, 0
+        for batch in (1, 3, 8):
+            for seq in sorted({min(5, max_length), max(max_length // 2, 2), max_length}):
+                for padded in (False, True):
+                    seed += 1
+                    ids, mask = parity_inputs(batch, seq, padded, vocab_size, pad_id, seed)
+                    real = mask.astype(bool)
+                    diff = np.abs(self(ids, mask)[real] - torch_producer(ids, mask)[real]).max()
+                    worst = max(worst, float(diff) if not np.isnan(diff) else float("inf"))
+        return worst
+
+
+def _export_lower(encoder: Any, n_layers: int, path: Path, max_length: int) -> None:
+    """Write the embeddings and bottom `n_layers` blocks of `encoder` to `path` (one ONNX
+    file, written under a temporary name and renamed)."""
+    import warnings
+
+    import torch
+
+    class Lower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask):  # int64 [B, L] x 2 -> [B, L, d]
+            return self.encoder.lower_states(input_ids, attention_mask, n_layers)
+
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("seq", min=1, max=max_length)
+    ids = torch.ones(2, min(8, max_length), dtype=torch.long)  # > 1: not specialized
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
+        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+        torch.onnx.export(
+            Lower().eval(),
+            (ids, torch.ones_like(ids)),
+            str(tmp),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["states"],
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    tmp.replace(path)
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,25 @@ def test_failed_export_falls_back_to_pytorch(
     tokenizer = features.load_tokenizer(str(tiny_encoder_dir))
     eager = features.encode_texts(encoder, tokenizer, _texts()[:6], MAX_LENGTH)
     np.testing.assert_allclose(feats, eager, atol=1e-6)
+
+
+def test_ort_state_producer_equals_pytorch_and_fills_the_same_cache(
+    tiny_encoder_dir, encoder, tmp_path
+):
+    """The token-state cache's onnxruntime producer: the bottom layer's states equal
+    PyTorch's on the parity shapes (real tokens), and a cache entry computed with it matches
+    one computed with PyTorch within fp16 precision."""
+    from pipeline.token_cache import OrtStateProducer, TokenStateCache, TorchStateProducer
+
+    producer = OrtStateProducer(encoder, 1, tmp_path / "lower.onnx", MAX_LENGTH)
+    vocab = int(encoder.transformer.config.vocab_size)
+    assert producer.max_abs_diff(vocab, 0, MAX_LENGTH) <= ORT_FEATURE_TOLERANCE
+    texts = _texts()
+    caches = {
+        name: TokenStateCache(tmp_path / name, str(tiny_encoder_dir), 1, MAX_LENGTH, 8, p)
+        for name, p in (("ort", producer), ("torch", TorchStateProducer(encoder, 1)))
+    }
+    ort_states, torch_states = (caches[n].get(texts) for n in ("ort", "torch"))
+    assert (ort_states.lengths == torch_states.lengths).all()
+    diff = np.abs(ort_states.states.astype(np.float32) - torch_states.states.astype(np.float32))
+    assert diff.max() <= 1e-2  # fp16 storage: a few ulps of values of order 1
