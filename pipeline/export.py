@@ -805,6 +805,7 @@ def quantize_if_accurate(
             mask[row, : len(e.ids)] = 1
         calibration = (ids, mask)
     tried: list[QuantizedVariant] = []
+    candidates: list[tuple[Path, QuantizedVariant]] = []
     best: tuple[float, Path, QuantizedVariant] | None = None
     work = artifact_dir / ".int8"
     work.mkdir()
@@ -838,6 +839,7 @@ def quantize_if_accurate(
                 update={"passed": decision.kept, "tasks": decision.tasks, "texts_per_s": speed}
             )
             tried.append(report)
+            candidates.append((candidate / ONNX_FILE, report))
             worst = max(decision.tasks.items(), key=lambda kv: kv[1].drop)
             logger.info(
                 "int8 %s: %s (worst %s %+.2f points), %.0f texts/s vs fp32 %.0f, built and "
@@ -850,9 +852,15 @@ def quantize_if_accurate(
                 fp32_speed,
                 time.monotonic() - step,
             )
+        # fp32 once more, after the variants: the machine's load moves during the run, and the
+        # faster of the two fp32 passes is what a variant must beat.
+        fp32_speed = max(fp32_speed, _score(fp32_runtime, dev)[1])
+        tried = [v.model_copy(update={"fp32_texts_per_s": fp32_speed}) for v in tried]
+        for path, report in candidates:
+            speed = report.texts_per_s or 0.0
             fast = speed >= min_speedup * fp32_speed
-            if decision.kept and fast and (best is None or speed > best[0]):
-                best = (speed, candidate / ONNX_FILE, report)
+            if report.passed and fast and (best is None or speed > best[0]):
+                best = (speed, path, report.model_copy(update={"fp32_texts_per_s": fp32_speed}))
         if best is not None:
             best[1].replace(onnx_path)
     finally:
