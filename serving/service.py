@@ -35,6 +35,7 @@ Environment (read when the service module is imported / a worker starts):
     POLYTASK_METRICS_API_KEYS(_FILE)
                                the trust boundary: limits and API keys (serving/settings.py)
     POLYTASK_ORT_THREADS       onnxruntime intra-op threads per Encoder worker
+    POLYTASK_ORT_SPINNING      1: idle intra-op threads spin (default 0: they sleep)
     POLYTASK_ORT_DEVICE        auto | cpu | cuda
 
 Run: `polytask serve` or `bentoml serve serving.service:Polytask`.
