@@ -102,7 +102,7 @@ class OrtStateProducer:
     ):
         import onnxruntime as ort
 
-        from serving.runtime import ort_spinning, ort_threads
+        from serving.runtime import session_options
 
         self.encoder = encoder.eval()
         self.n_layers = n_layers
@@ -110,13 +110,8 @@ class OrtStateProducer:
         self.path = Path(path)
         if not self.path.is_file():
             _export_lower(encoder, n_layers, self.path, max_length)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or ort_threads()
-        options.inter_op_num_threads = 1
-        spin = "1" if ort_spinning() else "0"
-        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         self.session = ort.InferenceSession(
-            str(self.path), options, providers=["CPUExecutionProvider"]
+            str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
         )
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

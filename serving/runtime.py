@@ -148,6 +148,19 @@ def ort_spinning(env: dict[str, str] | None = None) -> bool:
     return raw == "1"
 
 
+def session_options(threads: int | None = None, spinning: bool | None = None) -> Any:
+    """onnxruntime session options as polytask runs every graph: `threads` intra-op threads
+    (default `ort_threads()`), one inter-op thread, spinning as `ort_spinning()` unless given."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or ort_threads()
+    options.inter_op_num_threads = 1
+    spin = ort_spinning() if spinning is None else spinning
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return options
+
+
 def plan_buckets(
     lengths: np.ndarray, max_size: int = CHUNK_SIZE, overhead: int = RUN_OVERHEAD_TOKENS
 ) -> list[tuple[int, int]]:
@@ -224,11 +237,7 @@ class Runtime:
         padding = self.tokenizer.padding
         self.pad_id = int(padding["pad_id"]) if padding else 0
         self.tokenizer.no_padding()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or ort_threads()
-        options.inter_op_num_threads = 1
-        spin = ort_spinning() if spinning is None else spinning
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        options = session_options(threads, spinning)
         self.providers = choose_providers(
             device or os.environ.get(DEVICE_ENV, "auto"), ort.get_available_providers()
         )
