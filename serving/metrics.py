@@ -85,7 +85,7 @@ def get_metrics() -> Metrics:
         ),
         batch_size=Histogram(
             "polytask_batch_size_texts",
-            "Texts per model call (after adaptive batching).",
+            "Texts per model call (after requests are merged).",
             buckets=BATCH_BUCKETS,
         ),
         rejected=Counter(

@@ -1,6 +1,7 @@
 """The BentoML service (bentoml==1.4.39): every task's answer from one encoder pass.
 
-Two services, so that BentoML's adaptive batching applies across HTTP requests:
+Two services: the HTTP front (validation, batching) and the model (one worker process each by
+default), so that the front stays responsive while the model computes:
 
     client --HTTP--> Polytask (main)                        Encoder (dependency)
                      POST /predict: validate, 4xx   --->    infer(texts): one ORT pass per
@@ -114,7 +115,7 @@ MAX_CALLS_IN_FLIGHT = 2
 # --------------------------------------------------------------------------- the model
 @bentoml.service(workers=ENCODER_WORKERS, traffic={"timeout": 60})
 class Encoder:
-    """Runs the model: one ORT call per adaptive batch, answers for every task."""
+    """Runs the model: one ORT call per merged batch (see `Batcher`), answers for every task."""
 
     def __init__(self) -> None:
         self._runtime: Runtime | None = None
