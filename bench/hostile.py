@@ -16,7 +16,12 @@ to refuse a 20 MB body, the service's memory before and after, and /metrics' rej
 reason.
 
     python bench/hostile.py [ARTIFACT_DIR]      # default: runs/latest/artifact
-        [--seconds 60] [--concurrency 32] [--hostile 8] [--threads N]
+        [--seconds 60] [--concurrency 32] [--hostile 8] [--hostile-rate R] [--threads N]
+
+Hostile clients run in a process of their own. By default each sends at the pace a valid client
+had in the clean phase, so they are their share of the traffic (8 of 32 clients: about a
+quarter of the requests); `--hostile-rate 0` makes them a closed-loop flood instead (every
+refusal is answered in about a millisecond, so they then send most of the requests).
 
 Figures depend on the machine's load; compare the two phases of one run.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
 import statistics
 import sys
@@ -76,8 +82,11 @@ def _send(http, url: str, body, headers) -> int:
         return 413
 
 
-def run_phase(url: str, texts: list[str], valid: int, hostile: int, seconds: float):
-    """`valid` closed-loop valid clients and `hostile` hostile ones; latencies and outcomes."""
+def run_phase(
+    url: str, texts: list[str], valid: int, hostile: int, seconds: float, rate: float = 0.0
+):
+    """`valid` closed-loop valid clients and `hostile` hostile ones, each sending `rate`
+    requests/s (0: as fast as answers come); latencies and outcomes."""
     import httpx
 
     latencies: list[float] = []
@@ -86,7 +95,6 @@ def run_phase(url: str, texts: list[str], valid: int, hostile: int, seconds: flo
     not_ready = [0]
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
-    attacks = hostile_requests()
 
     def valid_client(k: int) -> None:
         i = k
@@ -105,16 +113,6 @@ def run_phase(url: str, texts: list[str], valid: int, hostile: int, seconds: flo
                         valid_failed[code] += 1
                 i += valid
 
-    def hostile_client(k: int) -> None:
-        i = k
-        with httpx.Client(timeout=60) as http:
-            while time.perf_counter() < stop:
-                kind, body, headers = attacks[i % len(attacks)]
-                code = _send(http, url, body, headers)
-                with lock:
-                    hostile_status[(kind, code)] += 1
-                i += 1
-
     def watch_ready() -> None:
         with httpx.Client(timeout=10) as http:
             while time.perf_counter() < stop:
@@ -126,14 +124,55 @@ def run_phase(url: str, texts: list[str], valid: int, hostile: int, seconds: flo
                     not_ready[0] += 1
                 time.sleep(0.5)
 
+    # The hostile clients run in a process of their own, as real ones would: in this one they
+    # would take the GIL from the valid clients and inflate the latencies measured here.
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    attackers = ctx.Process(target=hostile_process, args=(url, hostile, seconds, rate, results))
+    if hostile:
+        attackers.start()
     threads = [threading.Thread(target=valid_client, args=(k,)) for k in range(valid)]
-    threads += [threading.Thread(target=hostile_client, args=(k,)) for k in range(hostile)]
     threads.append(threading.Thread(target=watch_ready))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if hostile:
+        hostile_status.update(results.get(timeout=seconds + 120))
+        attackers.join()
     return latencies, valid_failed, hostile_status, not_ready[0]
+
+
+def hostile_process(url: str, clients: int, seconds: float, rate: float, results) -> None:
+    """`clients` hostile clients for `seconds`, each sending `rate` requests/s (0: closed
+    loop, as fast as the answers come); puts {(kind, status): count}."""
+    import httpx
+
+    attacks = hostile_requests()
+    status: Counter[tuple[str, int]] = Counter()
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        i = k
+        with httpx.Client(timeout=60) as http:
+            next_send = time.perf_counter()
+            while time.perf_counter() < stop:
+                if rate > 0:
+                    time.sleep(max(0.0, next_send - time.perf_counter()))
+                    next_send += 1 / rate
+                kind, body, headers = attacks[i % len(attacks)]
+                code = _send(http, url, body, headers)
+                with lock:
+                    status[(kind, code)] += 1
+                i += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results.put(dict(status))
 
 
 def server_rss(pid: int) -> int:
@@ -171,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--concurrency", type=int, default=32, help="clients in the mix")
     parser.add_argument("--hostile", type=int, default=8, help="of which hostile")
+    parser.add_argument(
+        "--hostile-rate",
+        type=float,
+        default=None,
+        help="requests/s per hostile client (default: a valid client's rate in the clean "
+        "phase, so hostile clients are that share of the traffic; 0: as fast as answers come, "
+        "a flood)",
+    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/data/senteval")
     args = parser.parse_args(argv)
@@ -198,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         refuse_s = time.perf_counter() - start
         rss_refused = server_rss(pid)
-        mixed, failed, hostile, unready = run_phase(url, texts, valid, args.hostile, args.seconds)
+        per_client = len(clean) / args.seconds / valid
+        rate = per_client if args.hostile_rate is None else args.hostile_rate
+        mixed, failed, hostile, unready = run_phase(
+            url, texts, valid, args.hostile, args.seconds, rate
+        )
         rss_after = server_rss(pid)
         reasons = rejections(url)
 
@@ -207,7 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         f"valid requests: {len(clean)} ok, {sum(clean_failed.values())} failed {dict(clean_failed)}"
     )
     print(f"valid latency ms: p50 {pct(clean, 50):.1f}  p99 {pct(clean, 99):.1f}")
-    print(f"\n== hostile mix ({valid} valid + {args.hostile} hostile clients)")
+    pace = f"{rate:.1f} requests/s each" if rate > 0 else "as fast as answers come (a flood)"
+    n_hostile = sum(hostile.values())
+    print(f"\n== hostile mix ({valid} valid + {args.hostile} hostile clients, {pace})")
+    print(
+        f"hostile share of the requests: {n_hostile / max(1, n_hostile + len(mixed)):.0%} "
+        f"({n_hostile} hostile)"
+    )
     print(f"valid requests: {len(mixed)} ok, {sum(failed.values())} failed {dict(failed)}")
     print(f"valid latency ms: p50 {pct(mixed, 50):.1f}  p99 {pct(mixed, 99):.1f}")
     print(
