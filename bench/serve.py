@@ -17,7 +17,9 @@ throughput also as a share of the machine's own fp32 ceiling measured in the sam
         of one request alone (sent one after another)
     (e) frozen feature extraction on training texts (`--features N` of them, every task's train
         split interleaved): PyTorch eager in fixed length-sorted batches (how the feature cache
-        ran before) vs PyTorch and onnxruntime in length buckets (how it runs now)
+        ran before) vs PyTorch and onnxruntime in length buckets (how it runs now); (e') the
+        fine-tuning cache's token states of the bottom layers (all but the top 2), same texts,
+        PyTorch eager vs onnxruntime (how it runs now)
 
 Usage: with no argument it measures the latest run (`runs/latest`, its `artifact/` when
 exported, else exported to a temporary directory); (a) runs only with one exported
@@ -434,6 +436,46 @@ def bench_features(encoder_dir: Path, texts: list[str], threads: int, max_length
     return best
 
 
+def bench_token_states(
+    encoder_dir: Path, texts: list[str], threads: int, max_length: int, n_layers: int
+):
+    """Texts/s of computing the fine-tuning cache's token states of the bottom `n_layers`
+    blocks for `texts` (tokenization and the fp16 memmap writes included: what a first
+    fine-tuning run does), with PyTorch eager and with onnxruntime, in alternation (two
+    rounds, the best of each)."""
+    import shutil
+
+    import torch
+
+    from pipeline.model import load_encoder
+    from pipeline.token_cache import OrtStateProducer, TokenStateCache, TorchStateProducer
+
+    torch.set_num_threads(threads)
+    encoder = load_encoder(str(encoder_dir)).eval()
+    work = Path(tempfile.mkdtemp(prefix="bench-states-"))
+    producers = {
+        "PyTorch eager": TorchStateProducer(encoder, n_layers),
+        "onnxruntime (now)": OrtStateProducer(
+            encoder, n_layers, work / "lower.onnx", max_length, threads=threads
+        ),
+    }
+    best = dict.fromkeys(producers, 0.0)
+    try:
+        for round_ in range(2):
+            for name, producer in producers.items():
+                cache_dir = work / f"{round_}-{name.split()[0]}"
+                cache = TokenStateCache(
+                    cache_dir, str(encoder_dir), n_layers, max_length, producer=producer
+                )
+                start = time.perf_counter()
+                cache.get(texts, desc=f"token states ({name})")
+                best[name] = max(best[name], len(texts) / (time.perf_counter() - start))
+                shutil.rmtree(cache_dir, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return best
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -600,6 +642,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in bench_features(encoder_dir, sample, threads, max_length).items():
             print(f"{name}: {value:.1f}, {100 * value * sample_gflop / ceiling:.0f}% of ceiling")
             feature_rows.append((f"features: {name}", value, sample_gflop))
+        # The fine-tuning cache runs the bottom layers only: their share of the text's FLOPs.
+        n_cached = max(flops.layers - 2, 1)
+        states_gflop = sample_gflop * n_cached / flops.layers
+        print(
+            f"\n(e') fine-tuning token states of layers 1-{n_cached} of {flops.layers}, same "
+            f"texts ({states_gflop:.3f} GFLOP per text), texts/s"
+        )
+        states = bench_token_states(encoder_dir, sample, threads, max_length, n_cached)
+        for name, value in states.items():
+            print(f"{name}: {value:.1f}, {100 * value * states_gflop / ceiling:.0f}% of ceiling")
+            feature_rows.append((f"token states: {name}", value, states_gflop))
 
     print(f"\nshare of the machine's fp32 ceiling ({ceiling_texts:.0f} texts/s, this run):")
     print(f"{'path':<58} {'texts/s':>8} {'GFLOP/s':>8} {'share':>6}")

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -257,28 +256,11 @@ class OrtFeatureEncoder:
 def export_encoder(encoder, path: Path, max_length: int) -> None:
     """Write `encoder` (token ids -> pooled features) to `path` as one ONNX file, written under
     a temporary name and renamed (a concurrent run may export the same graph)."""
-    import torch
+    from pipeline.onnx_graph import dynamo_export
 
-    batch = torch.export.Dim("batch", min=1)
-    seq = torch.export.Dim("seq", min=1, max=max_length)
-    example = min(8, max_length)  # > 1: torch.export specializes dimensions of size 1
-    ids = torch.ones(2, example, dtype=torch.long)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
-        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
-        torch.onnx.export(
-            encoder.eval(),
-            (ids, torch.ones_like(ids)),
-            str(tmp),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["features"],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+    dynamo_export(encoder, tmp, ["features"], max_length)
     tmp.replace(path)
 
 

@@ -22,7 +22,9 @@ crash never leaves a truncated one.
 What computes the states is a `StateProducer`; `TorchStateProducer` runs the PyTorch encoder
 (eager), `OrtStateProducer` the same layers exported to onnxruntime. One can replace the other
 without changing the cache, since the producer is not part of the key: two producers must agree
-to well within fp16 precision.
+to well within fp16 precision. By default the cache uses onnxruntime (the lower layers exported
+once per key under `<cache>/onnx/`, checked against PyTorch on padded and unpadded batches
+before use) and falls back to PyTorch when the export fails or differs.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -46,6 +48,10 @@ logger = logging.getLogger(__name__)
 STATES_FILE = "states.npy"
 INDEX_FILE = "index.npz"
 FORMAT_VERSION = 1
+# Largest |onnxruntime - PyTorch| over real tokens for onnxruntime to compute the states. They
+# are stored in fp16, whose rounding is ~5e-4 of a value (states are of order 1-10): 1e-3 keeps
+# the producer's own error below what storage already adds.
+ORT_STATE_TOLERANCE = 1e-3
 
 
 class StateProducer(Protocol):
@@ -138,11 +144,9 @@ class OrtStateProducer:
 
 
 def _export_lower(encoder: Any, n_layers: int, path: Path, max_length: int) -> None:
-    """Write the embeddings and bottom `n_layers` blocks of `encoder` to `path` (one ONNX
-    file, written under a temporary name and renamed)."""
-    import warnings
-
     import torch
+
+    from pipeline.onnx_graph import dynamo_export
 
     class Lower(torch.nn.Module):
         def __init__(self) -> None:
@@ -152,25 +156,9 @@ def _export_lower(encoder: Any, n_layers: int, path: Path, max_length: int) -> N
         def forward(self, input_ids, attention_mask):  # int64 [B, L] x 2 -> [B, L, d]
             return self.encoder.lower_states(input_ids, attention_mask, n_layers)
 
-    batch = torch.export.Dim("batch", min=1)
-    seq = torch.export.Dim("seq", min=1, max=max_length)
-    ids = torch.ones(2, min(8, max_length), dtype=torch.long)  # > 1: not specialized
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
-        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
-        torch.onnx.export(
-            Lower().eval(),
-            (ids, torch.ones_like(ids)),
-            str(tmp),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["states"],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+    dynamo_export(Lower(), tmp, ["states"], max_length)
     tmp.replace(path)
 
 
@@ -221,7 +209,13 @@ class TokenStateCache:
         max_length: int,
         batch_size: int = 128,
         producer: StateProducer | None = None,
+        engine: Literal["onnxruntime", "torch"] = "onnxruntime",
+        encoder: Any = None,
     ):
+        """`producer` computes the states when given; otherwise the cache builds one on the
+        first miss from `encoder` (a pipeline.model.Encoder, else loaded from `encoder_path`):
+        onnxruntime when `engine` says so and its graph matches PyTorch within
+        ORT_STATE_TOLERANCE, else PyTorch eager."""
         if n_layers < 1:
             raise ValueError(f"n_layers must be at least 1, got {n_layers}")
         key = json.dumps(
@@ -235,11 +229,14 @@ class TokenStateCache:
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.dir = Path(cache_dir) / "token_states" / digest
+        self.onnx_path = Path(cache_dir) / "onnx" / f"token-states-{digest}" / "lower.onnx"
         self.encoder_path = encoder_path
         self.n_layers = n_layers
         self.max_length = max_length
         self.batch_size = batch_size
         self._producer = producer
+        self.engine = engine
+        self._encoder = encoder
         self._tokenizer = None
         self.computed = 0  # texts whose states this object computed (the rest came from disk)
 
@@ -269,8 +266,40 @@ class TokenStateCache:
         return TokenStates.open(path)
 
     def _producer_or_default(self) -> StateProducer:
-        if self._producer is None:
-            self._producer = TorchStateProducer.from_path(self.encoder_path, self.n_layers)
+        if self._producer is not None:
+            return self._producer
+        if self._encoder is None:
+            from pipeline.model import load_encoder
+
+            self._encoder = load_encoder(self.encoder_path)
+        encoder = self._encoder.eval()
+        self._producer = TorchStateProducer(encoder, self.n_layers)
+        if self.engine != "onnxruntime":
+            return self._producer
+        try:
+            ort_producer = OrtStateProducer(encoder, self.n_layers, self.onnx_path, self.max_length)
+            tokenizer = self._tokenizer or load_tokenizer(self.encoder_path)
+            diff = ort_producer.max_abs_diff(
+                int(encoder.transformer.config.vocab_size),
+                int(tokenizer.pad_token_id or 0),
+                self.max_length,
+            )
+        except Exception as err:  # the exporter and onnxruntime raise many types
+            logger.warning(
+                "token states: onnxruntime unavailable (%s: %s); using PyTorch",
+                type(err).__name__,
+                err,
+            )
+            return self._producer
+        if diff <= ORT_STATE_TOLERANCE:
+            logger.info("token states: onnxruntime (max abs diff to PyTorch %.1e)", diff)
+            self._producer = ort_producer
+        else:
+            logger.warning(
+                "token states: onnxruntime differs from PyTorch by %.3g > %.0e; using PyTorch",
+                diff,
+                ORT_STATE_TOLERANCE,
+            )
         return self._producer
 
     def _compute(self, texts: list[str], path: Path, desc: str) -> None:

@@ -108,3 +108,31 @@ def test_ort_state_producer_equals_pytorch_and_fills_the_same_cache(
     assert (ort_states.lengths == torch_states.lengths).all()
     diff = np.abs(ort_states.states.astype(np.float32) - torch_states.states.astype(np.float32))
     assert diff.max() <= 1e-2  # fp16 storage: a few ulps of values of order 1
+
+
+def test_token_state_cache_uses_onnxruntime_by_default_and_falls_back(
+    tiny_encoder_dir, encoder, tmp_path, monkeypatch, caplog
+):
+    """The cache builds its own producer from the encoder: onnxruntime when it matches PyTorch
+    (the graph stored once under <cache>/onnx/), PyTorch when onnxruntime differs by more than
+    the tolerance; both fill an entry with the same states within fp16 precision."""
+    import pipeline.token_cache as token_cache
+
+    texts = _texts()
+    ort_cache = token_cache.TokenStateCache(
+        tmp_path / "a", str(tiny_encoder_dir), 1, MAX_LENGTH, 8, encoder=encoder
+    )
+    ort_states = ort_cache.get(texts)
+    assert isinstance(ort_cache._producer, token_cache.OrtStateProducer)
+    assert ort_cache.onnx_path.is_file() and ort_cache.onnx_path.is_relative_to(tmp_path / "a")
+
+    monkeypatch.setattr(token_cache, "ORT_STATE_TOLERANCE", -1.0)  # nothing can match
+    torch_cache = token_cache.TokenStateCache(
+        tmp_path / "b", str(tiny_encoder_dir), 1, MAX_LENGTH, 8, encoder=encoder
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.token_cache"):
+        torch_states = torch_cache.get(texts)
+    assert isinstance(torch_cache._producer, token_cache.TorchStateProducer)
+    assert "using PyTorch" in caplog.text
+    diff = np.abs(ort_states.states.astype(np.float32) - torch_states.states.astype(np.float32))
+    assert (ort_states.lengths == torch_states.lengths).all() and diff.max() <= 1e-2

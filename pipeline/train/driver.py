@@ -161,7 +161,7 @@ def prepare_inputs(
     tokenizer = load_tokenizer(encoder_path)
     sample = stats_sample(tasks, config.train.seed)
     if n_cached:
-        from pipeline.token_cache import TokenStateCache, TorchStateProducer
+        from pipeline.token_cache import TokenStateCache
 
         states = TokenStateCache(
             config.resolved_cache_dir(),
@@ -169,7 +169,7 @@ def prepare_inputs(
             n_cached,
             enc.max_length,
             enc.batch_size,
-            producer=TorchStateProducer(encoder, n_cached),
+            encoder=encoder,  # onnxruntime when it matches PyTorch, else PyTorch eager
         )
         texts = {(t.name, split): source(t, split)[0].texts for t in tasks for split in SPLITS}
         if not all(states.has(x) for x in texts.values()):
