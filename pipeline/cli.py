@@ -108,6 +108,48 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_task(args: argparse.Namespace) -> int:
+    from pipeline.incremental import add_tasks, new_task_config, tasks_from_config
+    from pipeline.runs import read_record
+
+    parent = read_record(args.run)
+    if (args.task is None) == (args.config is None):
+        raise SystemExit("add-task: give either --task NAME (with its fields) or --config FILE")
+    if args.config is not None:
+        tasks = tasks_from_config(args.config, parent)
+    else:
+        labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+        tasks = [
+            new_task_config(
+                args.task,
+                data_dir=args.data_dir,
+                train=args.train,
+                dev=args.dev,
+                format=args.format,
+                text_field=args.text_field,
+                label_field=args.label_field,
+                labels=labels,
+            )
+        ]
+    result = add_tasks(args.run, tasks, run_name=args.run_name, epochs=args.epochs)
+    rec = result.record
+    for t in rec.lineage.added if rec.lineage else []:
+        print(
+            f"{t}: dev accuracy {rec.dev[t]['accuracy']:.2f} (macro-F1 {rec.dev[t]['macro_f1']:.2f})"
+        )
+    print(f"added {', '.join(t.name for t in tasks)} to {parent.run_name} in {result.seconds:.1f}s")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_remove_task(args: argparse.Namespace) -> int:
+    from pipeline.incremental import remove_tasks
+
+    result = remove_tasks(args.run, args.tasks, run_name=args.run_name)
+    print(f"removed {', '.join(args.tasks)}; run directory: {result.run_dir}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate_run, format_results
 
@@ -180,7 +222,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from pipeline.jobs.retrain import retrain
 
     config = load_config(args.config, data_dir=args.data_dir, overrides=_overrides(args.set))
-    record = retrain(config, run_name=args.run_name, model_name=args.name)
+    record = retrain(
+        config, run_name=args.run_name, model_name=args.name, incremental=args.add_tasks
+    )
     print(f"\nchallenger {record.tag} vs champion {record.champion or '(none)'}:")
     print(format_decision(record.decision))
     print(f"run directory: {record.run_dir}")
@@ -385,7 +429,43 @@ def build_parser() -> argparse.ArgumentParser:
     with_overrides(p)
     p.add_argument("--run-name", help="run name (default: <name>-<timestamp>-<id>)")
     p.add_argument("--name", help="model store name (default: polytask-<config name>)")
+    p.add_argument(
+        "--add-tasks",
+        action="store_true",
+        help="add the config's tasks that the promoted model lacks to its run, training only "
+        "those (the others keep their exact answers; the gate judges only the new ones)",
+    )
     p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser(
+        "add-task",
+        help="train only a new task's heads against a run's fixed encoder and shared module",
+        description="Write a new run: RUN's weights unchanged plus the new task's modules "
+        "(R, A and its self-auxiliary tower), trained on RUN's features. The new task is "
+        "given by --task NAME and the fields of a config's `tasks` entry, or by --config FILE "
+        "(its tasks that RUN lacks).",
+    )
+    p.add_argument("run", type=Path, help="the parent run directory")
+    p.add_argument("--task", help="the new task's name")
+    p.add_argument("--config", type=Path, help="a config naming the new task(s)")
+    p.add_argument("--data-dir", help="data root holding <task>/train and dev (default RUN's)")
+    p.add_argument("--train", help="training file (overrides <data-dir>/<task>/train.<format>)")
+    p.add_argument("--dev", help="dev file (overrides <data-dir>/<task>/dev.<format>)")
+    p.add_argument("--format", choices=["jsonl", "csv", "tsv"], help="default jsonl")
+    p.add_argument("--text-field", help="default text")
+    p.add_argument("--label-field", help="default label")
+    p.add_argument("--labels", help="comma-separated label list, in output order")
+    p.add_argument("--epochs", type=int, help="epochs for the new heads (default RUN's)")
+    p.add_argument("--run-name", help="run name (default: <parent>+<task>-<id>)")
+    p.set_defaults(func=cmd_add_task)
+
+    p = sub.add_parser(
+        "remove-task", help="a new run without some tasks (no training; the others unchanged)"
+    )
+    p.add_argument("run", type=Path, help="the parent run directory")
+    p.add_argument("tasks", nargs="+", metavar="NAME", help="task(s) to remove")
+    p.add_argument("--run-name", help="run name (default: <parent>-<task>-<id>)")
+    p.set_defaults(func=cmd_remove_task)
 
     p = sub.add_parser("models", help="model store versions: list, promote, rollback")
     models = p.add_subparsers(dest="models_command", required=True)

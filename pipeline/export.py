@@ -129,6 +129,14 @@ def export_run(
     return ExportResult(artifact_dir=out, tag=tag, metadata=metadata)
 
 
+def fine_tuned_blocks(trainable_layers: int | str, encoder: Any) -> list[int]:
+    """1-based indices of the encoder blocks a run trained: the top `trainable_layers` of
+    `encoder.n_layers`, every block for "all", none for a frozen encoder."""
+    total = int(encoder.n_layers)
+    first = 1 if trainable_layers == "all" else total - int(trainable_layers) + 1
+    return list(range(first, total + 1))
+
+
 def default_model_name(config_name: str) -> str:
     """`polytask-<config name>`, lower-cased and trimmed to a valid BentoML model name."""
     name = f"polytask-{config_name}".lower()[:MODEL_NAME_MAX_LENGTH]
@@ -219,6 +227,8 @@ def write_artifact(
                 max_length=enc.max_length,
                 pooling=enc.pooling,
                 dim=enc.dim,
+                trainable_layers=enc.trainable_layers,
+                fine_tuned_blocks=fine_tuned_blocks(enc.trainable_layers, run.model.encoder),
             ),
             tasks=[
                 TaskInfo(
@@ -264,6 +274,17 @@ def write_artifact(
                 f"{'padded' if worst.padded else 'unpadded'})"
             )
         metadata = metadata.model_copy(update={"parity": parity})
+        if record.lineage is not None:  # add-task / remove-task: kept tasks vs the parent
+            from pipeline.incremental import check_parent_parity
+
+            lineage = check_parent_parity(
+                run,
+                Runtime(work, device="cpu"),
+                tolerance,
+                vocab_size=int(run.model.encoder.transformer.config.vocab_size),
+                pad_id=int(tokenizer.pad_token_id or 0),
+            )
+            metadata = metadata.model_copy(update={"lineage": lineage})
 
         if quantize == "int8":
             data = load_tasks(run.config, splits=["train", "dev"], labels=run.labels)

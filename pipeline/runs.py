@@ -73,6 +73,17 @@ class StageRecord(_Record):
     alignment_kept: bool
 
 
+class LineageRecord(_Record):
+    """How an incremental run was made from its parent (`polytask add-task` / `remove-task`,
+    pipeline/incremental.py): every parameter of the parent's kept tasks is copied unchanged."""
+
+    parent: str  # the parent run's name
+    parent_dir: str  # the parent's run directory when this run was written
+    added: list[str] = []  # tasks trained here against the parent's fixed encoder and B
+    removed: list[str] = []  # tasks dropped here (no training)
+    seconds: float | None = None  # wall time of the add/remove
+
+
 class RunRecord(_Record):
     """run.json: everything needed to evaluate, export or compare the run later."""
 
@@ -92,6 +103,7 @@ class RunRecord(_Record):
     history: list[dict[str, Any]]  # every epoch of both stages plus "final"
     data_overlap: dict[str, Any] | None = None
     duration_seconds: float | None = None
+    lineage: LineageRecord | None = None  # set on runs made by add-task / remove-task
 
     @property
     def labels(self) -> dict[str, list[str]]:

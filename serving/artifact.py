@@ -32,11 +32,52 @@ class TaskMetrics(_Strict):
     n: int
 
 
+class Calibration(_Strict):
+    """Temperature scaling of one task head, fitted on dev at export (pipeline/calibration.py).
+    The runtime divides the task's logits by `temperature` before the softmax. ECE in percent,
+    15 equal-width bins over the top-class confidence."""
+
+    method: Literal["temperature"] = "temperature"
+    temperature: float = Field(gt=0)
+    ece_before: float = Field(description="Dev ECE with T = 1, percent.")
+    ece_after: float = Field(
+        description="Dev ECE with the temperature, cross-fitted (each fold scored with the T "
+        "fitted on the other folds), percent."
+    )
+    ece_after_in_sample: float = Field(
+        description="Dev ECE with the T fitted on all of dev (optimistic), percent."
+    )
+    nll_before: float
+    nll_after: float = Field(description="Cross-fitted.")
+    bins: int
+    folds: int
+    n: int
+
+
+class DevReference(_Strict):
+    """What the served model (temperature applied) answers on dev: the service exports it as
+    gauges, for drift alerts against live traffic."""
+
+    label_share: dict[str, float] = Field(description="Predicted label -> share of dev texts.")
+    confidence_mean: float = Field(description="Mean top-class probability.")
+    confidence_quantiles: dict[str, float] = Field(
+        description='Quantile ("0.1", "0.25", ...) -> top-class probability.'
+    )
+    truncated_share: float = Field(description="Share of dev texts cut to max_length.")
+    n: int
+
+
 class TaskInfo(_Strict):
     name: str
     labels: list[str] = Field(description="Class labels in logit index order.")
     output: str = Field(description="Name of this task's logits output in model.onnx.")
     dev: TaskMetrics | None = Field(default=None, description="Dev metrics of the trained run.")
+    calibration: Calibration | None = Field(
+        default=None, description="Temperature scaling; None: T = 1 (older artifacts)."
+    )
+    dev_reference: DevReference | None = Field(
+        default=None, description="Dev label mix and confidence, for drift monitoring."
+    )
 
 
 class EncoderInfo(_Strict):
@@ -45,6 +86,15 @@ class EncoderInfo(_Strict):
     max_length: int = Field(description="Texts are truncated to this many tokens.")
     pooling: str
     dim: int
+    # Absent in artifacts of frozen runs exported before fine-tuning existed: frozen.
+    trainable_layers: int | Literal["all"] = Field(
+        default=0, description="Top encoder blocks trained by the run (0: frozen; all: every one)."
+    )
+    fine_tuned_blocks: list[int] = Field(
+        default_factory=list,
+        description="1-based indices of the encoder blocks whose weights the run changed; the "
+        "graph carries them, the other blocks are the pretrained encoder's.",
+    )
 
 
 class ParityCase(_Strict):
@@ -100,6 +150,31 @@ class QuantizationReport(_Strict):
     variants: list[QuantizedVariant] = Field(default_factory=list)
 
 
+class ParentParity(_Strict):
+    """An incremental model (add-task / remove-task) against its parent, on probe token
+    batches: the logits of every task both answer."""
+
+    tasks: list[str] = Field(description="Tasks shared with the parent (the ones checked).")
+    cases: int = Field(description="Probe batches (several shapes, padded and unpadded).")
+    exact: bool = Field(description="PyTorch logits bit-identical to the parent's.")
+    eager_max_abs_diff: float = Field(description="PyTorch, this model vs the parent.")
+    onnx_max_abs_diff: float = Field(description="This model.onnx vs the parent's PyTorch.")
+    tolerance: float
+    passed: bool = Field(description="Both differences within the tolerance.")
+
+
+class LineageInfo(_Strict):
+    """Where an incremental model comes from; the promotion gate judges only the changed
+    tasks when `parity.passed` and the champion is the parent."""
+
+    parent_run: str = Field(description="The parent run's id (its artifact's run_id).")
+    added: list[str] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
+    parity: ParentParity | None = Field(
+        default=None, description="None when the parent could not be loaded to check."
+    )
+
+
 class ArtifactMetadata(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     model_name: str = Field(description="Name in the model store (a BentoML model name).")
@@ -114,6 +189,7 @@ class ArtifactMetadata(_Strict):
     data_fingerprints: dict[str, str]
     parity: ParityReport
     quantization: QuantizationReport | None = None
+    lineage: LineageInfo | None = None
 
     @property
     def task_names(self) -> list[str]:

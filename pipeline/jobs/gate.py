@@ -9,6 +9,12 @@ With a champion, the challenger is promoted only if
 A task only the challenger answers (a new task) takes no part in the comparison; it must clear
 its minimum when one is configured.
 
+Incremental models (issue 14): tasks listed as `unchanged` (the challenger's export proved their
+logits equal to its parent's, and the champion is that parent: see
+`pipeline.incremental.unchanged_tasks`) are not judged: they are shown, pass, and are left out
+of the macro-average comparison, so only the changed tasks decide and noise in an untouched
+task cannot refuse a new one.
+
 Without a champion (the first model of a name), the challenger is promoted only if it clears
 the configured minimums: every per-task minimum and the macro-average minimum. With no
 minimums configured, the first model is promoted.
@@ -19,7 +25,7 @@ average" both pass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -86,6 +92,7 @@ def decide(
     tolerance: float = DEFAULT_TOLERANCE,
     minimums: Mapping[str, float] | None = None,
     min_macro: float | None = None,
+    unchanged: Collection[str] = (),
 ) -> GateDecision:
     """Decide champion vs challenger from per-task accuracies (see the module docstring).
 
@@ -96,6 +103,8 @@ def decide(
         tolerance: Largest fall of any task, in points, that still lets the challenger through.
         minimums: Task -> accuracy floor for the first model, and for new tasks.
         min_macro: Macro-average floor for the first model.
+        unchanged: Tasks proven identical to the champion's (an incremental model whose parent
+            is the champion); not judged. Ignored without a champion.
 
     Returns:
         The decision, its reason and the per-task table.
@@ -138,10 +147,15 @@ def decide(
         )
 
     shared = [t for t in champion if t in challenger]
+    judged = [t for t in shared if t not in unchanged]
     for task, old in champion.items():
         new = challenger.get(task)
         if new is None:
             rows.append(TaskComparison(task, old, None, None, None, False, "missing in challenger"))
+            continue
+        if task in unchanged:
+            note = "unchanged: logits equal the parent's, not judged"
+            rows.append(TaskComparison(task, old, new, new - old, None, True, note))
             continue
         delta = new - old
         ok = delta + tolerance + EPSILON >= 0
@@ -149,15 +163,23 @@ def decide(
         rows.append(TaskComparison(task, old, new, delta, None, ok, note))
     rows += [floor_row(t, "new task") for t in challenger if t not in champion]
 
-    old_macro = _mean([champion[t] for t in shared])
-    new_macro = _mean([challenger[t] for t in shared])
+    old_macro = _mean([champion[t] for t in judged])
+    new_macro = _mean([challenger[t] for t in judged])
     macro_ok = old_macro is not None and new_macro is not None and new_macro + EPSILON >= old_macro
+    if shared and not judged:  # every shared task unchanged: only the new tasks decide
+        macro_ok = True
     failed = [r for r in rows if not r.ok]
     if failed:
         worst = ", ".join(f"{r.task} ({r.note})" for r in failed)
         reason = f"challenger refused: {worst}"
     elif not shared:
         reason = "challenger refused: it shares no task with the champion"
+    elif not judged:
+        new = [r.task for r in rows if r.champion is None]
+        reason = (
+            f"challenger promoted: the {len(shared)} task(s) it shares with the champion are "
+            f"unchanged (logits equal the parent's); judged: {', '.join(new) or 'nothing'}"
+        )
     elif not macro_ok:
         reason = (
             f"challenger refused: macro average {new_macro:.2f} below the champion's "

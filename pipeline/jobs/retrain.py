@@ -142,7 +142,10 @@ def _champion_accuracies(artifact_dir: Path, evaluation: dict[str, Any]) -> dict
 
 
 def retrain(
-    config: RunConfig, run_name: str | None = None, model_name: str | None = None
+    config: RunConfig,
+    run_name: str | None = None,
+    model_name: str | None = None,
+    incremental: bool = False,
 ) -> RetrainRecord:
     """Train a new model and promote it only if the gate lets it through; push the training
     metrics (or the failure) to the Pushgateway of `config.monitoring`, if any.
@@ -151,6 +154,9 @@ def retrain(
         config: The run config; its `promotion` section configures the gate.
         run_name: Default `<name>-<timestamp>-<id>`.
         model_name: Model store name; default `polytask-<config name>`.
+        incremental: Instead of training every task, add the config's tasks that the promoted
+            model lacks to its run (`pipeline.incremental.add_tasks_to_promoted`): the promoted
+            model's tasks keep their exact answers and the gate judges only the new ones.
 
     Returns:
         The record also written to `run_dir/retrain.json`.
@@ -164,7 +170,7 @@ def retrain(
 
     mon = config.monitoring
     try:
-        record, run_record = _retrain(config, run_name, model_name)
+        record, run_record = _retrain(config, run_name, model_name, incremental)
     except Exception:
         push_retrain_failure(mon.pushgateway, mon.job, config.name)
         raise
@@ -180,7 +186,7 @@ def retrain(
 
 
 def _retrain(
-    config: RunConfig, run_name: str | None, model_name: str | None
+    config: RunConfig, run_name: str | None, model_name: str | None, incremental: bool = False
 ) -> tuple[RetrainRecord, RunRecord]:
     """`retrain` without monitoring: the record and the training run's record."""
     import bentoml
@@ -197,7 +203,12 @@ def _retrain(
     mon = config.monitoring  # per-epoch gauges to the Pushgateway, if one is configured
     push_epochs = epoch_callback(mon.pushgateway, mon.job, config.name, config.task_names)
     callbacks = [push_epochs] if push_epochs is not None else []
-    result = train(config, run_name=run_name, callbacks=callbacks)
+    if incremental:
+        from pipeline.incremental import add_tasks_to_promoted
+
+        result: Any = add_tasks_to_promoted(config, name, run_name=run_name)
+    else:
+        result = train(config, run_name=run_name, callbacks=callbacks)
     t_train = time.monotonic()
     exported = export_run(result.run_dir, model_name=name, register=True)
     tag = str(exported.tag)
@@ -216,6 +227,7 @@ def _retrain(
     champion = promoted_tag(name)
     champion_eval = None
     champion_acc = None
+    unchanged: list[str] = []
     if champion is not None:
         champion_dir = Path(bentoml.models.get(champion).path)
         try:
@@ -227,6 +239,10 @@ def _retrain(
                 f"version (`polytask models promote TAG`), then retrain"
             ) from None
         champion_acc = _champion_accuracies(champion_dir, champion_eval)
+        from pipeline.incremental import unchanged_tasks
+        from serving.artifact import ArtifactMetadata
+
+        unchanged = unchanged_tasks(exported.metadata, ArtifactMetadata.read(champion_dir))
     t_eval = time.monotonic()
 
     p = config.promotion
@@ -236,6 +252,7 @@ def _retrain(
         tolerance=p.tolerance,
         minimums=p.minimums,
         min_macro=p.min_macro,
+        unchanged=unchanged,
     )
     removed = False
     if decision.promote:
