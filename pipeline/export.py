@@ -937,6 +937,16 @@ def format_quantization(report: QuantizationReport) -> str:
 
 
 # --------------------------------------------------------------------------- model store
+def lineage_text(metadata: ArtifactMetadata) -> str | None:
+    """`<parent run> +added -removed`, None for a model trained from scratch."""
+    lin = metadata.lineage
+    if lin is None:
+        return None
+    return " ".join(
+        [lin.parent_run, *(f"+{t}" for t in lin.added), *(f"-{t}" for t in lin.removed)]
+    )
+
+
 def register_artifact(artifact_dir: Path, model_name: str | None = None) -> str:
     """Copy an artifact directory into the BentoML model store as a new version.
 
@@ -975,6 +985,8 @@ def register_artifact(artifact_dir: Path, model_name: str | None = None) -> str:
             "dev_macro_accuracy": metadata.dev_macro_accuracy,
             "parity_max_abs_diff": metadata.parity.max_abs_diff,
             "config_fingerprint": metadata.config_fingerprint,
+            # add-task / remove-task: "<parent run> +new -old" (`polytask models list`)
+            "lineage": lineage_text(metadata) or "",
         },
     ) as model:
         shutil.copytree(artifact_dir, model.path, dirs_exist_ok=True)

@@ -51,6 +51,7 @@ class ModelVersion:
         stage: The `stage` label (`production` for the promoted version), or None.
         dev_macro_accuracy: The run's dev macro-average accuracy from the model's metadata.
         run_id: The run the model was exported from.
+        lineage: `<parent run> +added -removed` for a model made by add-task / remove-task.
     """
 
     tag: str
@@ -58,6 +59,7 @@ class ModelVersion:
     stage: str | None
     dev_macro_accuracy: float | None
     run_id: str | None
+    lineage: str | None = None
 
 
 def list_versions(name: str | None = None) -> list[ModelVersion]:
@@ -77,6 +79,7 @@ def list_versions(name: str | None = None) -> list[ModelVersion]:
             stage=m.info.labels.get(key),
             dev_macro_accuracy=m.info.metadata.get("dev_macro_accuracy"),
             run_id=m.info.labels.get("run_id"),
+            lineage=m.info.metadata.get("lineage"),
         )
         for m in models
     ]
@@ -85,9 +88,10 @@ def list_versions(name: str | None = None) -> list[ModelVersion]:
 
 def format_versions(versions: list[ModelVersion]) -> str:
     """The `polytask models list` table."""
-    lines = [f"{'tag':<40} {'created (UTC)':<20} {'stage':<11} {'dev macro':>9}"]
+    lines = [f"{'tag':<40} {'created (UTC)':<20} {'stage':<11} {'dev macro':>9}  lineage"]
     for v in versions:
         macro = f"{v.dev_macro_accuracy:.2f}" if v.dev_macro_accuracy is not None else "-"
         created = v.created.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        lines.append(f"{v.tag:<40} {created:<20} {v.stage or '-':<11} {macro:>9}")
+        lineage = v.lineage or "-"
+        lines.append(f"{v.tag:<40} {created:<20} {v.stage or '-':<11} {macro:>9}  {lineage}")
     return "\n".join(lines)
