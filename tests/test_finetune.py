@@ -281,6 +281,20 @@ def test_export_carries_the_finetuned_layers(finetuned_run, tmp_path, tiny_encod
     np.testing.assert_allclose(onnx["topic"], eager[1].numpy(), atol=1e-4)
     # Not vacuous: the same heads on the pretrained encoder give other logits.
     assert not np.allclose(onnx["topic"], pretrained[1].numpy(), atol=1e-3)
+    # The artifact says which blocks the run changed: the top one of the tiny encoder's.
+    info = result.metadata.encoder
+    assert info.trainable_layers == 1 and info.fine_tuned_blocks == [run.model.encoder.n_layers]
+
+
+def test_fine_tuned_blocks_are_named_for_every_setting():
+    from types import SimpleNamespace
+
+    from pipeline.export import fine_tuned_blocks
+
+    six = SimpleNamespace(n_layers=6)
+    assert fine_tuned_blocks(0, six) == []
+    assert fine_tuned_blocks(2, six) == [5, 6]
+    assert fine_tuned_blocks("all", six) == [1, 2, 3, 4, 5, 6]
 
 
 def test_svd_weights_with_a_finetuned_encoder_use_pretrained_pooled_features(
