@@ -173,6 +173,7 @@ def cmd_affinity(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.calibration import format_calibration
     from pipeline.export import export_run, format_quantization
 
     result = export_run(
@@ -191,6 +192,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"cases (tolerance {meta.parity.tolerance:g})"
     )
     print(f"precision: {meta.precision}")
+    print("calibration (temperature per task; dev ECE before, after: 2-fold cross-fitted):")
+    print(format_calibration(meta))
     print(f"artifact directory: {result.artifact_dir}")
     print(f"model tag: {result.tag}" if result.tag else "model tag: (not registered)")
     return 0

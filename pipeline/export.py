@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline import __version__
+from pipeline.calibration import calibrate_artifact
 from serving.artifact import (
     INPUT_NAMES,
     METADATA_FILE,
@@ -301,6 +302,14 @@ def write_artifact(
                     "quantization": quantization,
                 }
             )
+        # Temperature scaling per task, fitted on the final graph's dev logits as served, and
+        # the dev reference of the drift metrics (pipeline/calibration.py).
+        step = time.monotonic()
+        dev = load_tasks(run.config, splits=["dev"], labels=run.labels)
+        metadata = calibrate_artifact(
+            work, metadata, {t.name: (t.splits["dev"].texts, t.splits["dev"].labels) for t in dev}
+        )
+        logger.info("calibration fitted in %.1fs", time.monotonic() - step)
         metadata.write(work)
         _publish(work, out_dir)
     except BaseException:

@@ -2,8 +2,13 @@
 
     texts -> tokenizer.json (truncation built in) -> length buckets (texts sorted by token
     count, split where padding would cost more than another session.run) -> model.onnx (one
-    encoder pass per bucket, every task's logits) -> softmax per task -> label, probability,
-    truncated flag
+    encoder pass per bucket, every task's logits) -> logits / T_task (temperature scaling, from
+    metadata.json) -> softmax per task -> label, probability, truncated flag
+
+Temperatures are applied here rather than folded into model.onnx: they are fitted after the
+graph is exported and checked (on the final graph, int8 included), the same graph keeps its
+PyTorch parity check, and the raw logits stay available (`BatchOutput.logits`) to measure
+calibration before and after with the very code that serves.
 
 The runtime is the only place that runs the model; the BentoML service and `polytask predict`
 both call it.
@@ -19,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from serving.artifact import INPUT_NAMES, ONNX_FILE, ArtifactMetadata
+from serving.artifact import INPUT_NAMES, ONNX_FILE, ArtifactMetadata, Calibration
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +87,8 @@ class Prediction:
 
 @dataclass
 class BatchOutput:
-    """Raw model output for a batch: per task, probabilities [n, classes]; truncated [n].
+    """Raw model output for a batch: per task, probabilities [n, classes] (temperature applied)
+    and the graph's logits [n, classes] (before it); truncated [n].
 
     `tokens` counts the texts' real tokens, `padded_tokens` the padding positions the model
     also computed (see `plan_buckets`); `runs` the session.run calls."""
@@ -93,6 +99,7 @@ class BatchOutput:
     tokens: int = 0
     padded_tokens: int = 0
     runs: int = 0
+    logits: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- ORT settings
@@ -246,6 +253,11 @@ class Runtime:
         )
         self.labels: dict[str, list[str]] = {t.name: list(t.labels) for t in self.metadata.tasks}
         self.outputs: dict[str, str] = {t.name: t.output for t in self.metadata.tasks}
+        # Temperature scaling per task head (metadata.json; 1.0 for artifacts without it).
+        self.temperatures: dict[str, float] = {
+            t.name: t.calibration.temperature if t.calibration is not None else 1.0
+            for t in self.metadata.tasks
+        }
         missing = set(self.outputs.values()) - {o.name for o in self.session.get_outputs()}
         if missing:
             raise ValueError(f"{self.artifact_dir}: model.onnx lacks outputs {sorted(missing)}")
@@ -283,9 +295,10 @@ class Runtime:
         tasks = self.check_tasks(tasks)
         n = len(texts)
         probs = {t: np.zeros((n, len(self.labels[t])), dtype=np.float32) for t in tasks}
+        raw = {t: np.zeros((n, len(self.labels[t])), dtype=np.float32) for t in tasks}
         truncated = np.zeros(n, dtype=bool)
         if n == 0:
-            return BatchOutput(probs, truncated, self.version)
+            return BatchOutput(probs, truncated, self.version, logits=raw)
         outputs = [self.outputs[t] for t in tasks]
         cut = self.metadata.encoder.max_length * CHARS_PER_TOKEN
         enc = self.tokenizer.encode_batch([t[:cut] for t in texts])
@@ -306,11 +319,18 @@ class Runtime:
                 mask[row, : lengths[i]] = 1
             logits = self.session.run(outputs, {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask})
             for task, out in zip(tasks, logits, strict=True):
-                probs[task][idx] = softmax(out.astype(np.float32))
+                raw[task][idx] = out
+                probs[task][idx] = softmax(out.astype(np.float32) / self.temperatures[task])
             padded += ids.size - int(lengths[idx].sum())
             runs += 1
         return BatchOutput(
-            probs, truncated, self.version, int(lengths.sum()), padded_tokens=padded, runs=runs
+            probs,
+            truncated,
+            self.version,
+            int(lengths.sum()),
+            padded_tokens=padded,
+            runs=runs,
+            logits=raw,
         )
 
     def predict(
@@ -332,7 +352,7 @@ class Runtime:
         )
 
     def describe(self) -> dict[str, Any]:
-        """Tasks with their labels and dev metrics, and the model version."""
+        """Tasks with their labels, dev metrics and calibration, and the model version."""
         return {
             "model_version": self.version,
             "precision": self.metadata.precision,
@@ -341,10 +361,18 @@ class Runtime:
                 t.name: {
                     "labels": list(t.labels),
                     "dev_accuracy": t.dev.accuracy if t.dev is not None else None,
+                    "calibration": _describe_calibration(t.calibration),
                 }
                 for t in self.metadata.tasks
             },
         }
+
+
+def _describe_calibration(c: Calibration | None) -> dict[str, float] | None:
+    """A task's temperature and dev ECE before/after (percent), for /tasks."""
+    if c is None:
+        return None
+    return {"temperature": c.temperature, "ece_before": c.ece_before, "ece_after": c.ece_after}
 
 
 def decode(

@@ -159,9 +159,20 @@ class PredictResponse(BaseModel):
     model_version: str = Field(description="The model store tag that answered.")
 
 
+class CalibrationOut(BaseModel):
+    temperature: float = Field(description="The task's logits are divided by it before softmax.")
+    ece_before: float = Field(description="Dev expected calibration error with T = 1, percent.")
+    ece_after: float = Field(
+        description="Dev expected calibration error with T, cross-fitted, percent (15 bins)."
+    )
+
+
 class TaskInfoOut(BaseModel):
     labels: list[str]
     dev_accuracy: float | None = Field(default=None, description="Percent, from training.")
+    calibration: CalibrationOut | None = Field(
+        default=None, description="Temperature scaling fitted on dev; null: none (T = 1)."
+    )
 
 
 class TasksResponse(BaseModel):

@@ -19,6 +19,14 @@ Without a champion (the first model of a name), the challenger is promoted only 
 the configured minimums: every per-task minimum and the macro-average minimum. With no
 minimums configured, the first model is promoted.
 
+Calibration (`with_calibration`, applied after `decide`): with both models' answers on the
+same evaluation texts, a challenger is also refused if any task's expected calibration error
+(ECE, percent, 15 bins; pipeline/calibration.py) is clearly worse than the champion's: higher
+by more than max(`ece_tolerance` points, the bootstrap margin), the margin being 1.645 x the
+standard deviation of the ECE difference over paired bootstrap resamples of the evaluation
+texts (a one-sided 95% noise band). ECE on a few hundred texts moves by a point or more from
+sampling alone, hence both floors.
+
 Comparisons allow EPSILON for float noise, so "exactly at the tolerance" and "equal macro
 average" both pass.
 """
@@ -26,11 +34,16 @@ average" both pass.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from pipeline.calibration import Answers, ece_difference
 
 EPSILON = 1e-9
 DEFAULT_TOLERANCE = 1.0
+# Smallest ECE rise (points) that refuses a challenger, whatever the bootstrap margin says.
+DEFAULT_ECE_TOLERANCE = 1.0
+BOOTSTRAP_RESAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,8 @@ class GateDecision:
         challenger_macro: The challenger's macro average over the same tasks (all its tasks
             when there is no champion).
         tolerance: Largest per-task fall allowed, points.
+        calibration: Per task, both models' ECE on the evaluation set (`with_calibration`;
+            empty when not compared).
     """
 
     promote: bool
@@ -77,6 +92,7 @@ class GateDecision:
     champion_macro: float | None
     challenger_macro: float | None
     tolerance: float
+    calibration: tuple[CalibrationComparison, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -200,6 +216,94 @@ def decide(
     )
 
 
+@dataclass(frozen=True)
+class CalibrationComparison:
+    """One task's ECE (percent) for both models on the same evaluation texts.
+
+    Attributes:
+        task: Task name.
+        champion: The champion's ECE.
+        challenger: The challenger's ECE.
+        delta: challenger - champion.
+        margin: Bootstrap noise band of delta (1.645 standard deviations).
+        allowed: Largest rise that passes: max(ece_tolerance, margin).
+        n: Evaluation texts.
+        ok: delta <= allowed.
+        note: Why, in a few words.
+    """
+
+    task: str
+    champion: float
+    challenger: float
+    delta: float
+    margin: float
+    allowed: float
+    n: int
+    ok: bool
+    note: str
+
+
+def compare_calibration(
+    challenger: Mapping[str, Answers],
+    champion: Mapping[str, Answers],
+    ece_tolerance: float = DEFAULT_ECE_TOLERANCE,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> list[CalibrationComparison]:
+    """Per task both models answered on the same texts: is the challenger's ECE clearly worse?
+
+    Args:
+        challenger: Task -> (top-class confidence [n], correct [n]) of the new model on the
+            evaluation set, texts in the same order as the champion's.
+        champion: The same for the promoted model.
+        ece_tolerance: The smallest rise (points) that can refuse.
+        resamples: Paired bootstrap resamples for the margin.
+    """
+    if ece_tolerance < 0:
+        raise ValueError(f"ece_tolerance: {ece_tolerance} must be >= 0")
+    rows = []
+    for task, old in champion.items():
+        new = challenger.get(task)
+        if new is None:
+            continue
+        d = ece_difference(new, old, resamples=resamples, seed=seed)
+        allowed = max(ece_tolerance, d.margin)
+        ok = d.delta <= allowed + EPSILON
+        note = "ok" if ok else f"ECE +{d.delta:.2f} points > {allowed:.2f} allowed"
+        rows.append(
+            CalibrationComparison(
+                task, d.champion, d.challenger, d.delta, d.margin, allowed, d.n, ok, note
+            )
+        )
+    return rows
+
+
+def with_calibration(
+    decision: GateDecision, calibration: list[CalibrationComparison]
+) -> GateDecision:
+    """`decision` with the calibration rows added: a challenger that `decide` promoted is
+    refused when any task's ECE is clearly worse than the champion's (module docstring)."""
+    if not calibration:
+        return decision
+    worse = [c for c in calibration if not c.ok]
+    reason = decision.reason
+    if decision.promote and worse:
+        worst = ", ".join(
+            f"{c.task} (ECE {c.challenger:.2f}% vs the champion's {c.champion:.2f}%: "
+            f"+{c.delta:.2f} > {c.allowed:.2f})"
+            for c in worse
+        )
+        reason = f"challenger refused, calibration clearly worse: {worst}"
+    elif decision.promote:
+        reason += "; no task's calibration (ECE) is clearly worse"
+    return replace(
+        decision,
+        promote=decision.promote and not worse,
+        reason=reason,
+        calibration=tuple(calibration),
+    )
+
+
 def format_decision(decision: GateDecision) -> str:
     """The per-task table and the verdict, for the log and the CLI."""
 
@@ -217,5 +321,12 @@ def format_decision(decision: GateDecision) -> str:
     lines.append(
         f"{'MACRO AVG':<12} {f(decision.champion_macro):>9} {f(decision.challenger_macro):>10}"
     )
+    if decision.calibration:
+        lines.append(f"{'ECE (%)':<12} {'champion':>9} {'challenger':>10} {'delta':>7} {'ok':>3}")
+        for c in decision.calibration:
+            lines.append(
+                f"{c.task:<12} {c.champion:>9.2f} {c.challenger:>10.2f} {c.delta:>+7.2f} "
+                f"{'yes' if c.ok else 'no':>3}  {c.note} (allowed +{c.allowed:.2f}, n={c.n})"
+            )
     lines.append(("PROMOTE: " if decision.promote else "REFUSE: ") + decision.reason)
     return "\n".join(lines)
