@@ -67,52 +67,11 @@ class DevReference(_Strict):
     n: int
 
 
-class Calibration(_Strict):
-    """Temperature scaling of one task head, fitted on dev at export (pipeline/calibration.py).
-    The runtime divides the task's logits by `temperature` before the softmax. ECE in percent,
-    15 equal-width bins over the top-class confidence."""
-
-    method: Literal["temperature"] = "temperature"
-    temperature: float = Field(gt=0)
-    ece_before: float = Field(description="Dev ECE with T = 1, percent.")
-    ece_after: float = Field(
-        description="Dev ECE with the temperature, cross-fitted (each fold scored with the T "
-        "fitted on the other folds), percent."
-    )
-    ece_after_in_sample: float = Field(
-        description="Dev ECE with the T fitted on all of dev (optimistic), percent."
-    )
-    nll_before: float
-    nll_after: float = Field(description="Cross-fitted.")
-    bins: int
-    folds: int
-    n: int
-
-
-class DevReference(_Strict):
-    """What the served model (temperature applied) answers on dev: the service exports it as
-    gauges, for drift alerts against live traffic."""
-
-    label_share: dict[str, float] = Field(description="Predicted label -> share of dev texts.")
-    confidence_mean: float = Field(description="Mean top-class probability.")
-    confidence_quantiles: dict[str, float] = Field(
-        description='Quantile ("0.1", "0.25", ...) -> top-class probability.'
-    )
-    truncated_share: float = Field(description="Share of dev texts cut to max_length.")
-    n: int
-
-
 class TaskInfo(_Strict):
     name: str
     labels: list[str] = Field(description="Class labels in logit index order.")
     output: str = Field(description="Name of this task's logits output in model.onnx.")
     dev: TaskMetrics | None = Field(default=None, description="Dev metrics of the trained run.")
-    calibration: Calibration | None = Field(
-        default=None, description="Temperature scaling; None: T = 1 (older artifacts)."
-    )
-    dev_reference: DevReference | None = Field(
-        default=None, description="Dev label mix and confidence, for drift monitoring."
-    )
     calibration: Calibration | None = Field(
         default=None, description="Temperature scaling; None: T = 1 (older artifacts)."
     )
