@@ -214,3 +214,64 @@ def test_add_task_reads_a_config_and_reports_missing_data(family, tiny_data_dir,
     task = new_task_config("ghost", data_dir=tmp_path)
     with pytest.raises(Exception, match="ghost"):
         add_tasks(family["parent"], [task])
+
+
+def test_retrain_add_tasks_gate_judges_the_new_task_alone(
+    tmp_path, tiny_data_dir, tiny_encoder_dir
+):
+    """retrain --add-tasks on top of a promoted one-task model: refused when the new task
+    misses its minimum (the champion stays), promoted judging it alone otherwise."""
+    from conftest import use_bentoml_home
+
+    from pipeline.config import parse_config
+    from pipeline.incremental import IncrementalError
+    from pipeline.jobs.models import list_versions, promoted_tag
+    from pipeline.jobs.retrain import retrain
+
+    def config(tasks: list[str], **promotion: object):
+        raw = tiny_config_dict(tiny_data_dir, tiny_encoder_dir, tmp_path / "runs", tmp_path / "c")
+        raw["tasks"] = [{"name": t} for t in tasks]
+        raw["train"]["epochs"] = 20
+        raw["promotion"] = promotion
+        return parse_config(raw)
+
+    with use_bentoml_home(tmp_path / "bentoml"):
+        with pytest.raises(IncrementalError, match="no promoted version"):
+            retrain(config(["sentiment", "topic"]), "too-early", incremental=True)
+        first = retrain(config(["sentiment"]), "first")
+        assert first.promoted
+        refused = retrain(
+            config(["sentiment", "topic"], minimums={"topic": 99.0}), "high-bar", incremental=True
+        )
+        assert not refused.promoted and promoted_tag("polytask-tiny") == first.tag
+        assert "topic (below minimum 99)" in refused.decision.reason
+        added = retrain(
+            config(["sentiment", "topic"], minimums={"topic": 40.0}), "added", incremental=True
+        )
+        assert added.promoted, added.decision.reason
+        rows = {r.task: r for r in added.decision.tasks}
+        assert "not judged" in rows["sentiment"].note and rows["topic"].note == "new task"
+        assert "judged: topic" in added.decision.reason
+        lineage = {v.tag: v.lineage for v in list_versions("polytask-tiny")}
+        assert lineage[added.tag] == "first +topic" and lineage[first.tag] in (None, "")
+        with pytest.raises(IncrementalError, match="nothing to add"):
+            retrain(config(["sentiment", "topic"]), "again", incremental=True)
+
+
+def test_schedule_add_tasks_submits_retrain_add_tasks(tmp_path):
+    from pipeline.jobs.schedule import ScheduleError, load_schedules
+
+    (tmp_path / "run.yaml").write_text("tasks: [{name: a}]\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "schedules:\n  - {name: inc, cron: '0 2 * * *', config: run.yaml, add_tasks: true}\n"
+        "  - {name: full, cron: '0 3 * * *', config: run.yaml}\n"
+    )
+    inc, full = load_schedules(path)
+    assert inc.entrypoint_for("r1").endswith("--run-name r1 --add-tasks")
+    assert "--add-tasks" not in full.entrypoint_for("r2")
+    path.write_text(
+        "schedules:\n  - {name: x, cron: '0 2 * * *', entrypoint: 'true', add_tasks: true}\n"
+    )
+    with pytest.raises(ScheduleError, match="add_tasks: applies to config"):
+        load_schedules(path)

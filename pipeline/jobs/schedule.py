@@ -70,6 +70,11 @@ class Schedule(BaseModel):
         description="a shell command run instead of retrain (smoke tests); `{run_name}` is "
         "replaced by the run name",
     )
+    add_tasks: bool = Field(
+        default=False,
+        description="`polytask retrain --add-tasks`: add the config's tasks that the promoted "
+        "model lacks to its run (training only those) instead of retraining every task",
+    )
 
     @field_validator("name")
     @classmethod
@@ -91,7 +96,7 @@ class Schedule(BaseModel):
         if self.entrypoint is not None:
             return self.entrypoint.replace("{run_name}", run_name)
         assert self.config is not None
-        return retrain_entrypoint(self.config, run_name, self.data_dir)
+        return retrain_entrypoint(self.config, run_name, self.data_dir, self.add_tasks)
 
 
 class ScheduleFile(BaseModel):
@@ -118,6 +123,8 @@ def load_schedules(path: Path) -> list[Schedule]:
     for i, s in enumerate(parsed.schedules):
         if (s.config is None) == (s.entrypoint is None):
             problems.append(f"{path}: schedules[{i}]: give exactly one of config, entrypoint")
+        if s.add_tasks and s.entrypoint is not None:
+            problems.append(f"{path}: schedules[{i}].add_tasks: applies to config, not entrypoint")
         if s.config is not None:
             s.config = (path.parent / s.config).resolve()
             if not s.config.is_file():

@@ -219,11 +219,16 @@ def polytask_command() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "pipeline.cli"]
 
 
-def retrain_entrypoint(config: Path, run_name: str, data_dir: Path | None = None) -> str:
-    """The shell command a Ray Job runs: `polytask retrain /abs/CONFIG --run-name NAME`."""
+def retrain_entrypoint(
+    config: Path, run_name: str, data_dir: Path | None = None, add_tasks: bool = False
+) -> str:
+    """The shell command a Ray Job runs: `polytask retrain /abs/CONFIG --run-name NAME`
+    (with `--add-tasks` for an incremental schedule)."""
     args = [*polytask_command(), "retrain", str(Path(config).resolve()), "--run-name", run_name]
     if data_dir is not None:
         args += ["--data-dir", str(Path(data_dir).resolve())]
+    if add_tasks:
+        args.append("--add-tasks")
     return shlex.join(args)
 
 
