@@ -77,7 +77,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from pipeline.experiments.suite import parse_list, run_experiment, summary_text
 
     config = load_config(args.config, data_dir=args.data_dir, overrides=_overrides(args.set))
-    opts = {"margin": args.margin, "noise_task": args.noise_task}
+    opts = {"margin": args.margin, "noise_task": args.noise_task, "new_task": args.new_task}
     if args.capacities:
         opts["capacities"] = parse_list(args.capacities, int, "--capacities")
     if args.noise_fractions:
@@ -357,10 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--suite",
         required=True,
-        choices=["transfer", "capacity", "noise", "affinity"],
+        choices=["transfer", "capacity", "noise", "affinity", "incremental"],
         help="transfer: single-task vs MTL vs each method; capacity: sweep the shared width; "
         "noise: corrupt one task's labels, equal vs SVD weights; affinity: similarity vs "
-        "pairwise transfer",
+        "pairwise transfer; incremental: a task added with add-task vs trained jointly vs alone",
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds per run (default 3)")
     p.add_argument(
@@ -390,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--capacities", help="capacity: comma-separated widths (default 5,10,20,50,100,200,500)"
     )
     p.add_argument("--noise-task", help="noise: the task with corrupted labels (default: first)")
+    p.add_argument("--new-task", help="incremental: the task added with add-task (default: last)")
     p.add_argument(
         "--noise-fractions",
         help="noise: comma-separated fractions of wrong labels (default 0.2,0.5)",

@@ -275,3 +275,34 @@ def test_schedule_add_tasks_submits_retrain_add_tasks(tmp_path):
     )
     with pytest.raises(ScheduleError, match="add_tasks: applies to config"):
         load_schedules(path)
+
+
+def test_incremental_suite_reports_the_runs_numbers(tiny_config_file, tmp_path):
+    out = tmp_path / "suite"
+    argv = ["experiment", str(tiny_config_file), "--suite", "incremental", "--in-process"]
+    code, stdout, err = _run_cli(
+        [*argv, "--seeds", "1", "--new-task", "topic", "--output", str(out)]
+    )
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    a, runs = res["analysis"], res["runs"]
+    assert a["new_task"] == "topic" and a["other_tasks"] == ["sentiment"]
+    child = read_record(Path(a["added"]["0"]["run_dir"]))
+    assert child.lineage.parent == "parent-s0" and child.lineage.added == ["topic"]
+    inc = a["new_task_accuracy"]
+    assert inc["incremental"]["mean"] == child.dev["topic"]["accuracy"]
+    assert inc["joint"]["mean"] == runs["joint-s0"]["dev"]["topic"]
+    assert inc["alone"]["mean"] == runs["alone-s0"]["dev"]["topic"]
+    delta = a["new_task_delta"]["incremental - joint"]["mean"]
+    assert delta == pytest.approx(inc["incremental"]["mean"] - inc["joint"]["mean"])
+    assert (
+        a["others_unchanged"]
+        and child.dev["sentiment"]["accuracy"] == (runs["parent-s0"]["dev"]["sentiment"])
+    )
+    report = (out / "report.md").read_text()
+    assert "topic added incrementally" in report and "joint - parent" in report
+    # --resume reads the child run instead of training it again.
+    code, _, err = _run_cli([*argv, "--seeds", "1", "--new-task", "topic", "--resume", str(out)])
+    assert code == 0, err
+    again = json.loads((out / "results.json").read_text())["analysis"]["added"]["0"]
+    assert again["run_dir"] == a["added"]["0"]["run_dir"] and again["status"] == "ok"

@@ -20,12 +20,14 @@ class ExperimentOptions:
         capacities: capacity: the shared module widths r to sweep.
         noise_task: noise: the task whose training labels are corrupted (default: the first).
         noise_fractions: noise: the fractions of its training labels replaced by a wrong label.
+        new_task: incremental: the task added to a model of the others (default: the last).
     """
 
     margin: float = 0.5
     capacities: tuple[int, ...] = DEFAULT_CAPACITIES
     noise_task: str | None = None
     noise_fractions: tuple[float, ...] = DEFAULT_NOISE_FRACTIONS
+    new_task: str | None = None
 
     def __post_init__(self) -> None:
         if self.margin < 0:

@@ -23,18 +23,19 @@ from typing import Any, Literal, Protocol
 
 from pipeline import __version__
 from pipeline.config import RunConfig, config_to_dict
-from pipeline.experiments import affinity, capacity, noise, transfer
+from pipeline.experiments import affinity, capacity, incremental, noise, transfer
 from pipeline.experiments.common import RunSpec, build_config, seeds_from
 from pipeline.experiments.options import ExperimentOptions
 from pipeline.experiments.runner import Executor, ExperimentError, run_cost, run_specs
 
-Suite = Literal["transfer", "capacity", "noise", "affinity"]
+Suite = Literal["transfer", "capacity", "noise", "affinity", "incremental"]
 
 
 class SuiteModule(Protocol):
     """What a suite module provides (a module may also define
-    `prepare(base, specs, suite_dir) -> dict | None`, whose dict reaches `analyze` as keyword
-    arguments)."""
+    `prepare(base, specs, suite_dir) -> dict | None`, run before the runs, and
+    `finish(base, specs, results, suite_dir) -> dict | None`, run after them (the incremental
+    suite adds a task to finished runs), whose dicts reach `analyze` as keyword arguments)."""
 
     def plan(
         self, base: RunConfig, seeds: Sequence[int], opts: ExperimentOptions
@@ -61,6 +62,7 @@ SUITES: dict[str, SuiteModule] = {
     "capacity": capacity,
     "noise": noise,
     "affinity": affinity,
+    "incremental": incremental,
 }
 PLAN_FILE = "plan.json"
 
@@ -183,6 +185,9 @@ def run_experiment(
         specs, configs, suite_dir, costs, executor, address, write, stamp={"commit": commit}
     )
 
+    finish = getattr(module, "finish", None)
+    if finish is not None:
+        prepared = prepared | (finish(base, specs, results, suite_dir) or {})
     failed = sorted(n for n, r in results.items() if r.get("status") != "ok")
     analysis = module.analyze(specs, results, opts, **prepared)
     meta = {
