@@ -19,6 +19,21 @@ first use (`get_metrics()`), inside the worker, never at import.
     polytask_model_fallback                         gauge      1 while a worker serves another
                                                                version than the store designates,
                                                                because that one failed to load
+
+Drift (per task; tasks and labels come from the served artifact, never from clients, so the
+label sets are bounded; `Metrics.set_dev_reference` sets the gauges and creates every
+task's and label's counters at 0 when a model is loaded, so that a label never answered is a
+0 and `increase()` sees the first answers):
+    polytask_truncated_texts_total{task}            counter    answered texts cut to max length
+    polytask_dev_label_share{task,label}            gauge      share of dev texts the served
+                                                               model answers with the label
+    polytask_dev_confidence_mean{task}              gauge      its mean top-class probability on
+                                                               dev (temperature applied)
+    polytask_dev_confidence_quantile{task,quantile} gauge      quantiles 0.1 0.25 0.5 0.75 0.9
+    polytask_dev_truncated_share{task}              gauge      share of dev texts cut
+The recent label mix, mean confidence and truncated share come from the counters above and
+polytask_predictions_total / polytask_prediction_confidence; the recording and alert rules
+that compare them with dev's are in infra/prometheus/alerts.yml (group polytask-drift).
 """
 
 from __future__ import annotations
@@ -43,6 +58,11 @@ class Metrics:
     swaps: Any
     load_failures: Any
     fallback: Any
+    truncated: Any
+    dev_label_share: Any
+    dev_confidence_mean: Any
+    dev_confidence_quantile: Any
+    dev_truncated_share: Any
 
     def record_answers(self, task: str, labels: list[str], confidences: list[float]) -> None:
         """Count one answer per text for `task`."""
@@ -54,6 +74,35 @@ class Metrics:
         hist = self.confidence.labels(task=task)
         for p in confidences:
             hist.observe(p)
+
+    def record_truncated(self, task: str, n: int) -> None:
+        """Count `n` answered texts of `task` that were cut to the model's max length."""
+        if n:
+            self.truncated.labels(task=task).inc(n)
+
+    def set_dev_reference(self, tasks: list[Any], previous: list[Any] | None = None) -> None:
+        """Export the served model's dev reference (`serving.artifact.TaskInfo.dev_reference`)
+        and create its tasks' and labels' counters at 0. Tasks or labels of the `previous`
+        model that the new one lacks get a share of 0 (multiprocess gauges cannot be removed).
+        """
+        for info in previous or []:
+            for label in info.labels:
+                self.dev_label_share.labels(task=info.name, label=label).set(0)
+        for info in tasks:
+            for label in info.labels:
+                self.predictions.labels(task=info.name, label=label).inc(0)
+            self.truncated.labels(task=info.name).inc(0)
+            self.confidence.labels(task=info.name)
+            ref = info.dev_reference
+            if ref is None:
+                continue
+            for label in info.labels:
+                share = ref.label_share.get(label, 0.0)
+                self.dev_label_share.labels(task=info.name, label=label).set(share)
+            self.dev_confidence_mean.labels(task=info.name).set(ref.confidence_mean)
+            for q, value in ref.confidence_quantiles.items():
+                self.dev_confidence_quantile.labels(task=info.name, quantile=q).set(value)
+            self.dev_truncated_share.labels(task=info.name).set(ref.truncated_share)
 
     def set_active_version(self, version: str, previous: str | None = None) -> None:
         if previous is not None and previous != version:
@@ -110,5 +159,36 @@ def get_metrics() -> Metrics:
             "polytask_model_fallback",
             "1 while a worker serves another version than the store designates (it failed).",
             multiprocess_mode="livemax",
+        ),
+        truncated=Counter(
+            "polytask_truncated_texts",
+            "Answered texts cut to the model's max length, by task.",
+            ["task"],
+        ),
+        # livemostrecent: the value a live worker set last, so a hot swap replaces the old
+        # model's reference at once.
+        dev_label_share=Gauge(
+            "polytask_dev_label_share",
+            "Share of dev texts the served model answers with this label (from the artifact).",
+            ["task", "label"],
+            multiprocess_mode="livemostrecent",
+        ),
+        dev_confidence_mean=Gauge(
+            "polytask_dev_confidence_mean",
+            "Mean probability of the answered label on dev (from the artifact).",
+            ["task"],
+            multiprocess_mode="livemostrecent",
+        ),
+        dev_confidence_quantile=Gauge(
+            "polytask_dev_confidence_quantile",
+            "Quantiles of the probability of the answered label on dev (from the artifact).",
+            ["task", "quantile"],
+            multiprocess_mode="livemostrecent",
+        ),
+        dev_truncated_share=Gauge(
+            "polytask_dev_truncated_share",
+            "Share of dev texts cut to the model's max length (from the artifact).",
+            ["task"],
+            multiprocess_mode="livemostrecent",
         ),
     )
