@@ -82,6 +82,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         opts["capacities"] = parse_list(args.capacities, int, "--capacities")
     if args.noise_fractions:
         opts["noise_fractions"] = parse_list(args.noise_fractions, float, "--noise-fractions")
+    if args.variants:
+        opts["variants"] = parse_list(args.variants, str, "--variants")
     result = run_experiment(
         config,
         args.suite,
@@ -391,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--noise-task", help="noise: the task with corrupted labels (default: first)")
     p.add_argument("--new-task", help="incremental: the task added with add-task (default: last)")
+    p.add_argument(
+        "--variants",
+        help="transfer: comma-separated multi-task variants to train beside the single-task "
+        "models (mtl,align,svd,aux,all,routed; default all)",
+    )
     p.add_argument(
         "--noise-fractions",
         help="noise: comma-separated fractions of wrong labels (default 0.2,0.5)",

@@ -269,6 +269,47 @@ class AlignmentConfig(StrictModel):
     )
 
 
+class PrivateHeadConfig(StrictModel):
+    """The private path of each task: a small head on the standardized encoder features,
+    bypassing R_i and B, fitted after stage 2 on the final encoder's pooled features."""
+
+    hidden_size: int = Field(
+        default=256, ge=0, description="Hidden width (one ReLU layer); 0 = a linear head."
+    )
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout before the output.")
+    lr: float = Field(default=1e-3, gt=0.0, description="Adam learning rate.")
+    weight_decay: float = Field(default=1e-4, ge=0.0, description="Adam L2 penalty.")
+    epochs: int = Field(default=20, ge=1, description="Most epochs over the task's train split.")
+    patience: int = Field(
+        default=3, ge=1, description="Stop after this many epochs without a better holdout loss."
+    )
+    batch_size: int = Field(default=128, ge=1, description="Rows per step.")
+    holdout_fraction: float = Field(
+        default=0.1,
+        gt=0.0,
+        lt=0.5,
+        description="Share of the train split held out to pick the head's epoch, so that dev "
+        "stays untouched for the routing decision.",
+    )
+
+
+class RoutingConfig(StrictModel):
+    """Per-task routing (issue 13): answer each task through the shared path (R_i -> B -> A_i)
+    or its private path, whichever dev evidence supports (pipeline/routing.py has the rule)."""
+
+    enabled: bool = Field(
+        default=True, description="Fit a private path per task and choose each task's path."
+    )
+    margin_se: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="The private path is chosen only when its dev accuracy beats the shared "
+        "path's by more than this many standard errors of the paired per-item difference; "
+        "0 picks whichever is higher on dev (noisy).",
+    )
+    private: PrivateHeadConfig = Field(default_factory=PrivateHeadConfig)
+
+
 class WeightingConfig(StrictModel):
     """Per-task loss weights α_i, fixed before stage 1."""
 
@@ -461,6 +502,7 @@ class RunConfig(StrictModel):
     towers: TowerConfig = Field(default_factory=TowerConfig)
     aux: AuxConfig = Field(default_factory=AuxConfig)
     alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

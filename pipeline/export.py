@@ -46,6 +46,7 @@ from serving.artifact import (
     QuantizedVariant,
     TaskInfo,
     TaskMetrics,
+    TaskRoute,
     output_name,
 )
 from serving.runtime import TOKENIZER_FILE, Runtime
@@ -237,6 +238,7 @@ def write_artifact(
                     labels=list(record.tasks[t].labels),
                     output=output_name(t),
                     dev=_task_metrics(record.dev.get(t)),
+                    route=_task_route(record, t),
                 )
                 for t in tasks
             ],
@@ -339,6 +341,14 @@ def _task_metrics(m: dict[str, Any] | None) -> TaskMetrics | None:
     if m is None:
         return None
     return TaskMetrics(accuracy=m["accuracy"], macro_f1=m["macro_f1"], n=int(m["n"]))
+
+
+def _task_route(record: Any, task: str) -> TaskRoute | None:
+    """The run's routing decision for `task` as the artifact records it."""
+    decision = (record.routing or {}).get(task)
+    if decision is None:
+        return None
+    return TaskRoute(**decision.model_dump(include=set(TaskRoute.model_fields)))
 
 
 def _check_replaceable(out_dir: Path) -> None:

@@ -5,6 +5,8 @@
                       h_i = B(z_i)           shared module, output width r = capacity
                       logits_i = A_i(h_i)    main tower
                       aux_i = a_i(h_i)       self-auxiliary tower (training only, not exported)
+    or, for a task routed private (issue 13; the choice is pipeline/routing.py's):
+                      logits_i = P_i(standardize(x))   a small head of its own, no R_i, no B
 
 R_i sits on the pooled encoder output rather than on token embeddings so that serving runs the
 heavy encoder once for every task; the per-task path (R_i -> B -> A_i) is a few small matmuls.
@@ -19,8 +21,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from pipeline.routing import Route
+
 if TYPE_CHECKING:
-    from pipeline.config import AuxConfig, SharedConfig, TowerConfig
+    from pipeline.config import AuxConfig, PrivateHeadConfig, SharedConfig, TowerConfig
 
 Activation = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 TrainableLayers = int | Literal["all"]
@@ -258,8 +262,25 @@ class AuxTower(nn.Module):
         return self.net(h) / self.temperature
 
 
+def private_head(in_dim: int, num_classes: int, hidden_size: int, dropout: float) -> nn.Module:
+    """P_i, a task's private path: linear, or one hidden layer, on the standardized encoder
+    features. [B, d] -> [B, C]. It shares nothing with the other tasks, so it cannot suffer
+    their interference (nor gain from them)."""
+    if hidden_size == 0:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, num_classes))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_size),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden_size, num_classes),
+    )
+
+
 class MultiTaskHeads(nn.Module):
-    """Everything after the encoder: R_i, B, A_i and a_i for every task."""
+    """Everything after the encoder: R_i, B, A_i and a_i for every task, and the private
+    heads P_i when routing is on. `routes` says which path answers each task (all shared
+    until the routing stage chooses; a plain attribute: run.json records it, not the weights).
+    """
 
     def __init__(
         self,
@@ -275,9 +296,12 @@ class MultiTaskHeads(nn.Module):
         aux_bottleneck: int = 8,
         aux_pool: int = 4,
         aux_temperature: float = 1.0,
+        private_hidden: int | None = None,
+        private_dropout: float = 0.1,
     ):
         super().__init__()
         self.tasks = list(num_classes)
+        self.routes: dict[str, Route] = {t: "shared" for t in self.tasks}
         # A fixed standardization of the pooled features (training-set statistics, set by
         # set_feature_stats). Pooled transformer features have a large shared mean and small
         # per-dimension spread; centring and scaling them lets one learning rate fit all.
@@ -300,29 +324,45 @@ class MultiTaskHeads(nn.Module):
                 for t, c in num_classes.items()
             }
         )
+        self.private = nn.ModuleDict(
+            {}
+            if private_hidden is None
+            else {
+                t: private_head(in_dim, c, private_hidden, private_dropout)
+                for t, c in num_classes.items()
+            }
+        )
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardize inputs with these [d] statistics (std is floored to avoid blow-ups)."""
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std.clamp(min=1e-6))
 
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std with the training-set statistics. [B, d] -> [B, d]."""
+        return (x - self.feature_mean) / self.feature_std
+
     def align(self, x: torch.Tensor, task: str) -> torch.Tensor:
         """z_i = standardize(x) R_i. [B, d] -> [B, d]."""
-        return ((x - self.feature_mean) / self.feature_std) @ self.alignment[task]
+        return self.standardize(x) @ self.alignment[task]
 
     def forward(
-        self, x: torch.Tensor, task: str, with_aux: bool = False
+        self, x: torch.Tensor, task: str, with_aux: bool = False, path: Route | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One task's logits from pooled features.
 
         Args:
             x: float [B, d] encoder features.
             task: Task name.
-            with_aux: Also return the self-auxiliary logits.
+            with_aux: Also return the self-auxiliary logits (shared path only).
+            path: "shared" or "private"; default the task's route.
 
         Returns:
-            main logits [B, C] and aux logits [B, C] (None unless `with_aux` and aux towers exist).
+            main logits [B, C] and aux logits [B, C] (None unless `with_aux` and aux towers exist
+            and the path is shared).
         """
+        if (path or self.routes[task]) == "private":
+            return self.private[task](self.standardize(x)), None
         h = self.shared(self.align(x, task))  # [B, r]
         logits = self.towers[task](h)
         aux = self.aux[task](h) if with_aux and task in self.aux else None
@@ -354,8 +394,9 @@ def build_heads(
     shared: SharedConfig,
     towers: TowerConfig,
     aux: AuxConfig,
+    private: PrivateHeadConfig | None = None,
 ) -> MultiTaskHeads:
-    """MultiTaskHeads from the config sections."""
+    """MultiTaskHeads from the config sections; with `private`, also the private heads."""
     return MultiTaskHeads(
         in_dim,
         num_classes,
@@ -369,4 +410,6 @@ def build_heads(
         aux_bottleneck=aux.bottleneck_size,
         aux_pool=aux.pool_size,
         aux_temperature=aux.temperature,
+        private_hidden=private.hidden_size if private is not None else None,
+        private_dropout=private.dropout if private is not None else 0.1,
     )

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline.config import RunConfig, config_to_dict, parse_config
 from pipeline.features import encoder_fingerprint
+from pipeline.routing import RouteDecision
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class StageRecord(_Record):
     align_best: float | None  # best stage-2 epoch
     final: float | None  # the selected model
     alignment_kept: bool
+    route: RouteDecision | None = None  # its path and the dev evidence (routing on)
 
 
 class LineageRecord(_Record):
@@ -103,6 +105,9 @@ class RunRecord(_Record):
     history: list[dict[str, Any]]  # every epoch of both stages plus "final"
     data_overlap: dict[str, Any] | None = None
     duration_seconds: float | None = None
+    # Per task: the path that answers it and the evidence (pipeline/routing.py); None for runs
+    # without routing, whose weights hold no private heads.
+    routing: dict[str, RouteDecision] | None = None
     lineage: LineageRecord | None = None  # set on runs made by add-task / remove-task
 
     @property
@@ -190,7 +195,10 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         config.shared,
         config.towers,
         config.aux,
+        config.routing.private if record.routing is not None else None,
     )
+    for task, decision in (record.routing or {}).items():
+        heads.routes[task] = decision.path
     model = MultiTaskModel(encoder, heads)
     state = load_tensors(model_path(run_dir))
     # Frozen runs store only the heads; the encoder weights are the pretrained ones.

@@ -67,11 +67,29 @@ class DevReference(_Strict):
     n: int
 
 
+class TaskRoute(_Strict):
+    """Which path answers the task in model.onnx, and the dev evidence for the choice
+    (pipeline/routing.py): private only if it beat shared by more than `margin_se` standard
+    errors of the paired per-item difference."""
+
+    path: Literal["shared", "private"]
+    shared_accuracy: float = Field(description="Dev accuracy of the shared path, percent.")
+    private_accuracy: float = Field(description="Dev accuracy of the private path, percent.")
+    difference: float = Field(description="private - shared, points.")
+    standard_error: float = Field(description="Of the paired difference, points.")
+    p_value: float = Field(description="One-sided, private better than shared.")
+    margin_se: float
+    n: int = Field(description="Dev items the choice was made on.")
+
+
 class TaskInfo(_Strict):
     name: str
     labels: list[str] = Field(description="Class labels in logit index order.")
     output: str = Field(description="Name of this task's logits output in model.onnx.")
     dev: TaskMetrics | None = Field(default=None, description="Dev metrics of the trained run.")
+    route: TaskRoute | None = Field(
+        default=None, description="The task's path (routing on); None: shared, no routing."
+    )
     calibration: Calibration | None = Field(
         default=None, description="Temperature scaling; None: T = 1 (older artifacts)."
     )

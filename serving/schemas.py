@@ -7,7 +7,7 @@ Bad input is described by `RequestError`: an HTTP status, a machine-readable `re
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
@@ -167,9 +167,23 @@ class CalibrationOut(BaseModel):
     )
 
 
+class RouteOut(BaseModel):
+    path: Literal["shared", "private"] = Field(
+        description="shared: R_i -> B -> A_i; private: the task's own head on the encoder."
+    )
+    shared_accuracy: float = Field(description="Dev accuracy of the shared path, percent.")
+    private_accuracy: float = Field(description="Dev accuracy of the private path, percent.")
+    difference: float = Field(description="private - shared, points.")
+    standard_error: float = Field(description="Of the paired difference, points.")
+    p_value: float = Field(description="One-sided, private better than shared.")
+
+
 class TaskInfoOut(BaseModel):
     labels: list[str]
     dev_accuracy: float | None = Field(default=None, description="Percent, from training.")
+    route: RouteOut | None = Field(
+        default=None, description="The path that answers the task and its dev evidence."
+    )
     calibration: CalibrationOut | None = Field(
         default=None, description="Temperature scaling fitted on dev; null: none (T = 1)."
     )

@@ -291,7 +291,11 @@ class Encoder:
         if runtime is None:
             return {"error": f"no model loaded yet: {self._error or 'loading'}"}
         # `fallback`: why another model than the store's promoted/latest one is served, or None.
-        return {**runtime.describe(), "fallback": self._fallback}
+        info = {**runtime.describe(), "fallback": self._fallback}
+        for task in runtime.metadata.tasks:  # each task's path and its evidence (routing)
+            if task.route is not None and task.name in info["tasks"]:
+                info["tasks"][task.name]["route"] = task.route.model_dump()
+        return info
 
 
 # Answered alone when a text's own batch failed, to tell a bad text from a broken model.

@@ -14,8 +14,14 @@ from pipeline.config import RunConfig, config_to_dict, parse_config, select_task
 
 # The training settings that define the comparison's baseline ("plain MTL"): hard parameter
 # sharing with the config's shared module and towers, equal task weights, no self-auxiliary
-# towers, no covariance alignment. Each method is then switched on alone, and all together.
-PLAIN = {"aux.enabled": False, "alignment.enabled": False, "weighting.method": "none"}
+# towers, no covariance alignment, every task answered through the shared path (no routing).
+# Each method is then switched on alone, and all together.
+PLAIN = {
+    "aux.enabled": False,
+    "alignment.enabled": False,
+    "weighting.method": "none",
+    "routing.enabled": False,
+}
 
 
 @dataclass

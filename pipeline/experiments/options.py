@@ -21,6 +21,7 @@ class ExperimentOptions:
         noise_task: noise: the task whose training labels are corrupted (default: the first).
         noise_fractions: noise: the fractions of its training labels replaced by a wrong label.
         new_task: incremental: the task added to a model of the others (default: the last).
+        variants: transfer: the multi-task variants to train (default: all of them).
     """
 
     margin: float = 0.5
@@ -28,6 +29,7 @@ class ExperimentOptions:
     noise_task: str | None = None
     noise_fractions: tuple[float, ...] = DEFAULT_NOISE_FRACTIONS
     new_task: str | None = None
+    variants: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.margin < 0:

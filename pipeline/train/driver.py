@@ -43,6 +43,7 @@ from pipeline.features import (
     resolve_encoder_path,
     tokenize,
 )
+from pipeline.routing import RouteDecision, format_route
 from pipeline.runs import (
     MODEL_DIR,
     MODEL_FILE,
@@ -369,6 +370,7 @@ def loop_config(config: RunConfig, dim: int, encoder: EncoderSpec | None) -> Loo
         optim=config.optim,
         sampler=config.sampler,
         alignment=config.alignment,
+        routing=config.routing,
         cpus_per_worker=config.scaling.cpus_per_worker,
         local_mode=config.scaling.num_workers == 0,
         fault=FaultSpec.from_env(),
@@ -477,8 +479,13 @@ def train(
     return TrainResult(run_dir=run_dir, record=record)
 
 
-def stage_summary(history: list[dict[str, Any]], tasks: list[str]) -> dict[str, StageRecord]:
-    """Per task: dev accuracy after stage 1 (best epoch), best during stage 2, and final."""
+def stage_summary(
+    history: list[dict[str, Any]],
+    tasks: list[str],
+    routing: dict[str, RouteDecision] | None = None,
+) -> dict[str, StageRecord]:
+    """Per task: dev accuracy after stage 1 (best epoch), best during stage 2, its route (the
+    path and the evidence) and final."""
     joint = [h for h in history if h["stage"] == "joint"]
     align = [h for h in history if h["stage"] == "align"]
     final = [h for h in history if h["stage"] == "final"]
@@ -487,27 +494,36 @@ def stage_summary(history: list[dict[str, Any]], tasks: list[str]) -> dict[str, 
     for t in tasks:
         stage1 = best_joint["dev"][t]["accuracy"] if best_joint else None
         last = final[-1]["dev"][t]["accuracy"] if final else None
+        route = (routing or {}).get(t)
+        shared = route.shared_accuracy if route is not None else last
         out[t] = StageRecord(
             joint=stage1,
             joint_best_epoch=best_joint["epoch"] if best_joint else None,
             align_best=max(h["dev"][t]["accuracy"] for h in align) if align else None,
             final=last,
-            alignment_kept=last is not None and stage1 is not None and last > stage1,
+            # The shared path's final accuracy (a private route changes `final`).
+            alignment_kept=shared is not None and stage1 is not None and shared > stage1,
+            route=route,
         )
     return out
 
 
 def format_stage_table(summary: dict[str, StageRecord]) -> str:
-    """What each stage did for each task (dev accuracy, %)."""
+    """What each stage did for each task (dev accuracy, %); with routing, each task's path and
+    its evidence: private vs shared dev accuracy, their paired difference ± its standard error
+    and the one-sided p-value."""
 
     def f(x: float | None) -> str:
         return f"{x:.2f}" if x is not None else "-"
 
-    lines = [f"{'task':<12} {'stage 1':>8} {'stage 2':>8} {'final':>8}  R_i kept"]
+    routed = any(r.route is not None for r in summary.values())
+    header = f"{'task':<12} {'stage 1':>8} {'stage 2':>8} {'final':>8}  R_i kept"
+    lines = [header + ("  route: private vs shared, diff ± SE (p)" if routed else "")]
     for t, r in summary.items():
         lines.append(
             f"{t:<12} {f(r.joint):>8} {f(r.align_best):>8} {f(r.final):>8}  "
-            f"{'yes' if r.alignment_kept else 'no'}"
+            f"{'yes' if r.alignment_kept else 'no':<8}"
+            + (f"  {format_route(r.route)}" if r.route is not None else "")
         )
     columns = [
         [getattr(r, k) for r in summary.values() if getattr(r, k) is not None]
@@ -534,6 +550,10 @@ def build_record(
     history = state["history"]
     final = history[-1]
     names = [t.name for t in tasks]
+    raw_routing = state.get("routing") or {}
+    routing = (
+        {t: RouteDecision.model_validate(raw_routing[t]) for t in names} if raw_routing else None
+    )
     return RunRecord(
         polytask_version=__version__,
         run_name=run_name,
@@ -564,7 +584,8 @@ def build_record(
         dev=final["dev"],
         dev_macro_accuracy=final["dev_macro_accuracy"],
         dev_macro_f1=final["dev_macro_f1"],
-        stages=stage_summary(history, names),
+        stages=stage_summary(history, names, routing),
+        routing=routing,
         resumed_from=state.get("resumed_from"),
         history=history,
     )

@@ -87,6 +87,7 @@ def set_stage_trainable(module: TrainModule, stage: str) -> None:
     heads.requires_grad_(stage == "joint")
     heads.alignment.requires_grad_(stage == "align")
     heads.towers.requires_grad_(True)
+    heads.private.requires_grad_(False)  # fitted on its own after stage 2 (run_routing_stage)
     if module.encoder is not None:
         if stage == "joint":
             module.encoder.set_trainable_layers(module.encoder.trainable_layers)
@@ -209,6 +210,7 @@ class LoopState:
     bad_epochs: int = 0
     best_task_acc: dict[str, float] = field(default_factory=dict)
     stage1_dev: dict[str, dict[str, float]] = field(default_factory=dict)
+    routing: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> RouteDecision
     resumed_from: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -317,7 +319,10 @@ def _worker_logging() -> None:
 
 def build_train_module(data: WorkerData, cfg: LoopConfig) -> TrainModule:
     """The trainable model from prepared data and the loop config."""
-    heads = build_heads(cfg.in_dim, dict(data.num_classes), cfg.shared, cfg.towers, cfg.aux)
+    private = cfg.routing.private if cfg.routing is not None and cfg.routing.enabled else None
+    heads = build_heads(
+        cfg.in_dim, dict(data.num_classes), cfg.shared, cfg.towers, cfg.aux, private
+    )
     encoder = None
     if cfg.encoder is not None:
         enc = cfg.encoder
@@ -348,7 +353,14 @@ def run_stages(module: TrainModule, ctx: Context, checkpoint: Any | None) -> Non
     if state.stage == "align":
         if ctx.cfg.alignment.enabled:
             best = run_alignment_stage(module, ctx, state, best, optim_state)
+        state.stage = "route"
+    if state.stage == "route":
+        if len(module.heads.private):
+            assert best is not None
+            best = run_routing_stage(module, ctx, state, best)
         state.stage = "done"
+    for task, decision in state.routing.items():
+        module.heads.routes[task] = decision["path"]
 
     # The final report: the selected parameters, their dev metrics, the whole history.
     assert best is not None
@@ -577,6 +589,61 @@ def alignment_step(
         loss.backward()
         opt.step()
     return loss_value
+
+
+# ------------------------------------------------------------------------------------ routing
+def run_routing_stage(
+    module: TrainModule, ctx: Context, state: LoopState, best: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Fit each task's private head on the selected model's features, then choose each task's
+    path on dev with pipeline.routing's rule. Returns `best` with the private heads added; the
+    decisions go to `state.routing`."""
+    from pipeline.routing import decide, fit_private_head, format_route
+
+    module.load_state_dict(best)
+    heads = module.heads
+    rcfg = ctx.cfg.routing
+    assert rcfg is not None
+    train, dev = ctx.train, ctx.dev
+    if module.encoder is not None:  # the final encoder's pooled features, computed once
+        train, dev = pooled_features(module, ctx, train), pooled_features(module, ctx, dev)
+    start = time.monotonic()
+    for i, task in enumerate(ctx.tasks):
+        x, y = _features_and_labels(train[task])
+        fit = fit_private_head(
+            heads.private[task],
+            heads.standardize(x),
+            y,
+            rcfg.private,
+            ctx.cfg.train.seed * 1000 + i,
+        )
+        xd, yd = _features_and_labels(dev[task])
+        with torch.no_grad():
+            heads.eval()
+            shared = heads(xd, task, path="shared")[0].argmax(-1) == yd
+            private = heads(xd, task, path="private")[0].argmax(-1) == yd
+        decision = decide(
+            shared.cpu().numpy(), private.cpu().numpy(), rcfg.margin_se, ctx.cfg.train.seed
+        )
+        state.routing[task] = {**decision.model_dump(), "private_fit": fit}
+        heads.routes[task] = decision.path
+        if ctx.rank == 0:
+            logger.info("route %s: %s", task, format_route(decision))
+    if ctx.rank == 0:
+        logger.info(
+            "routing: private heads fitted and paths chosen in %.1fs", time.monotonic() - start
+        )
+    best = dict(best)
+    for key, value in module.state_dict().items():
+        if key.startswith("heads.private."):
+            best[key] = value.detach().clone()
+    return best
+
+
+def _features_and_labels(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [n, d] pooled features and int64 [n] labels of a split that holds features."""
+    assert isinstance(split, TaskTensors) and "features" in split.inputs
+    return split.inputs["features"].float(), split.labels
 
 
 # ----------------------------------------------------------------------- shared epoch helpers

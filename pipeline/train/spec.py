@@ -23,6 +23,7 @@ from pipeline.config import (
     AlignmentConfig,
     AuxConfig,
     OptimConfig,
+    RoutingConfig,
     SamplerConfig,
     SharedConfig,
     TowerConfig,
@@ -73,6 +74,7 @@ class LoopConfig:
     optim: OptimConfig
     sampler: SamplerConfig
     alignment: AlignmentConfig
+    routing: RoutingConfig | None = None  # None: no private paths (runs before issue 13)
     cpus_per_worker: float = 1.0
     local_mode: bool = False
     fault: FaultSpec | None = None

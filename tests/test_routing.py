@@ -1,0 +1,373 @@
+"""Per-task routing (issue 13, pipeline/routing.py). Claims checked: the rule picks the private
+path only when its dev win exceeds the margin in standard errors (both ways, and at the expected
+rate when both paths are equally good); a private head learns a learnable task; a tiny run
+records each task's path with its evidence in run.json and the stage table; the exported graph
+answers a private task through its private head (onnxruntime equals PyTorch's private logits,
+not the shared ones) and metadata.json carries the choice; the recorded accuracies are those of
+the saved model on dev (frozen and fine-tuned encoders); config errors name the field."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import make_task_rows, ort_logits, tiny_config_dict
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, PrivateHeadConfig, parse_config
+from pipeline.routing import choose, crossfit_accuracy, decide, fit_private_head
+
+TASKS = ["sentiment", "topic"]
+
+
+def _correctness(n: int, both: int, private_only: int, shared_only: int):
+    """bool [n] x 2: `both` items both paths get right, then the discordant ones."""
+    shared = np.zeros(n, bool)
+    private = np.zeros(n, bool)
+    shared[:both] = private[:both] = True
+    private[both : both + private_only] = True
+    shared[both + private_only : both + private_only + shared_only] = True
+    return shared, private
+
+
+# ----------------------------------------------------------------------------------- the rule
+def test_a_clear_private_win_is_taken_a_small_one_is_not():
+    # 1000 items, private alone right on 60, shared alone on 20: +4 points, SE ~0.9.
+    s, p = _correctness(1000, 800, 60, 20)
+    d = decide(s, p, margin_se=2.0)
+    assert d.path == "private"
+    assert d.difference == pytest.approx(4.0)
+    assert (d.private_only_right, d.shared_only_right) == (60, 20)
+    assert d.z is not None and d.z > 4 and d.p_value < 1e-4
+    # 200 items, 3 vs 1 discordant: +1 point with SE ~1.0: within noise at 1 SE, taken at 0.
+    s, p = _correctness(200, 150, 3, 1)
+    small = decide(s, p, margin_se=1.0)
+    assert small.difference == pytest.approx(1.0)
+    assert small.standard_error == pytest.approx(
+        100 * np.std([1] * 3 + [-1] + [0] * 196, ddof=1) / math.sqrt(200)
+    )
+    assert small.path == "shared"
+    assert decide(s, p, margin_se=0.0).path == "private"
+
+
+def test_a_worse_or_identical_private_path_is_never_taken():
+    s, p = _correctness(500, 400, 5, 40)
+    assert decide(s, p, margin_se=0.0).path == "shared"
+    same = decide(s, s.copy(), margin_se=0.0)
+    assert same.path == "shared" and same.standard_error == 0 and same.p_value == 1.0
+    assert choose(0.5, 0.0, 3.0) == "private"  # all discordant items favour private
+    assert choose(-0.5, 0.0, 0.0) == "shared"
+
+
+def test_p_value_is_the_one_sided_normal_tail_of_z():
+    s, p = _correctness(400, 300, 14, 6)
+    d = decide(s, p, margin_se=1.0)
+    assert d.z == pytest.approx(d.difference / d.standard_error)
+    assert d.p_value == pytest.approx(0.5 * math.erfc(d.z / math.sqrt(2)))
+
+
+def test_equally_good_paths_go_private_at_the_rate_the_margin_implies():
+    """Independent paths with the same 85% accuracy: with margin 1 SE the private path is taken
+    about 16% of the time (one-sided normal tail), with 2 SE about 2%; with 0 about half."""
+    rng = np.random.default_rng(0)
+    picks = {0.0: 0, 1.0: 0, 2.0: 0}
+    trials = 400
+    for _ in range(trials):
+        s, p = rng.random(500) < 0.85, rng.random(500) < 0.85
+        for margin in picks:
+            picks[margin] += decide(s, p, margin, crossfit_repeats=0).path == "private"
+    assert 0.40 < picks[0.0] / trials < 0.60
+    assert 0.10 < picks[1.0] / trials < 0.23
+    assert picks[2.0] / trials < 0.06
+
+
+def test_crossfit_accuracy_is_not_optimistic_where_the_dev_choice_is():
+    """Equal paths: picking the better dev number gains on dev by construction; the cross-fitted
+    estimate scores the choice on unseen halves and stays near the true 85%."""
+    rng = np.random.default_rng(1)
+    in_sample, crossfit = [], []
+    for _ in range(60):
+        s, p = rng.random(300) < 0.85, rng.random(300) < 0.85
+        in_sample.append(100 * max(s.mean(), p.mean()))
+        crossfit.append(crossfit_accuracy(s, p, margin_se=0.0, repeats=10))
+    assert np.mean(in_sample) > 85.8
+    assert abs(np.mean(crossfit) - 85.0) < 0.5
+    # A real private win survives cross-fitting.
+    s, p = _correctness(1000, 800, 80, 10)
+    assert crossfit_accuracy(s, p, margin_se=2.0) == pytest.approx(100 * p.mean(), abs=0.3)
+
+
+def test_private_head_learns_a_separable_task_and_picks_its_epoch_on_held_out_rows():
+    from pipeline.model import private_head
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 16, generator=gen)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    head = private_head(16, 2, hidden_size=8, dropout=0.0)
+    cfg = PrivateHeadConfig(epochs=30, patience=5, lr=1e-2)
+    fit = fit_private_head(head, x, y, cfg, seed=0)
+    assert fit["holdout_accuracy"] > 95 and 1 <= fit["best_epoch"] <= 30
+    # Deterministic for a seed: the same initial weights give the same fit.
+    h_a, h_b = private_head(16, 2, 8, 0.0), private_head(16, 2, 8, 0.0)
+    h_b.load_state_dict(h_a.state_dict())
+    fit_private_head(h_a, x, y, cfg, seed=3)
+    fit_private_head(h_b, x, y, cfg, seed=3)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(h_a.state_dict().values(), h_b.state_dict().values(), strict=True)
+    )
+
+
+# ------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize(
+    ("routing", "field"),
+    [
+        ({"margin_se": -1}, "routing.margin_se"),
+        ({"private": {"holdout_fraction": 0.7}}, "routing.private.holdout_fraction"),
+        ({"private": {"hidden": 8}}, "routing.private.hidden"),
+        ({"enabeld": True}, "routing.enabeld"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, routing, field):
+    raw = tiny_config_dict(tmp_path, tmp_path, tmp_path / "runs", tmp_path / "cache")
+    raw["routing"] = routing
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, "tiny.yaml")
+    assert field in str(info.value)
+
+
+# --------------------------------------------------------------------- a tiny run, end to end
+def _train(tmp: Path, data: Path, encoder: Path, **overrides) -> tuple[Path, str]:
+    raw = tiny_config_dict(data, encoder, tmp / "runs", tmp / "cache")
+    raw["routing"] = {"margin_se": 1.0, "private": {"hidden_size": 8, "epochs": 10}}
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        raw[section][name] = value
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", str(path)]) == 0
+    text = out.getvalue()
+    return Path(text.split("run directory: ")[-1].strip()), text
+
+
+@pytest.fixture(scope="module")
+def noisy_data_dir(tmp_path_factory) -> Path:
+    """The tiny tasks with a few dev rows mislabelled, so neither path is perfect on dev."""
+    from conftest import write_jsonl
+
+    root = tmp_path_factory.mktemp("noisy-data")
+    for name, kind, seed in (("sentiment", "sentiment", 1), ("topic", "topic", 2)):
+        write_jsonl(root / name / "train.jsonl", make_task_rows(kind, 96, seed))
+        dev = make_task_rows(kind, 40, seed + 100)
+        labels = sorted({r["label"] for r in dev})
+        for r in dev[:6]:  # a wrong label: no path can answer these
+            r["label"] = labels[(labels.index(r["label"]) + 1) % len(labels)]
+        write_jsonl(root / name / "dev.jsonl", dev)
+    return root
+
+
+@pytest.fixture(scope="module")
+def routed_run(tmp_path_factory, noisy_data_dir, tiny_encoder_dir) -> tuple[Path, str]:
+    return _train(tmp_path_factory.mktemp("routed-run"), noisy_data_dir, tiny_encoder_dir)
+
+
+def _dev_accuracy(run_dir: Path, data: Path, task: str, path: str) -> float:
+    """Dev accuracy of one path of the saved model, from texts through its encoder."""
+    from pipeline.features import load_tokenizer
+    from pipeline.runs import load_run
+
+    run = load_run(run_dir)
+    rows = [json.loads(line) for line in (data / task / "dev.jsonl").read_text().splitlines()]
+    tok = load_tokenizer(run.record.encoder.path)
+    enc = tok(
+        [r["text"] for r in rows], padding=True, truncation=True, max_length=16, return_tensors="pt"
+    )
+    with torch.no_grad():
+        x = run.model.encoder(enc["input_ids"], enc["attention_mask"])
+        pred = run.model.heads(x, task, path=path)[0].argmax(-1).numpy()
+    labels = run.record.tasks[task].labels
+    return 100.0 * float(
+        np.mean([labels[k] == r["label"] for k, r in zip(pred, rows, strict=True)])
+    )
+
+
+def test_run_records_each_task_route_with_its_evidence(routed_run, noisy_data_dir):
+    run_dir, printed = routed_run
+    rec = json.loads((run_dir / "run.json").read_text())
+    assert set(rec["routing"]) == set(TASKS)
+    for task in TASKS:
+        route = rec["routing"][task]
+        assert route["path"] in ("shared", "private") and route["n"] == 40
+        assert route["difference"] == pytest.approx(
+            route["private_accuracy"] - route["shared_accuracy"]
+        )
+        expected = choose(route["difference"], route["standard_error"], route["margin_se"])
+        assert route["path"] == expected
+        assert rec["stages"][task]["route"]["path"] == route["path"]
+        # The record's numbers are the saved model's, on dev texts through its encoder.
+        for path in ("shared", "private"):
+            assert _dev_accuracy(run_dir, noisy_data_dir, task, path) == pytest.approx(
+                route[f"{path}_accuracy"], abs=1e-6
+            )
+        chosen = route[f"{route['path']}_accuracy"]
+        assert rec["dev"][task]["accuracy"] == pytest.approx(chosen)
+    # The stage table printed at the end shows the path and the evidence.
+    assert "route: private vs shared" in printed
+    for task in TASKS:
+        line = next(x for x in printed.splitlines() if x.startswith(task))
+        assert rec["routing"][task]["path"] in line and "±" in line
+
+
+def test_export_answers_a_private_task_through_its_private_head(
+    routed_run, tmp_path, noisy_data_dir
+):
+    """Route `topic` privately (as if its evidence said so), export, and compare onnxruntime
+    with PyTorch's private-path logits: equal, and unlike the shared path's."""
+    import shutil
+
+    from pipeline.export import export_run
+    from pipeline.features import load_tokenizer
+    from pipeline.runs import load_run
+
+    src, _ = routed_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir, symlinks=True)
+    rec = json.loads((run_dir / "run.json").read_text())
+    rec["routing"]["topic"]["path"] = "private"
+    rec["routing"]["sentiment"]["path"] = "shared"
+    (run_dir / "run.json").write_text(json.dumps(rec))
+
+    result = export_run(run_dir, register=False, output_dir=tmp_path / "artifact")
+    assert result.metadata.parity.passed
+    routes = {t.name: t.route for t in result.metadata.tasks}
+    assert routes["topic"].path == "private" and routes["sentiment"].path == "shared"
+    assert routes["topic"].private_accuracy == pytest.approx(
+        rec["routing"]["topic"]["private_accuracy"]
+    )
+
+    texts = [r["text"] for r in make_task_rows("topic", 7, 5)]
+    onnx = ort_logits(result.artifact_dir, texts, TASKS)
+    run = load_run(run_dir)
+    enc = load_tokenizer(run.record.encoder.path)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        x = run.model.encoder(enc["input_ids"], enc["attention_mask"])
+        private = run.model.heads(x, "topic", path="private")[0].numpy()
+        shared = run.model.heads(x, "topic", path="shared")[0].numpy()
+        sentiment = run.model.heads(x, "sentiment", path="shared")[0].numpy()
+    np.testing.assert_allclose(onnx["topic"], private, atol=1e-4)
+    assert np.abs(onnx["topic"] - shared).max() > 1e-2
+    np.testing.assert_allclose(onnx["sentiment"], sentiment, atol=1e-4)
+
+
+def test_routing_off_trains_and_loads_without_private_heads(
+    tmp_path, tiny_data_dir, tiny_encoder_dir
+):
+    from pipeline.runs import load_run
+    from pipeline.train.checkpoint import load_tensors
+
+    raw = tiny_config_dict(tiny_data_dir, tiny_encoder_dir, tmp_path / "runs", tmp_path / "cache")
+    raw["routing"] = {"enabled": False}
+    raw["alignment"]["enabled"] = False
+    path = tmp_path / "off.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", str(path)]) == 0
+    run_dir = Path(out.getvalue().split("run directory: ")[-1].strip())
+    rec = json.loads((run_dir / "run.json").read_text())
+    assert rec["routing"] is None and all(s["route"] is None for s in rec["stages"].values())
+    assert not any(
+        k.startswith("heads.private.")
+        for k in load_tensors(run_dir / "model" / "model.safetensors")
+    )
+    assert len(load_run(run_dir).model.heads.private) == 0
+
+
+def test_finetuned_run_routes_on_the_final_encoder_features(
+    tmp_path, noisy_data_dir, tiny_encoder_dir
+):
+    """With the top layer fine-tuned, the private heads read the final encoder's features: the
+    recorded accuracies are reproduced by the saved (fine-tuned) encoder."""
+    run_dir, _ = _train(
+        tmp_path, noisy_data_dir, tiny_encoder_dir, encoder__trainable_layers=1, train__epochs=3
+    )
+    rec = json.loads((run_dir / "run.json").read_text())
+    assert rec["encoder"]["trainable_layers"] == 1
+    for task in TASKS:
+        route = rec["routing"][task]
+        for path in ("shared", "private"):
+            assert _dev_accuracy(run_dir, noisy_data_dir, task, path) == pytest.approx(
+                route[f"{path}_accuracy"], abs=1e-6
+            )
+
+
+# ------------------------------------------------------------------------- the transfer suite
+def _routed_result(dev: dict[str, float], routes: dict[str, tuple[str, float, float, float]]):
+    """A run summary as the suite stores it: route = (path, shared, private, crossfit)."""
+    stages = {
+        t: {
+            "route": {
+                "path": path,
+                "shared_accuracy": shared,
+                "private_accuracy": private,
+                "crossfit_accuracy": crossfit,
+            }
+        }
+        for t, (path, shared, private, crossfit) in routes.items()
+    }
+    return {"status": "ok", "dev": dev, "stages": stages}
+
+
+def test_transfer_suite_plans_only_the_asked_variants_and_scores_routing_targets():
+    from pipeline.experiments.common import PLAIN
+    from pipeline.experiments.options import ExperimentOptions
+    from pipeline.experiments.transfer import analyze, plan
+
+    base = parse_config(
+        tiny_config_dict(Path("."), Path("."), Path("runs"), Path("cache")), "tiny.yaml"
+    )
+    opts = ExperimentOptions(variants=("routed",))
+    specs = plan(base, [0, 1], opts)
+    assert sorted({s.variant for s in specs}) == ["routed", "single"]
+    assert all(s.overrides == PLAIN for s in specs if s.variant == "single")
+    assert PLAIN["routing.enabled"] is False  # every other variant keeps the shared path
+    assert next(s for s in specs if s.variant == "routed").overrides == {"routing.enabled": True}
+    with pytest.raises(ValueError, match="--variants: unknown"):
+        plan(base, [0], ExperimentOptions(variants=("rooted",)))
+
+    # sentiment: shared better than single, routed keeps shared. topic: shared 2 below
+    # single, routed takes private on seed 0 only.
+    results = {
+        "single-sentiment-s0": {"status": "ok", "dev": {"sentiment": 80.0}},
+        "single-sentiment-s1": {"status": "ok", "dev": {"sentiment": 82.0}},
+        "single-topic-s0": {"status": "ok", "dev": {"topic": 90.0}},
+        "single-topic-s1": {"status": "ok", "dev": {"topic": 90.0}},
+        "routed-s0": _routed_result(
+            {"sentiment": 85.0, "topic": 89.5},
+            {"sentiment": ("shared", 85.0, 80.0, 84.0), "topic": ("private", 88.0, 89.5, 89.0)},
+        ),
+        "routed-s1": _routed_result(
+            {"sentiment": 85.0, "topic": 88.0},
+            {"sentiment": ("shared", 85.0, 81.0, 85.0), "topic": ("shared", 88.0, 89.0, 88.0)},
+        ),
+    }
+    routing = analyze(specs, results, opts)["routing"]
+    topic = routing["tasks"]["topic"]
+    assert topic["private_chosen"] == 1
+    assert topic["routed"]["mean"] == pytest.approx(88.75)
+    assert topic["routed_minus_best"] == pytest.approx(-1.25)  # best: single 90
+    assert routing["tasks"]["sentiment"]["routed_minus_best"] == pytest.approx(0.0)
+    target = routing["targets"]["routed"]
+    assert target["mean_minus_best"] == pytest.approx(-0.625)
+    assert target["worst_minus_single"] == pytest.approx(-1.25)
+    assert target["met"] is False
+    assert routing["targets"]["crossfit"]["mean_minus_best"] == pytest.approx((-0.5 - 1.5) / 2)
