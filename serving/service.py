@@ -196,11 +196,16 @@ class Encoder:
 
     def _serve(self, runtime: Runtime, chosen: ResolvedModel, wanted: ResolvedModel) -> None:
         """Swap in `runtime` (the model `chosen`, in place of `wanted` if they differ)."""
-        previous = self._runtime.version if self._runtime is not None else None
+        old = self._runtime
+        previous = old.version if old is not None else None
         self._runtime = runtime
         self._error = None
         metrics = get_metrics()
         metrics.set_active_version(runtime.version, previous)
+        # Drift: the served model's dev label mix and confidence, its counters created at 0.
+        metrics.set_dev_reference(
+            runtime.metadata.tasks, old.metadata.tasks if old is not None else None
+        )
         if previous is not None:
             metrics.swaps.inc()
         self._set_fallback(None if chosen.tag == wanted.tag else wanted)
@@ -569,12 +574,14 @@ class Polytask:
                 if req.return_all_probabilities:
                     answers[task]["probabilities"] = probs
             results.append({"tasks": answers, "truncated": row["truncated"]})
+        cut = sum(1 for r in results if r["truncated"])
         for task in tasks:
             metrics.record_answers(
                 task,
                 [r["tasks"][task]["label"] for r in results],
                 [r["tasks"][task]["probability"] for r in results],
             )
+            metrics.record_truncated(task, cut)
         return PredictResponse(results=results, model_version=version).model_dump(exclude_none=True)
 
 
