@@ -133,7 +133,14 @@ def cmd_add_task(args: argparse.Namespace) -> int:
                 labels=labels,
             )
         ]
-    result = add_tasks(args.run, tasks, run_name=args.run_name, epochs=args.epochs)
+    result = add_tasks(
+        args.run,
+        tasks,
+        run_name=args.run_name,
+        epochs=args.epochs,
+        align_epochs=args.align_epochs,
+        align_lr=args.align_lr,
+    )
     rec = result.record
     for t in rec.lineage.added if rec.lineage else []:
         print(
@@ -467,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-field", help="default label")
     p.add_argument("--labels", help="comma-separated label list, in output order")
     p.add_argument("--epochs", type=int, help="epochs for the new heads (default RUN's)")
+    p.add_argument("--align-epochs", type=int, help="Algorithm 1 epochs for R and A (10)")
+    p.add_argument("--align-lr", type=float, help="R's learning rate in them (1e-3)")
     p.add_argument("--run-name", help="run name (default: <parent>+<task>-<id>)")
     p.set_defaults(func=cmd_add_task)
 
