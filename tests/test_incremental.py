@@ -306,3 +306,29 @@ def test_incremental_suite_reports_the_runs_numbers(tiny_config_file, tmp_path):
     assert code == 0, err
     again = json.loads((out / "results.json").read_text())["analysis"]["added"]["0"]
     assert again["run_dir"] == a["added"]["0"]["run_dir"] and again["status"] == "ok"
+
+
+def test_add_task_to_a_fine_tuned_run_uses_its_own_encoder(
+    tmp_path, tiny_data_dir, tiny_encoder_dir
+):
+    """A fine-tuned parent: the new task trains on the parent's own (trained) encoder's
+    features; the encoder and the parent's task are unchanged."""
+    cfg = tiny_config_dict(tiny_data_dir, tiny_encoder_dir, tmp_path / "runs", tmp_path / "cache")
+    cfg["tasks"] = [{"name": "sentiment"}]
+    cfg["encoder"]["trainable_layers"] = "all"
+    cfg["alignment"]["enabled"] = False
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert _run_cli(["train", str(path), "--run-name", "ft"])[0] == 0
+    parent = tmp_path / "runs" / "ft"
+    child = add_tasks(parent, [new_task_config("topic", data_dir=tiny_data_dir)], epochs=20)
+    assert child.record.encoder.fine_tuned
+    before, after = _logits(parent, TEXTS), _logits(child.run_dir, TEXTS)
+    assert np.array_equal(after["sentiment"], before["sentiment"])
+    from pipeline.train.checkpoint import load_tensors
+
+    p = load_tensors(parent / "model" / "model.safetensors")
+    c = load_tensors(child.run_dir / "model" / "model.safetensors")
+    assert any(k.startswith("encoder.") for k in p)  # the fine-tuned encoder travels along
+    assert all(torch.equal(c[k], v) for k, v in p.items())
+    assert child.record.dev["topic"]["accuracy"] > 40.0  # above chance (33%) on 24 dev rows
