@@ -33,7 +33,7 @@ def test_ray_suite_runs_in_parallel_and_matches_the_in_process_results(
     assert not on_ray.failed and not in_process.failed
     assert any("up to 2 at a time" in line for line in lines)
     done = [line for line in lines if line.startswith("[")]
-    assert len(done) == 7 and done[-1].startswith("[7/7]") and "ETA" in done[-1]
+    assert len(done) == 8 and done[-1].startswith("[8/8]") and "ETA" in done[-1]
 
     import json
 

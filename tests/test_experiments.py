@@ -67,7 +67,7 @@ def experiment(config: Path, suite: str, out: Path, *extra: str) -> tuple[int, s
 def test_transfer_plan_has_single_task_models_and_every_variant(tmp_path):
     base = six_task_config(tmp_path)
     specs = transfer.plan(base, [0, 1, 2], ExperimentOptions())
-    assert len(specs) == 3 * (6 + 5)
+    assert len(specs) == 3 * (6 + 6)
     assert len({s.name for s in specs}) == len(specs)
     singles = [s for s in specs if s.variant == "single"]
     assert sorted(len(s.tasks) for s in singles) == [1] * 18
@@ -82,7 +82,9 @@ def test_transfer_plan_has_single_task_models_and_every_variant(tmp_path):
         "alignment.enabled": True,
         "weighting.method": "svd",
         "aux.enabled": True,
+        "routing.enabled": False,
     }
+    assert by_variant["routed"] == {"routing.enabled": True}  # the config as given, routed
 
 
 def test_one_task_config_is_refused_by_suites_that_compare_tasks(tmp_path):
@@ -312,10 +314,10 @@ def test_transfer_suite_end_to_end_reports_the_runs_own_numbers(tiny_config, tmp
     out = tmp_path / "transfer"
     rc, stdout, _ = experiment(tiny_config, "transfer", out, "--seeds", "2")
     assert rc == 0, stdout
-    assert "[14/14]" in stdout and "ETA" in stdout
+    assert "[16/16]" in stdout and "ETA" in stdout
     assert "report: " in stdout and "Plain MTL against single-task models" in stdout
     numbers = read_results(out)
-    assert numbers["meta"]["n_runs"] == 14 and numbers["meta"]["n_failed"] == 0
+    assert numbers["meta"]["n_runs"] == 16 and numbers["meta"]["n_failed"] == 0
     assert {r["commit"] for r in numbers["runs"].values()} == {numbers["meta"]["commit"]}
     # Every number traces back to a run's own record.
     run = numbers["runs"]["mtl-s1"]
@@ -334,7 +336,7 @@ def test_transfer_suite_end_to_end_reports_the_runs_own_numbers(tiny_config, tmp
         assert label in report
     assert f"{delta:+.2f}" in report
     assert (out / "transfer_delta.png").read_bytes().startswith(PNG_MAGIC)
-    assert len(list((out / "logs").glob("*.log"))) == 14
+    assert len(list((out / "logs").glob("*.log"))) == 16
 
 
 def test_suite_rerun_reproduces_its_numbers(tiny_config, tmp_path):
@@ -355,7 +357,7 @@ def test_resume_trains_only_missing_runs_and_refuses_a_changed_plan(tiny_config,
          "--resume", str(out)]
     )  # fmt: skip
     assert rc == 0
-    assert "resuming: 6 of 7 runs already finished" in stdout
+    assert "resuming: 7 of 8 runs already finished" in stdout
     assert stdout.count("] svd-s0:") == 1 and "] mtl-s0:" not in stdout
     after = read_results(out)
     assert after["analysis"] == before["analysis"]

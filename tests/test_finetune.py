@@ -327,7 +327,7 @@ def test_transfer_suite_with_a_finetuned_encoder(tmp_path, tiny_data_dir, tiny_e
         assert main([*argv, "--output", str(tmp_path / "suite")]) == 0
     assert "computing the cached bottom-layer token states once for all runs" in out.getvalue()
     numbers = json.loads((tmp_path / "suite" / "results.json").read_text())
-    assert numbers["meta"]["n_runs"] == 7 and numbers["meta"]["n_failed"] == 0
+    assert numbers["meta"]["n_runs"] == 8 and numbers["meta"]["n_failed"] == 0
     for log in (tmp_path / "suite" / "logs").glob("*.log"):
         text = log.read_text()
         assert "the lower 1 layers were not run" in text and "computing layers" not in text

@@ -237,7 +237,8 @@ def write_report(
     for v in delta:
         d = Stat.from_json(delta[v]["macro"])
         lines.append(
-            f"- {labels[v]} against single-task models, macro-average: {d.fmt(signed=True)} "
+            f"- {labels[v][0].upper()}{labels[v][1:]} against single-task models, "
+            f"macro-average: {d.fmt(signed=True)} "
             f"points ({verdicts[v]['macro']})."
         )
     negative = analysis["negative_transfer"]
