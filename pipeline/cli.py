@@ -201,6 +201,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"cases (tolerance {meta.parity.tolerance:g})"
     )
     print(f"precision: {meta.precision}")
+    if meta.lineage is not None and meta.lineage.parity is not None:
+        lp = meta.lineage.parity
+        print(
+            f"lineage: {' '.join(lp.tasks)} vs parent {meta.lineage.parent_run}: PyTorch "
+            f"{'bit-identical' if lp.exact else f'max abs diff {lp.eager_max_abs_diff:.2e}'}, "
+            f"ONNX max abs diff {lp.onnx_max_abs_diff:.2e} ({'passed' if lp.passed else 'FAILED'})"
+        )
     print("calibration (temperature per task; dev ECE before, after: 2-fold cross-fitted):")
     print(format_calibration(meta))
     print(f"artifact directory: {result.artifact_dir}")
