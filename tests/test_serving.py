@@ -52,9 +52,17 @@ def runtime(artifact):
 
 
 def _ort_probabilities(artifact: Path, texts: list[str]) -> dict[str, np.ndarray]:
-    """Reference: tokenizers + onnxruntime directly, one unsorted batch, numpy softmax."""
+    """Reference: tokenizers + onnxruntime directly, one unsorted batch, numpy softmax of the
+    logits divided by the task's temperature (metadata.json)."""
+    from serving.artifact import ArtifactMetadata
+
+    temperatures = {
+        t.name: t.calibration.temperature if t.calibration else 1.0
+        for t in ArtifactMetadata.read(artifact).tasks
+    }
     out = {}
     for task, z in ort_logits(artifact, texts, TASKS).items():
+        z = z / temperatures[task]
         e = np.exp(z - z.max(axis=1, keepdims=True))
         out[task] = e / e.sum(axis=1, keepdims=True)
     return out
@@ -291,8 +299,9 @@ def test_cli_predict_prints_every_task_from_the_store(artifact, tmp_path, monkey
     blocks = out.split("\n\n")[1:]
     assert len(blocks) == 2 and "(truncated)" in blocks[1] and "(truncated)" not in blocks[0]
     for block in blocks:
-        assert re.search(r"sentiment\s+(negative|positive)\s+0\.\d{3}", block)
-        assert re.search(r"topic\s+(food|sport|tech)\s+0\.\d{3}", block)
+        # a probability with 3 decimals (1.000 once rounded, with a temperature below 1)
+        assert re.search(r"sentiment\s+(negative|positive)\s+[01]\.\d{3}", block)
+        assert re.search(r"topic\s+(food|sport|tech)\s+[01]\.\d{3}", block)
 
 
 def test_metrics_record_answers_by_task_and_label():
