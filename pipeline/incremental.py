@@ -302,6 +302,9 @@ def add_tasks(
         # weighed against (its optimizer sees only its own loss): 1.
         record.task_weights[t.name] = 1.0
         record.stages[t.name] = stages[t.name]
+        route = getattr(stages[t.name], "route", None)
+        if route is not None:  # the parent routes its tasks: so does the child
+            record.routing[t.name] = route
     seconds = round(time.monotonic() - start, 1)
     record = record.model_copy(
         update={
@@ -573,8 +576,17 @@ def train_new_heads(
                     best_acc[t] = acc
                     best.update({k: current[k] for k in task_keys(current, containers, t)})
         module.load_state_dict(best, strict=False)
-    final = evaluate(module, ctx)
-    history.append(history_entry("add-final", 0, {}, final, 0.0))
+    final = served = evaluate(module, ctx)  # the shared path (every new task's route so far)
+    routes: dict[str, Any] = {}
+    if getattr(parent.record, "routing", None) is not None and len(heads.private):
+        # The parent chose each task's path (issue 13): the new task gets the same choice.
+        routes = route_new_tasks(heads, ctx, config.routing, seed)
+        state = module.state_dict()
+        best.update(
+            {k: state[k].detach().clone() for t in names for k in task_keys(state, containers, t)}
+        )
+        served = evaluate(module, ctx)
+    history.append(history_entry("add-final", 0, {}, served, 0.0))
     stages = {
         t: StageRecord(
             joint=stage1_dev[t]["accuracy"],
@@ -585,11 +597,36 @@ def train_new_heads(
             align_best=align_best[t],
             final=final[t]["accuracy"],
             alignment_kept=final[t]["accuracy"] > stage1_dev[t]["accuracy"],
+            route=routes.get(t),
         )
         for t in names
     }
     # TrainModule's keys (`heads.…`) are the run weights file's keys.
     return best, history, stages
+
+
+def route_new_tasks(heads: Any, ctx: Any, rcfg: Any, seed: int) -> dict[str, Any]:
+    """Fit each new task's private head and choose its path on dev, with pipeline/routing.py's
+    rule, as the training loop's routing stage does; sets `heads.routes`. Returns the
+    decisions (RouteDecision) by task."""
+    import torch
+
+    from pipeline.routing import decide, fit_private_head, format_route
+
+    out = {}
+    for i, t in enumerate(ctx.tasks):
+        x, y = ctx.train[t].inputs["features"].float(), ctx.train[t].labels
+        fit_private_head(heads.private[t], heads.standardize(x), y, rcfg.private, seed * 1000 + i)
+        heads.private[t].requires_grad_(False)
+        xd, yd = ctx.dev[t].inputs["features"].float(), ctx.dev[t].labels
+        with torch.no_grad():
+            heads.eval()
+            shared = heads(xd, t, path="shared")[0].argmax(-1) == yd
+            private = heads(xd, t, path="private")[0].argmax(-1) == yd
+        out[t] = decide(shared.numpy(), private.numpy(), rcfg.margin_se, seed)
+        heads.routes[t] = out[t].path
+        logger.info("route %s: %s", t, format_route(out[t]))
+    return out
 
 
 # ---------------------------------------------------------------------------- remove-task

@@ -91,10 +91,24 @@ def test_new_task_learns(family):
     # Three balanced topics: chance is 33% (8 of 24 dev rows); the synthetic topics are
     # separable by keyword, but B was trained on sentiment alone: well above chance is the claim.
     assert rec.dev["topic"]["accuracy"] > 55.0
-    assert rec.stages["topic"].final == pytest.approx(rec.dev["topic"]["accuracy"])
+    stage = rec.stages["topic"]
+    route = getattr(stage, "route", None)  # routing (issue 13): the served path's accuracy
+    served = stage.final if route is None or route.path == "shared" else route.private_accuracy
+    assert rec.dev["topic"]["accuracy"] == pytest.approx(served)
     topic = _logits(family["child"], [" ".join(TOPICS["food"][:3]), " ".join(TOPICS["tech"][:3])])
     labels = rec.tasks["topic"].labels
     assert [labels[i] for i in topic["topic"].argmax(-1)] == ["food", "tech"]
+
+
+def test_new_task_is_routed_when_the_parent_routes(family):
+    parent, child = read_record(family["parent"]), read_record(family["child"])
+    if getattr(parent, "routing", None) is None:
+        pytest.skip("this checkout trains without routing (issue 13)")
+    decision = child.routing["topic"]
+    assert child.routing["sentiment"] == parent.routing["sentiment"]
+    assert decision.n == 24 and decision.path in ("shared", "private")
+    run = load_run(family["child"])
+    assert run.model.heads.routes["topic"] == decision.path
 
 
 def test_run_record_lineage(family):
