@@ -89,6 +89,16 @@ def test_better_challenger_is_promoted(history):
     # champion numbers are the champion's own, re-evaluated on the same files
     champ = better.evaluation["champion"]["tasks"]
     assert champ == records["first"].evaluation["challenger"]["tasks"]
+    # calibration: both models' ECE on the same 24 dev texts per task, in the decision and the
+    # record, next to the challenger's temperatures fitted at export
+    rows = {c.task: c for c in better.decision.calibration}
+    assert set(rows) == {"sentiment", "topic"} and all(c.ok and c.n == 24 for c in rows.values())
+    for task, c in rows.items():
+        assert c.champion == pytest.approx(champ[task]["ece"])
+        assert c.challenger == pytest.approx(better.evaluation["challenger"]["tasks"][task]["ece"])
+    record = json.loads((better.run_dir / "retrain.json").read_text())
+    assert record["evaluation"]["calibration"]["topic"]["temperature"] > 0
+    assert "calibration (ECE) is clearly worse" in record["decision"]["reason"]
 
 
 def test_worse_challenger_is_refused_and_the_champion_stays(history, monkeypatch):

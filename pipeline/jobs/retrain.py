@@ -30,8 +30,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import ConfigError, RunConfig
-from pipeline.jobs.gate import GateDecision, decide, format_decision
+from pipeline.jobs.gate import (
+    GateDecision,
+    compare_calibration,
+    decide,
+    format_decision,
+    with_calibration,
+)
 from pipeline.jobs.models import PromotionError, promote, promoted_tag
 from pipeline.runs import RunRecord
 from serving.runtime import ModelCheckError
@@ -101,18 +109,28 @@ def evaluation_config(config: RunConfig) -> RunConfig:
     return config.model_copy(update={"data_root": root.resolve(), "tasks": tasks})
 
 
-def evaluate_artifact(artifact_dir: Path, eval_config: RunConfig) -> dict[str, Any]:
-    """Per-task accuracy and macro-F1 (percent) of an exported artifact, on the evaluation
-    set's tasks that the artifact answers, run exactly as the service runs it: loaded and
-    checked by `serving.runtime.load_checked` (threads, providers, truncation and all).
+def evaluate_artifact(
+    artifact_dir: Path,
+    eval_config: RunConfig,
+    answers: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> dict[str, Any]:
+    """Per-task accuracy, macro-F1 and expected calibration error (percent; 15 bins, with the
+    artifact's temperatures) of an exported artifact, on the evaluation set's tasks that the
+    artifact answers, run exactly as the service runs it: loaded and checked by
+    `serving.runtime.load_checked` (threads, providers, truncation, temperatures and all).
+
+    Args:
+        answers: If given, filled with task -> (top-class confidence, correct) per evaluation
+            text, for the gate's calibration comparison.
 
     Returns:
-        {"tasks": {task: {"accuracy", "macro_f1", "n"}}, "missing": [artifact tasks without
-         evaluation data]}
+        {"tasks": {task: {"accuracy", "macro_f1", "n", "ece"}}, "missing": [artifact tasks
+         without evaluation data]}
 
     Raises:
         ModelCheckError: the artifact does not load or does not answer known texts.
     """
+    from pipeline.calibration import confidences, expected_calibration_error
     from pipeline.data import load_tasks
     from pipeline.metrics import classification_metrics
     from serving.runtime import load_checked
@@ -124,8 +142,13 @@ def evaluate_artifact(artifact_dir: Path, eval_config: RunConfig) -> dict[str, A
     per_task = {}
     for t in data:
         split = t.splits[EVAL_SPLIT]
-        pred = runtime.run(split.texts, [t.name]).probabilities[t.name].argmax(axis=-1)
+        probs = runtime.run(split.texts, [t.name]).probabilities[t.name]
+        pred = probs.argmax(axis=-1)
         per_task[t.name] = classification_metrics(split.labels, pred, t.num_classes)
+        confidence, correct = confidences(probs, split.labels)
+        per_task[t.name]["ece"] = expected_calibration_error(confidence, correct)
+        if answers is not None:
+            answers[t.name] = (confidence, correct)
     return {"tasks": per_task, "missing": [t for t in labels if t not in per_task]}
 
 
@@ -215,8 +238,11 @@ def _retrain(
     t_export = time.monotonic()
 
     eval_config = evaluation_config(config)
+    # Per task, (confidence, correct) on the evaluation texts: the gate compares calibration.
+    challenger_answers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    champion_answers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
-        challenger_eval = evaluate_artifact(exported.artifact_dir, eval_config)
+        challenger_eval = evaluate_artifact(exported.artifact_dir, eval_config, challenger_answers)
     except ModelCheckError as err:
         # Broken: nobody may serve it, not even as the latest version.
         bentoml.models.delete(tag)
@@ -231,7 +257,7 @@ def _retrain(
     if champion is not None:
         champion_dir = Path(bentoml.models.get(champion).path)
         try:
-            champion_eval = evaluate_artifact(champion_dir, eval_config)
+            champion_eval = evaluate_artifact(champion_dir, eval_config, champion_answers)
         except ModelCheckError as err:
             raise PromotionError(
                 f"champion {champion} cannot be evaluated, the promoted model is broken: {err}; "
@@ -254,6 +280,10 @@ def _retrain(
         min_macro=p.min_macro,
         unchanged=unchanged,
     )
+    if champion is not None:
+        decision = with_calibration(
+            decision, compare_calibration(challenger_answers, champion_answers)
+        )
     removed = False
     if decision.promote:
         promote(tag, by="retrain", reason=f"{result.run_dir.name}: {decision.reason}")
@@ -278,6 +308,11 @@ def _retrain(
             "split": EVAL_SPLIT,
             "challenger": challenger_eval,
             "champion": champion_eval,
+            # The challenger's temperatures and dev ECE before/after, fitted at export.
+            "calibration": {
+                t.name: t.calibration.model_dump() if t.calibration else None
+                for t in exported.metadata.tasks
+            },
         },
         durations={
             "train": round(t_train - t0, 1),
