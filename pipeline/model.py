@@ -265,15 +265,8 @@ class AuxTower(nn.Module):
 def private_head(in_dim: int, num_classes: int, hidden_size: int, dropout: float) -> nn.Module:
     """P_i, a task's private path: linear, or one hidden layer, on the standardized encoder
     features. [B, d] -> [B, C]. It shares nothing with the other tasks, so it cannot suffer
-    their interference (nor gain from them)."""
-    if hidden_size == 0:
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, num_classes))
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden_size),
-        nn.ReLU(),
-        nn.Dropout(dropout),
-        nn.Linear(hidden_size, num_classes),
-    )
+    their interference (nor gain from them). The form of a main tower, on d inputs."""
+    return main_tower(in_dim, num_classes, hidden_size, dropout)
 
 
 class MultiTaskHeads(nn.Module):
