@@ -173,3 +173,53 @@ def test_the_rule_test_can_fail(tmp_path):
         [promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode != 0 and "PolytaskLabelMixDrift" in proc.stdout + proc.stderr
+
+
+def test_a_loaded_model_exports_its_dev_reference_and_zero_counters():
+    """What the rules read: `set_dev_reference` (called by the Encoder on every load or swap)
+    exports the artifact's dev mix, confidence and truncation as gauges and creates every
+    label's counter at 0; a label the next model lacks reads a share of 0."""
+    from prometheus_client import REGISTRY, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.artifact import DevReference, TaskInfo
+    from serving.metrics import get_metrics
+
+    def task(name: str, labels: list[str], shares: list[float]) -> TaskInfo:
+        ref = DevReference(
+            label_share=dict(zip(labels, shares, strict=True)),
+            confidence_mean=0.8,
+            confidence_quantiles={"0.1": 0.55, "0.5": 0.85, "0.9": 0.99},
+            truncated_share=0.02,
+            n=100,
+        )
+        return TaskInfo(name=name, labels=labels, output=f"logits_{name}", dev_reference=ref)
+
+    def samples() -> dict[tuple[str, frozenset], float]:
+        text = generate_latest(REGISTRY).decode()
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.labels.get("task", "").startswith("drifty")
+        }
+
+    metrics = get_metrics()
+    old = [task("drifty", ["neg", "pos", "meh"], [0.3, 0.6, 0.1])]
+    metrics.set_dev_reference(old)
+    got = samples()
+    share = "polytask_dev_label_share"
+    assert got[(share, frozenset({("task", "drifty"), ("label", "pos")}))] == 0.6
+    assert got[("polytask_dev_confidence_mean", frozenset({("task", "drifty")}))] == 0.8
+    quantile = frozenset({("task", "drifty"), ("quantile", "0.9")})
+    assert got[("polytask_dev_confidence_quantile", quantile)] == 0.99
+    assert got[("polytask_dev_truncated_share", frozenset({("task", "drifty")}))] == 0.02
+    for label in ("neg", "pos", "meh"):  # counters exist before any answer
+        key = ("polytask_predictions_total", frozenset({("task", "drifty"), ("label", label)}))
+        assert got[key] == 0
+    assert got[("polytask_truncated_texts_total", frozenset({("task", "drifty")}))] == 0
+    # a swap to a model without "meh": its dev share reads 0, the others the new values
+    metrics.set_dev_reference([task("drifty", ["neg", "pos"], [0.5, 0.5])], previous=old)
+    got = samples()
+    assert got[(share, frozenset({("task", "drifty"), ("label", "meh")}))] == 0
+    assert got[(share, frozenset({("task", "drifty"), ("label", "pos")}))] == 0.5
