@@ -245,11 +245,8 @@ def add_tasks(
         | {"tasks": [t.model_dump(mode="json") for t in [*config.tasks, *tasks]]},
         "add-task",
     )
-    if getattr(config, "routing", None) is not None and getattr(config.routing, "enabled", False):
-        logger.info(
-            "routing: the new task(s) take the shared path (R -> B -> A); add-task fits no "
-            "private path"
-        )
+    if getattr(parent_record, "routing", None) is None:
+        logger.info("the parent chose no routes: the new task(s) take the shared path (R, B, A)")
 
     new_config = config.model_copy(update={"tasks": list(tasks)})
     data = load_tasks(new_config)  # DataError names file and line
