@@ -20,10 +20,18 @@ module fits it and measures it, and the promotion gate compares two models' ECE 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from serving.artifact import ArtifactMetadata
+
+logger = logging.getLogger(__name__)
 
 ECE_BINS = 15
 FOLDS = 2
@@ -309,8 +317,11 @@ def ece_difference(
 
 # --------------------------------------------------------------------------- the artifact
 def calibrate_artifact(
-    artifact_dir, metadata, dev: dict[str, tuple[list[str], np.ndarray]], seed: int = 0
-):
+    artifact_dir: str | Path,
+    metadata: ArtifactMetadata,
+    dev: dict[str, tuple[list[str], np.ndarray]],
+    seed: int = 0,
+) -> ArtifactMetadata:
     """Fit every task's temperature on its dev texts, run through the artifact as served
     (`serving.runtime.Runtime`, on CPU), and return `metadata` with each task's calibration and
     dev reference (label mix, confidence, truncation; with the temperature applied).
@@ -323,13 +334,10 @@ def calibrate_artifact(
     Returns:
         The updated ArtifactMetadata (not written).
     """
-    import logging
-
     from serving.artifact import Calibration
     from serving.artifact import DevReference as DevReferenceInfo
     from serving.runtime import Runtime
 
-    logger = logging.getLogger(__name__)
     runtime = Runtime(artifact_dir, device="cpu")
     tasks = []
     for info in metadata.tasks:
@@ -372,7 +380,7 @@ def calibrate_artifact(
     return metadata.model_copy(update={"tasks": tasks})
 
 
-def format_calibration(metadata) -> str:
+def format_calibration(metadata: ArtifactMetadata) -> str:
     """Per task: temperature, dev ECE before and after (cross-fitted), in a table."""
     lines = [f"{'task':<12} {'T':>7} {'ECE before':>11} {'ECE after':>10}  (dev, %, 15 bins)"]
     for t in metadata.tasks:
