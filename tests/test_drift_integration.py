@@ -5,7 +5,7 @@ infra/prometheus/alerts.yml. The rules are the file's own group `polytask-drift`
 windows shortened from 1h to 20s, the minimum count from 200 to 30 answers and `for` to 0s,
 so that the test takes seconds.
 
-Claims: dev-like traffic (the dev texts the reference was computed on) keeps the label-mix
+Claims: /tasks shows every task's temperature and dev ECE before/after; dev-like traffic (the dev texts the reference was computed on) keeps the label-mix
 alert's expression false and the alert inactive while the task has enough answers; a stream of
 texts the model answers with one label, for one task only, makes Prometheus fire
 PolytaskLabelMixDrift for that task, and not for the other.
@@ -140,6 +140,11 @@ def test_label_mix_alert_quiet_on_dev_like_traffic_fires_on_a_skewed_task(
     meta = ArtifactMetadata.read(artifact)
     reference = {t.name: t.dev_reference for t in meta.tasks}
     assert all(ref is not None for ref in reference.values()), "export wrote no dev reference"
+    # /tasks shows each task's temperature and dev ECE before/after, from metadata.json
+    described = httpx.get(f"{server}/tasks", timeout=10).json()["tasks"]
+    for t in meta.tasks:
+        want = {k: getattr(t.calibration, k) for k in ("temperature", "ece_before", "ece_after")}
+        assert described[t.name]["calibration"] == pytest.approx(want), t.name
     dev = {
         t.name: [
             json.loads(line)["text"]
