@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -92,8 +93,8 @@ class TorchStateProducer:
 
 class OrtStateProducer:
     """The same states as `TorchStateProducer`, from onnxruntime: the embeddings and the
-    bottom `n_layers` blocks exported once (dynamo, as the serving artifact) to `path`, reused
-    by later runs, and checked against PyTorch at load (`max_abs_diff`).
+    bottom `n_layers` blocks exported once (TorchScript exporter, see pipeline/onnx_graph.py)
+    to `path`, reused by later runs, and checked against PyTorch at load (`max_abs_diff`).
 
     Args:
         encoder: A pipeline.model.Encoder with the pretrained (frozen) lower layers.
@@ -146,7 +147,7 @@ class OrtStateProducer:
 def _export_lower(encoder: Any, n_layers: int, path: Path, max_length: int) -> None:
     import torch
 
-    from pipeline.onnx_graph import dynamo_export
+    from pipeline.onnx_graph import export_graph
 
     class Lower(torch.nn.Module):
         def __init__(self) -> None:
@@ -158,8 +159,12 @@ def _export_lower(encoder: Any, n_layers: int, path: Path, max_length: int) -> N
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
-    dynamo_export(Lower(), tmp, ["states"], max_length)
+    start = time.monotonic()
+    exporter = export_graph(Lower(), tmp, ["states"], max_length, output_seq_dim=True)
     tmp.replace(path)
+    logger.info(
+        "token states: lower-layer graph exported (%s) in %.0fs", exporter, time.monotonic() - start
+    )
 
 
 @dataclass(frozen=True)

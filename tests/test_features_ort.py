@@ -136,3 +136,38 @@ def test_token_state_cache_uses_onnxruntime_by_default_and_falls_back(
     assert "using PyTorch" in caplog.text
     diff = np.abs(ort_states.states.astype(np.float32) - torch_states.states.astype(np.float32))
     assert (ort_states.lengths == torch_states.lengths).all() and diff.max() <= 1e-2
+
+
+def test_graphs_are_traced_with_torchscript_and_fall_back_to_dynamo(
+    encoder, tmp_path, monkeypatch, caplog
+):
+    """The training caches' graphs come from the TorchScript exporter (fast to export); when
+    it fails, the dynamo exporter writes them; either graph answers as PyTorch does on shapes
+    other than the traced example."""
+    import onnxruntime as ort
+    import torch
+
+    import pipeline.onnx_graph as onnx_graph
+
+    def check(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        vocab = int(encoder.transformer.config.vocab_size)
+        ids = np.arange(5 * 13).reshape(5, 13) % (vocab - 5) + 5
+        mask = np.ones_like(ids)
+        mask[2:, 9:] = 0
+        got = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        with torch.inference_mode():
+            want = encoder(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        assert np.abs(got - want).max() <= ORT_FEATURE_TOLERANCE
+
+    assert onnx_graph.export_graph(encoder, tmp_path / "a.onnx", ["f"], MAX_LENGTH) == "torchscript"
+    check(tmp_path / "a.onnx")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tracer broke")
+
+    monkeypatch.setattr(onnx_graph, "torchscript_export", broken)
+    with caplog.at_level(logging.WARNING, logger="pipeline.onnx_graph"):
+        assert onnx_graph.export_graph(encoder, tmp_path / "b.onnx", ["f"], MAX_LENGTH) == "dynamo"
+    assert "using the dynamo exporter" in caplog.text
+    check(tmp_path / "b.onnx")
