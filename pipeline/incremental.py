@@ -30,6 +30,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -323,8 +324,7 @@ def add_tasks(
             ),
         }
     )
-    run_dir = _write_child(config.storage_path, run_name, record, child_config, child_state)
-    check_child(parent, run_dir)
+    run_dir = _write_child(parent, run_name, record, child_config, child_state)
     logger.info(
         "add-task: %s added to %s in %.1fs (dev %s); run directory %s",
         ", ".join(names),
@@ -694,8 +694,7 @@ def remove_tasks(
             ),
         },
     )
-    run_dir = _write_child(config.storage_path, run_name, record, child_config, child_state)
-    check_child(parent, run_dir)
+    run_dir = _write_child(parent, run_name, record, child_config, child_state)
     logger.info(
         "remove-task: %s removed from %s; run directory %s",
         ", ".join(names),
@@ -707,21 +706,29 @@ def remove_tasks(
 
 # ------------------------------------------------------------------------------ shared steps
 def _write_child(
-    storage: Path,
+    parent: LoadedRun,
     run_name: str,
     record: RunRecord,
     config: RunConfig,
     state: dict[str, torch.Tensor],
 ) -> Path:
+    """Write the child run next to the parent's storage, check it against the parent
+    (`check_child`) and point `latest` at it."""
     from pipeline.train.checkpoint import save_tensors
 
-    run_dir = Path(storage) / run_name
+    storage = Path(config.storage_path)
+    run_dir = storage / run_name
     if run_dir.exists():
         raise IncrementalError(f"{run_dir}: already exists; choose another --run-name")
     (run_dir / MODEL_DIR).mkdir(parents=True)
     save_tensors(model_path(run_dir), state)
     write_run(run_dir, record, config)
-    point_latest(Path(storage), run_dir)
+    try:
+        check_child(parent, run_dir)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # never leave a run that breaks the contract
+        raise
+    point_latest(storage, run_dir)
     return run_dir
 
 

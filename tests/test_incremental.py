@@ -145,6 +145,27 @@ def test_export_records_parity_with_parent(family, tmp_path):
     assert written["lineage"]["parity"]["passed"] is True
 
 
+def test_export_flags_a_child_whose_kept_task_changed(family, tmp_path):
+    """A planted divergence: the child's copy of the parent's task is altered after add-task;
+    export's lineage check fails, so the gate would judge every task."""
+    import shutil
+
+    from pipeline.export import export_run
+    from pipeline.train.checkpoint import load_tensors, save_tensors
+
+    run = tmp_path / "runs" / "tampered"
+    shutil.copytree(family["child"], run, ignore=shutil.ignore_patterns("artifact"))
+    weights = run / "model" / "model.safetensors"
+    state = load_tensors(weights)
+    key = next(k for k in state if k.startswith("heads.towers.sentiment.") and "weight" in k)
+    state[key] = state[key] + 0.1
+    save_tensors(weights, state)
+    meta = export_run(run, register=False, output_dir=tmp_path / "artifact").metadata
+    parity = meta.lineage.parity
+    assert not parity.passed and not parity.exact and parity.eager_max_abs_diff > 1e-3
+    assert unchanged_tasks(meta, _metadata("parent", None)) == []
+
+
 def _metadata(run_id: str, lineage: dict | None):
     from serving.artifact import ArtifactMetadata
 
