@@ -1,10 +1,11 @@
 """Per-task calibration of a run's exported artifact on its dev data, as `polytask export` fits
 it (pipeline/calibration.py), without exporting again; behind docs/results.md's "Calibration".
 
-    python scripts/calibration_report.py runs/latest [--output /tmp/calibrated]
+    python scripts/calibration_report.py runs/latest [--artifact DIR] [--output /tmp/calibrated]
 
-Copies RUN/artifact (to --output, default a temporary directory; the run is not changed),
-fits each task's temperature on dev through serving.runtime and prints, per task: T, dev ECE
+Copies RUN/artifact (or --artifact, e.g. one `polytask export RUN --output DIR` wrote) to
+--output (default a temporary directory; the run is not changed), fits each task's temperature
+on dev through serving.runtime and prints, per task: T, dev ECE
 before, after (2-fold cross-fitted) and after in-sample (percent, 15 equal-width bins), the NLL
 before and after, and the ECE a perfectly calibrated model would still show on that many texts
 (labels drawn from its own calibrated confidences, mean of 200 draws): the sampling floor.
@@ -48,11 +49,12 @@ def sampling_floor(confidence: np.ndarray, draws: int = 200, seed: int = 0) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
+    parser.add_argument("--artifact", type=Path, help="default RUN/artifact")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     out = args.output or Path(tempfile.mkdtemp(prefix="calibrated-")) / "artifact"
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(args.run / "artifact", out)
+    shutil.copytree(args.artifact or args.run / "artifact", out)
     record = read_record(args.run)
     data = load_tasks(record.run_config(), splits=["dev"], labels=record.labels)
     dev = {t.name: (t.splits["dev"].texts, t.splits["dev"].labels) for t in data}
