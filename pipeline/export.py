@@ -4,6 +4,8 @@
       -> model.onnx (torch.onnx.export, dynamo) + tokenizer files + metadata.json
       -> parity: the artifact run by serving.runtime vs PyTorch eager
       -> [int8: quantize_dynamic, kept only if no task's dev accuracy drops too much]
+      -> temperature scaling: one T per task fitted on dev logits of the final graph, with dev
+         ECE before/after and the drift metrics' dev reference (pipeline/calibration.py)
       -> BentoML model store (a new version per export)
 
 The checks run the artifact with `serving.runtime.Runtime`, the one way an artifact is run
