@@ -26,7 +26,6 @@ import shutil
 import tempfile
 import time
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -387,38 +386,13 @@ def export_onnx(model: Any, tasks: list[str], max_length: int, path: Path) -> No
     self-auxiliary towers are never called, so they are not in the graph.
     """
     import onnx
-    import torch
+
+    from pipeline.onnx_graph import dynamo_export
 
     graph = _serving_module(model, tasks).eval()
-    batch = torch.export.Dim("batch", min=1)
-    seq = torch.export.Dim("seq", min=1, max=max_length)
-    # Example shapes > 1: torch.export specializes dimensions whose example size is 1.
-    example_len = min(8, max_length)
-    ids = torch.ones(2, example_len, dtype=torch.long)
-    mask = torch.ones(2, example_len, dtype=torch.long)
     outputs = [output_name(t) for t in tasks]
     try:
-        with warnings.catch_warnings():
-            # Both inputs share the `batch` and `seq` dims; the exporter warns about that.
-            warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
-            # torch.export's own pytree code trips a deprecation of torch's; not ours to fix.
-            warnings.filterwarnings(
-                "ignore", message=r".*treespec, LeafSpec", category=FutureWarning
-            )
-            torch.onnx.export(
-                graph,
-                (ids, mask),
-                str(path),
-                input_names=list(INPUT_NAMES),
-                output_names=outputs,
-                dynamic_shapes={
-                    "input_ids": {0: batch, 1: seq},
-                    "attention_mask": {0: batch, 1: seq},
-                },
-                dynamo=True,
-                external_data=False,  # weights inside model.onnx, not a .onnx.data file
-                verbose=False,  # the dynamo exporter prints progress to stdout otherwise
-            )
+        dynamo_export(graph, path, outputs, max_length)
     except Exception as err:  # the exporter raises many types; name the cause in one line
         raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
     proto = onnx.load(str(path))
