@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROBE_BATCH = 8  # rows per probe shape of the parent-parity check
+PROBE_LENGTHS = (5, 16, 64)  # its sequence lengths, each padded and unpadded
 # Algorithm 1 for a new task. B never saw the new task, so R_new (d x d, before B) must carry
 # most of the fit, unlike R_i of a task B was trained on (whose alignment only fine-tunes):
 # more epochs and a 10x higher learning rate than the config's stage 2. Chosen on dev: TREC
@@ -70,7 +71,6 @@ PROBE_BATCH = 8  # rows per probe shape of the parent-parity check
 # config's stage 2 (3 epochs, lr 1e-4), 86.3 with these settings (docs/results.md).
 ALIGN_EPOCHS = 10
 ALIGN_LR = 1e-3
-PROBE_LENGTHS = (5, 16, 64)
 
 
 class IncrementalError(ValueError):
@@ -824,11 +824,3 @@ def unchanged_tasks(challenger: ArtifactMetadata, champion: ArtifactMetadata | N
     if not lineage.parity.passed or champion.run_id != lineage.parent_run:
         return []
     return list(lineage.parity.tasks)
-
-
-def format_lineage(record: RunRecord) -> str:
-    """`<parent> +trec -mr`, or '' for a run trained from scratch."""
-    lin = record.lineage
-    if lin is None:
-        return ""
-    return " ".join([lin.parent, *(f"+{t}" for t in lin.added), *(f"-{t}" for t in lin.removed)])
