@@ -218,8 +218,9 @@ def fit_private_head(
 
 
 def format_route(d: RouteDecision) -> str:
-    """'private 85.4 vs shared 84.1: +1.3 ± 0.6 (p 0.02)' for the stage table."""
+    """'private: 85.40 vs 84.10, +1.30 ± 0.60 (p 0.02)' (private vs shared dev accuracy, their
+    difference ± its standard error) for the stage table and the log."""
     return (
-        f"{d.path:<7} {d.private_accuracy:6.2f} vs {d.shared_accuracy:6.2f}: "
+        f"{d.path + ':':<8} {d.private_accuracy:6.2f} vs {d.shared_accuracy:6.2f}, "
         f"{d.difference:+.2f} ± {d.standard_error:.2f} (p {d.p_value:.2f})"
     )
