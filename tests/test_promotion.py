@@ -40,14 +40,19 @@ def truncated_copy(artifact: Path, out: Path) -> Path:
 
 
 def nan_copy(artifact: Path, out: Path) -> Path:
-    """`artifact` whose `topic` tower weights are NaN: it loads, but answers NaN."""
+    """`artifact` whose `topic` weights (its tower, or its private head when routing chose
+    that path) are NaN: it loads, but answers NaN."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
     shutil.copytree(artifact, out)
     proto = onnx.load(str(out / "model.onnx"))
-    hit = [i for i in proto.graph.initializer if "towers" in i.name and "topic" in i.name]
+    hit = [
+        i
+        for i in proto.graph.initializer
+        if "topic" in i.name and ("towers" in i.name or "private" in i.name)
+    ]
     assert hit, [i.name for i in proto.graph.initializer]
     for init in hit:
         weights = numpy_helper.to_array(init)
