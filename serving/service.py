@@ -61,6 +61,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from serving.artifact import ArtifactMetadata
 from serving.guard import ApiKeyGuard, check_content_type, read_body
 from serving.metrics import get_metrics
 from serving.model_store import (
@@ -296,11 +297,16 @@ class Encoder:
         if runtime is None:
             return {"error": f"no model loaded yet: {self._error or 'loading'}"}
         # `fallback`: why another model than the store's promoted/latest one is served, or None.
-        info = {**runtime.describe(), "fallback": self._fallback}
-        for task in runtime.metadata.tasks:  # each task's path and its evidence (routing)
-            if task.route is not None and task.name in info["tasks"]:
-                info["tasks"][task.name]["route"] = task.route.model_dump()
-        return info
+        return with_routes({**runtime.describe(), "fallback": self._fallback}, runtime.metadata)
+
+
+def with_routes(info: dict[str, Any], metadata: ArtifactMetadata) -> dict[str, Any]:
+    """`info` (a /tasks answer) with each task's route from the artifact: the path that
+    answers it and the dev evidence for the choice (pipeline/routing.py); absent without one."""
+    for task in metadata.tasks:
+        if task.route is not None and task.name in info["tasks"]:
+            info["tasks"][task.name]["route"] = task.route.model_dump()
+    return info
 
 
 # Answered alone when a text's own batch failed, to tell a bad text from a broken model.

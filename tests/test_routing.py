@@ -267,6 +267,20 @@ def test_export_answers_a_private_task_through_its_private_head(
     assert np.abs(onnx["topic"] - shared).max() > 1e-2
     np.testing.assert_allclose(onnx["sentiment"], sentiment, atol=1e-4)
 
+    # /tasks: the service's answer carries each task's path and its evidence.
+    from serving.runtime import Runtime
+    from serving.schemas import TasksResponse
+    from serving.service import with_routes
+
+    runtime = Runtime(result.artifact_dir, version="tiny:v1", threads=1)
+    info = with_routes({**runtime.describe(), "fallback": None}, runtime.metadata)
+    body = TasksResponse.model_validate(info).model_dump()
+    assert body["tasks"]["topic"]["route"]["path"] == "private"
+    assert body["tasks"]["sentiment"]["route"]["path"] == "shared"
+    route = rec["routing"]["topic"]
+    for key in ("shared_accuracy", "private_accuracy", "difference", "standard_error", "p_value"):
+        assert body["tasks"]["topic"]["route"][key] == pytest.approx(route[key])
+
 
 def test_routing_off_trains_and_loads_without_private_heads(
     tmp_path, tiny_data_dir, tiny_encoder_dir
