@@ -22,9 +22,12 @@ crash never leaves a truncated one.
 What computes the states is a `StateProducer`; `TorchStateProducer` runs the PyTorch encoder
 (eager), `OrtStateProducer` the same layers exported to onnxruntime. One can replace the other
 without changing the cache, since the producer is not part of the key: two producers must agree
-to well within fp16 precision. By default the cache uses onnxruntime (the lower layers exported
-once per key under `<cache>/onnx/`, checked against PyTorch on padded and unpadded batches
-before use) and falls back to PyTorch when the export fails or differs.
+to well within fp16 precision. By default the cache runs PyTorch eager; `engine="onnxruntime"`
+uses onnxruntime (the lower layers exported once per key under `<cache>/onnx/`, checked against
+PyTorch on padded and unpadded batches before use, PyTorch when the export fails or differs).
+Why PyTorch: on the idle 2-core machine it computed these states 1.26x as fast as onnxruntime
+(`bench/serve.py` (e'), 434 vs 343 texts/s); onnxruntime was 1.57x as fast only when other jobs
+oversubscribed the cores (docs/results.md, "Training caches on onnxruntime").
 """
 
 from __future__ import annotations
@@ -214,7 +217,7 @@ class TokenStateCache:
         max_length: int,
         batch_size: int = 128,
         producer: StateProducer | None = None,
-        engine: Literal["onnxruntime", "torch"] = "onnxruntime",
+        engine: Literal["onnxruntime", "torch"] = "torch",
         encoder: Any = None,
     ):
         """`producer` computes the states when given; otherwise the cache builds one on the

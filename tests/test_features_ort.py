@@ -110,17 +110,30 @@ def test_ort_state_producer_equals_pytorch_and_fills_the_same_cache(
     assert diff.max() <= 1e-2  # fp16 storage: a few ulps of values of order 1
 
 
-def test_token_state_cache_uses_onnxruntime_by_default_and_falls_back(
+def test_token_state_cache_engines_and_fallback(
     tiny_encoder_dir, encoder, tmp_path, monkeypatch, caplog
 ):
-    """The cache builds its own producer from the encoder: onnxruntime when it matches PyTorch
-    (the graph stored once under <cache>/onnx/), PyTorch when onnxruntime differs by more than
-    the tolerance; both fill an entry with the same states within fp16 precision."""
+    """The cache builds its own producer from the encoder: PyTorch by default; with
+    engine="onnxruntime", onnxruntime when it matches PyTorch (the graph stored once under
+    <cache>/onnx/) and PyTorch when it differs by more than the tolerance; every way fills an
+    entry with the same states within fp16 precision."""
     import pipeline.token_cache as token_cache
 
     texts = _texts()
+    default = token_cache.TokenStateCache(
+        tmp_path / "d", str(tiny_encoder_dir), 1, MAX_LENGTH, 8, encoder=encoder
+    )
+    default_states = default.get(texts)
+    assert isinstance(default._producer, token_cache.TorchStateProducer)
+    assert not default.onnx_path.exists()
     ort_cache = token_cache.TokenStateCache(
-        tmp_path / "a", str(tiny_encoder_dir), 1, MAX_LENGTH, 8, encoder=encoder
+        tmp_path / "a",
+        str(tiny_encoder_dir),
+        1,
+        MAX_LENGTH,
+        8,
+        engine="onnxruntime",
+        encoder=encoder,
     )
     ort_states = ort_cache.get(texts)
     assert isinstance(ort_cache._producer, token_cache.OrtStateProducer)
@@ -128,7 +141,13 @@ def test_token_state_cache_uses_onnxruntime_by_default_and_falls_back(
 
     monkeypatch.setattr(token_cache, "ORT_STATE_TOLERANCE", -1.0)  # nothing can match
     torch_cache = token_cache.TokenStateCache(
-        tmp_path / "b", str(tiny_encoder_dir), 1, MAX_LENGTH, 8, encoder=encoder
+        tmp_path / "b",
+        str(tiny_encoder_dir),
+        1,
+        MAX_LENGTH,
+        8,
+        engine="onnxruntime",
+        encoder=encoder,
     )
     with caplog.at_level(logging.WARNING, logger="pipeline.token_cache"):
         torch_states = torch_cache.get(texts)
@@ -136,6 +155,7 @@ def test_token_state_cache_uses_onnxruntime_by_default_and_falls_back(
     assert "using PyTorch" in caplog.text
     diff = np.abs(ort_states.states.astype(np.float32) - torch_states.states.astype(np.float32))
     assert (ort_states.lengths == torch_states.lengths).all() and diff.max() <= 1e-2
+    assert np.array_equal(default_states.states, torch_states.states)  # both PyTorch
 
 
 def test_graphs_are_traced_with_torchscript_and_fall_back_to_dynamo(
