@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import daemon, make_task_rows
-from test_prometheus_integration import PROMETHEUS, binary
+from conftest import make_task_rows
+from test_prometheus_integration import run_prometheus
 from test_serving_http import _free_port, _post, server, store  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -66,16 +66,7 @@ def prometheus(tmp_path_factory, server):  # noqa: F811
             }
         ],
     }
-    (tmp / "prometheus.yml").write_text(json.dumps(config))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        binary(PROMETHEUS),
-        f"--config.file={tmp / 'prometheus.yml'}",
-        f"--storage.tsdb.path={tmp / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-    ]
-    with daemon(command, f"{url}/-/ready", tmp / "prometheus.log"):
+    with run_prometheus(tmp, config) as url:
         yield url
 
 

@@ -12,9 +12,12 @@ texts sent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -97,6 +100,14 @@ def prometheus(tmp_path_factory, pushgateway, server):  # noqa: F811
             },
         ],
     }
+    with run_prometheus(tmp, config) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def run_prometheus(tmp: Path, config: dict) -> Iterator[str]:
+    """A real Prometheus on loopback with `config` (written to tmp/prometheus.yml), its data
+    and log under `tmp`; yields its URL once /-/ready answers."""
     (tmp / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
