@@ -223,7 +223,6 @@ def add_tasks(
     import torch
 
     from pipeline.data import fingerprint_files, load_tasks
-    from pipeline.metrics import macro_average
 
     start = time.monotonic()
     parent_dir = Path(parent_dir)
@@ -282,7 +281,6 @@ def add_tasks(
 
     dev = {t: dict(m) for t, m in parent_record.dev.items()}
     dev.update(history[-1]["dev"])
-    avg = macro_average(dev)
     record = parent_record.model_copy(deep=True)
     run_name = run_name or child_run_name(parent_record.run_name, names, [])
     for i, t in enumerate(data):
@@ -304,25 +302,15 @@ def add_tasks(
         if route is not None:  # the parent routes its tasks: so does the child
             record.routing[t.name] = route
     seconds = round(time.monotonic() - start, 1)
-    record = record.model_copy(
-        update={
-            "run_name": run_name,
-            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "config": config_to_dict(child_config),
-            "dev": dev,
-            "dev_macro_accuracy": avg["accuracy"],
-            "dev_macro_f1": avg["macro_f1"],
-            "history": [*parent_record.history, *history],
-            "resumed_from": None,
-            "duration_seconds": seconds,
-            "lineage": LineageRecord(
-                parent=parent_record.run_name,
-                parent_dir=str(parent_dir.resolve()),
-                added=names,
-                removed=[],
-                seconds=seconds,
-            ),
-        }
+    record = child_record(
+        record,
+        parent_dir,
+        run_name,
+        child_config,
+        dev,
+        seconds,
+        added=names,
+        history=[*parent_record.history, *history],
     )
     run_dir = _write_child(parent, run_name, record, child_config, child_state)
     logger.info(
@@ -636,7 +624,6 @@ def remove_tasks(
         RunNotFoundError: `parent_dir` is not a finished run.
         IncrementalError: an unknown task, or removing every task.
     """
-    from pipeline.metrics import macro_average
     from pipeline.train.checkpoint import load_tensors
 
     start = time.monotonic()
@@ -663,7 +650,6 @@ def remove_tasks(
         "remove-task",
     )
     dev = {t: parent_record.dev[t] for t in keep}
-    avg = macro_average(dev)
     run_name = run_name or child_run_name(parent_record.run_name, [], list(names))
     seconds = round(time.monotonic() - start, 1)
     # Every per-task mapping of the record (tasks, weights, dev, stages, and any a later
@@ -673,26 +659,14 @@ def remove_tasks(
         for field, value in parent_record
         if isinstance(value, dict) and value and set(value) <= set(parent_record.tasks)
     }
-    record = parent_record.model_copy(
-        deep=True,
-        update={
-            **per_task,
-            "run_name": run_name,
-            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "config": config_to_dict(child_config),
-            "dev": dev,
-            "dev_macro_accuracy": avg["accuracy"],
-            "dev_macro_f1": avg["macro_f1"],
-            "resumed_from": None,
-            "duration_seconds": seconds,
-            "lineage": LineageRecord(
-                parent=parent_record.run_name,
-                parent_dir=str(parent_dir.resolve()),
-                added=[],
-                removed=list(names),
-                seconds=seconds,
-            ),
-        },
+    record = child_record(
+        parent_record.model_copy(deep=True, update=per_task),
+        parent_dir,
+        run_name,
+        child_config,
+        dev,
+        seconds,
+        removed=list(names),
     )
     run_dir = _write_child(parent, run_name, record, child_config, child_state)
     logger.info(
@@ -705,6 +679,44 @@ def remove_tasks(
 
 
 # ------------------------------------------------------------------------------ shared steps
+def child_record(
+    record: RunRecord,
+    parent_dir: Path,
+    run_name: str,
+    config: RunConfig,
+    dev: dict[str, Any],
+    seconds: float,
+    added: Sequence[str] = (),
+    removed: Sequence[str] = (),
+    history: list[dict[str, Any]] | None = None,
+) -> RunRecord:
+    """`record` (the parent's, its per-task fields already edited) as the child run's: its
+    name, config, dev metrics and macro averages, and the lineage back to the parent."""
+    from pipeline.metrics import macro_average
+
+    avg = macro_average(dev)
+    update: dict[str, Any] = {
+        "run_name": run_name,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "config": config_to_dict(config),
+        "dev": dev,
+        "dev_macro_accuracy": avg["accuracy"],
+        "dev_macro_f1": avg["macro_f1"],
+        "resumed_from": None,
+        "duration_seconds": seconds,
+        "lineage": LineageRecord(
+            parent=record.run_name,
+            parent_dir=str(Path(parent_dir).resolve()),
+            added=list(added),
+            removed=list(removed),
+            seconds=seconds,
+        ),
+    }
+    if history is not None:
+        update["history"] = history
+    return record.model_copy(update=update)
+
+
 def _write_child(
     parent: LoadedRun,
     run_name: str,
