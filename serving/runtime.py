@@ -10,6 +10,14 @@ graph is exported and checked (on the final graph, int8 included), the same grap
 PyTorch parity check, and the raw logits stay available (`BatchOutput.logits`) to measure
 calibration before and after with the very code that serves.
 
+On CPU a call with enough work runs its buckets **data-parallel**: one single-threaded
+session.run per core at once, each on its own buckets (the largest split in two when it alone
+would outlast the rest), rather than one bucket at a time with every GEMM split across the
+cores. On sequences of ~20 tokens the GEMMs are too small to split well; whole buckets side by
+side kept both cores busier (docs/results.md, issue 11, run 6). A call with little work (one
+short text) still runs on the multi-threaded session, which answers it sooner.
+$POLYTASK_ORT_PARALLEL=0 turns the parallel path off; on CUDA it is never used.
+
 The runtime is the only place that runs the model; the BentoML service and `polytask predict`
 both call it.
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +41,7 @@ TOKENIZER_FILE = "tokenizer.json"
 THREADS_ENV = "POLYTASK_ORT_THREADS"
 DEVICE_ENV = "POLYTASK_ORT_DEVICE"
 SPINNING_ENV = "POLYTASK_ORT_SPINNING"
+PARALLEL_ENV = "POLYTASK_ORT_PARALLEL"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # Most texts per session.run: bounds memory for large inputs.
@@ -46,6 +56,10 @@ RUN_OVERHEAD_TOKENS = 16
 # with their space, so the cut leaves every token the model reads in all but texts of mostly
 # whitespace or symbols the vocabulary lacks; a cut text is always reported as truncated.
 CHARS_PER_TOKEN = 32
+# Least work of a call, in token positions as `plan_buckets` counts them (padding and one
+# RUN_OVERHEAD_TOKENS per bucket included), for the data-parallel path; below it the
+# multi-threaded session runs the call alone. PLACEHOLDER_MEASURED
+PARALLEL_MIN_TOKENS = 128
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -168,6 +182,25 @@ def session_options(threads: int | None = None, spinning: bool | None = None) ->
     return options
 
 
+def ort_parallel(env: dict[str, str] | None = None) -> bool:
+    """Whether calls with enough work run their buckets data-parallel on single-threaded
+    sessions: $POLYTASK_ORT_PARALLEL ("1" or "0", default "1"; see the module docstring)."""
+    env = os.environ if env is None else env
+    raw = env.get(PARALLEL_ENV, "1").strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"{PARALLEL_ENV}={raw!r}: expected 0 or 1")
+    return raw == "1"
+
+
+def parallel_workers(providers: list[str], threads: int, enabled: bool) -> int:
+    """How many single-threaded session calls a Runtime runs at once: `threads` on the CPU
+    provider when the parallel path is `enabled`, else 1 (every call on one multi-threaded
+    session). CUDA runs one call at a time: the GPU already splits each GEMM across its cores."""
+    if not enabled or providers[0] != CPU or threads < 2:
+        return 1
+    return threads
+
+
 def plan_buckets(
     lengths: np.ndarray, max_size: int = CHUNK_SIZE, overhead: int = RUN_OVERHEAD_TOKENS
 ) -> list[tuple[int, int]]:
@@ -197,6 +230,64 @@ def plan_buckets(
     return buckets[::-1]
 
 
+def bucket_cost(lengths: np.ndarray, bucket: tuple[int, int], overhead: int) -> int:
+    """What `plan_buckets` charges a bucket of texts sorted by length: `overhead` plus its
+    padded positions."""
+    start, end = bucket
+    return overhead + (end - start) * int(lengths[end - 1])
+
+
+def plan_parallel(
+    lengths: np.ndarray,
+    buckets: list[tuple[int, int]],
+    workers: int,
+    min_tokens: int = PARALLEL_MIN_TOKENS,
+    overhead: int = RUN_OVERHEAD_TOKENS,
+) -> list[tuple[int, int]] | None:
+    """The work units for `workers` concurrent single-threaded calls, or None when the call
+    should run sequentially on the multi-threaded session (one worker, or less than
+    `min_tokens` of work).
+
+    The largest bucket is split in two (its shorter half padded only to its own longest text)
+    while that shortens the time until the last worker finishes (`makespan`), so one worker is
+    not left computing a big bucket while the other idles. The units come largest first:
+    handed to the workers in that order, the last ones to start are the shortest.
+
+    Args:
+        lengths: Token counts of the texts, sorted ascending (as for `plan_buckets`).
+        buckets: `plan_buckets(lengths)`.
+    """
+    if workers < 2 or not buckets:
+        return None
+    if sum(bucket_cost(lengths, b, overhead) for b in buckets) < min_tokens:
+        return None
+
+    def by_cost(units: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return sorted(units, key=lambda b: bucket_cost(lengths, b, overhead), reverse=True)
+
+    units = by_cost(buckets)
+    while True:
+        start, end = units[0]
+        if end - start < 2:
+            return units
+        mid = (start + end) // 2
+        split = by_cost([(start, mid), (mid, end), *units[1:]])
+        if makespan([bucket_cost(lengths, b, overhead) for b in split], workers) >= makespan(
+            [bucket_cost(lengths, b, overhead) for b in units], workers
+        ):
+            return units
+        units = split
+
+
+def makespan(costs: list[int], workers: int) -> int:
+    """When the last of `workers` finishes, each taking the next of `costs` (largest first)
+    as soon as it is free."""
+    loads = [0] * workers
+    for cost in sorted(costs, reverse=True):
+        loads[loads.index(min(loads))] += cost
+    return max(loads)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax [n, classes], stable for large logits."""
     z = logits - logits.max(axis=-1, keepdims=True)
@@ -206,9 +297,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- runtime
 class Runtime:
-    """A loaded artifact: tokenizer, onnxruntime session and metadata.
+    """A loaded artifact: tokenizer, onnxruntime session(s) and metadata.
 
-    Thread-safe for `predict` (onnxruntime sessions and tokenizers are).
+    Thread-safe for `predict` (onnxruntime sessions and tokenizers are; concurrent calls share
+    the pool of the data-parallel path, whose units then queue).
 
     Args:
         artifact_dir: Directory with model.onnx, tokenizer.json and metadata.json.
@@ -217,6 +309,9 @@ class Runtime:
         threads: onnxruntime intra-op threads; default `ort_threads()`.
         device: "auto", "cpu" or "cuda"; default $POLYTASK_ORT_DEVICE, else "auto".
         spinning: whether idle intra-op threads spin; default `ort_spinning()`.
+        parallel: whether calls with enough work run data-parallel on `threads`
+            single-threaded calls (a second session, with one intra-op thread; CPU only);
+            default `ort_parallel()`.
     """
 
     def __init__(
@@ -226,6 +321,7 @@ class Runtime:
         threads: int | None = None,
         device: str | None = None,
         spinning: bool | None = None,
+        parallel: bool | None = None,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -251,6 +347,23 @@ class Runtime:
         self.session = ort.InferenceSession(
             str(self.artifact_dir / ONNX_FILE), options, providers=self.providers
         )
+        # The data-parallel path: one single-threaded session (ORT sessions take concurrent
+        # run calls; with one intra-op thread each call computes on its caller's thread) and
+        # a thread per core to call it. It holds a second copy of the weights.
+        self.workers = parallel_workers(
+            self.providers,
+            options.intra_op_num_threads,
+            ort_parallel() if parallel is None else parallel,
+        )
+        self.single_session: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        if self.workers > 1:
+            self.single_session = ort.InferenceSession(
+                str(self.artifact_dir / ONNX_FILE),
+                session_options(1, spinning),
+                providers=self.providers,
+            )
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="polytask-ort")
         self.labels: dict[str, list[str]] = {t.name: list(t.labels) for t in self.metadata.tasks}
         self.outputs: dict[str, str] = {t.name: t.output for t in self.metadata.tasks}
         # Temperature scaling per task head (metadata.json; 1.0 for artifacts without it).
@@ -262,12 +375,13 @@ class Runtime:
         if missing:
             raise ValueError(f"{self.artifact_dir}: model.onnx lacks outputs {sorted(missing)}")
         logger.info(
-            "loaded %s (%s, %d tasks, %d threads, %s)",
+            "loaded %s (%s, %d tasks, %d threads, %s, %s)",
             self.version,
             self.metadata.precision,
             len(self.labels),
             options.intra_op_num_threads,
             self.providers[0],
+            f"{self.workers} data-parallel calls" if self.workers > 1 else "no data parallelism",
         )
 
     @property
@@ -285,12 +399,16 @@ class Runtime:
             )
         return list(dict.fromkeys(tasks))
 
-    def run(self, texts: list[str], tasks: list[str] | None = None) -> BatchOutput:
+    def run(
+        self, texts: list[str], tasks: list[str] | None = None, parallel: bool | None = None
+    ) -> BatchOutput:
         """Probabilities of `tasks` (default all) for `texts`: one encoder pass per bucket.
 
         Texts are tokenized, sorted by token count and split into buckets (`plan_buckets`), each
         padded only to its own longest text, so little compute goes to padding; results come
-        back in input order, equal to running each text alone (within float tolerance).
+        back in input order, equal to running each text alone (within float tolerance). With
+        enough work the buckets run data-parallel (`plan_parallel`, see the module docstring);
+        `parallel=False` forces the sequential path for this call (tests and benchmarks).
         """
         tasks = self.check_tasks(tasks)
         n = len(texts)
@@ -308,8 +426,14 @@ class Runtime:
             bool(e.overflowing) or len(t) > cut for e, t in zip(enc, texts, strict=True)
         ]
         order = np.argsort(lengths, kind="stable")
-        padded = runs = 0
-        for start, end in plan_buckets(lengths[order]):
+        sorted_lengths = lengths[order]
+        units = plan_buckets(sorted_lengths)
+        parallel_units = (
+            plan_parallel(sorted_lengths, units, self.workers) if parallel is not False else None
+        )
+
+        def bucket(start: int, end: int) -> tuple[np.ndarray, list[np.ndarray]]:
+            """Texts order[start:end], padded to their longest: their indices and logits."""
             idx = order[start:end]
             width = max(int(lengths[idx[-1]]), 1)
             ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
@@ -317,19 +441,29 @@ class Runtime:
             for row, i in enumerate(idx):
                 ids[row, : lengths[i]] = enc[i].ids
                 mask[row, : lengths[i]] = 1
-            logits = self.session.run(outputs, {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask})
+            session = self.session if parallel_units is None else self.single_session
+            return idx, session.run(outputs, {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask})
+
+        if parallel_units is None:
+            results = [bucket(start, end) for start, end in units]
+        else:
+            assert self._pool is not None  # workers > 1 made it
+            units = parallel_units
+            results = list(self._pool.map(lambda unit: bucket(*unit), units))
+        for idx, logits in results:
             for task, out in zip(tasks, logits, strict=True):
                 raw[task][idx] = out
                 probs[task][idx] = softmax(out.astype(np.float32) / self.temperatures[task])
-            padded += ids.size - int(lengths[idx].sum())
-            runs += 1
+        width = np.maximum(sorted_lengths, 1)  # as `bucket` pads an empty text
+        padded = sum((end - start) * int(width[end - 1]) for start, end in units)
+        padded -= int(lengths.sum())
         return BatchOutput(
             probs,
             truncated,
             self.version,
             int(lengths.sum()),
             padded_tokens=padded,
-            runs=runs,
+            runs=len(units),
             logits=raw,
         )
 

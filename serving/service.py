@@ -37,6 +37,9 @@ Environment (read when the service module is imported / a worker starts):
                                the trust boundary: limits and API keys (serving/settings.py)
     POLYTASK_ORT_THREADS       onnxruntime intra-op threads per Encoder worker
     POLYTASK_ORT_SPINNING      1: idle intra-op threads spin (default 0: they sleep)
+    POLYTASK_ORT_PARALLEL      1: a call with enough work runs its length buckets on one
+                               single-threaded session call per thread at once (default);
+                               0: one bucket at a time on all threads (serving/runtime.py)
     POLYTASK_ORT_DEVICE        auto | cpu | cuda
 
 Run: `polytask serve` or `bentoml serve serving.service:Polytask`.

@@ -1,0 +1,266 @@
+"""Data parallelism across the cores (issue 11): a call with enough work runs its length
+buckets on several single-threaded session calls at once, a lone short text stays on the
+multi-threaded session, CUDA and POLYTASK_ORT_PARALLEL=0 keep the sequential path, and every
+path gives the same answers. Training caches: buckets computed concurrently come back in input
+order, equal to the sequential ones. On the tiny random BERT of conftest; no timing."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import train_tiny_run
+
+from serving.runtime import (
+    CPU,
+    CUDA,
+    PARALLEL_ENV,
+    makespan,
+    ort_parallel,
+    parallel_workers,
+    plan_buckets,
+    plan_parallel,
+)
+
+MAX_LENGTH = 16  # tiny_config_dict's encoder.max_length
+
+
+# --------------------------------------------------------------------------- selection
+def test_parallel_workers_cpu_only_and_switchable():
+    assert parallel_workers([CPU], 2, enabled=True) == 2
+    assert parallel_workers([CPU], 4, enabled=True) == 4
+    assert parallel_workers([CPU], 1, enabled=True) == 1  # one core: nothing to share
+    assert parallel_workers([CPU], 2, enabled=False) == 1
+    assert parallel_workers([CUDA, CPU], 2, enabled=True) == 1  # the GPU splits each GEMM
+
+
+def test_parallel_env_var():
+    assert ort_parallel({}) is True
+    assert ort_parallel({PARALLEL_ENV: "0"}) is False
+    assert ort_parallel({PARALLEL_ENV: " 1 "}) is True
+    with pytest.raises(ValueError, match=PARALLEL_ENV):
+        ort_parallel({PARALLEL_ENV: "yes"})
+
+
+def test_makespan_hands_the_next_largest_to_the_first_free_worker():
+    assert makespan([5, 4, 3, 3], 2) == 8  # 5+3 | 4+3
+    assert makespan([10, 1, 1], 2) == 10
+    assert makespan([7], 3) == 7
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_parallel_units_cover_every_text_once_and_never_finish_later(seed):
+    rng = np.random.default_rng(seed)
+    lengths = np.sort(np.clip(rng.gamma(2.0, 10.0, size=int(rng.integers(2, 80))), 3, 100))
+    lengths = lengths.astype(np.int64)
+    buckets = plan_buckets(lengths)
+    units = plan_parallel(lengths, buckets, workers=2, min_tokens=0)
+    assert units is not None
+    covered = sorted(i for start, end in units for i in range(start, end))
+    assert covered == list(range(len(lengths)))
+
+    def costs(us):
+        return [16 + (end - start) * int(lengths[end - 1]) for start, end in us]
+
+    assert makespan(costs(units), 2) <= makespan(costs(buckets), 2)
+    assert costs(units) == sorted(costs(units), reverse=True)  # largest first
+
+
+def test_one_bucket_is_split_in_two_and_small_calls_stay_sequential():
+    lengths = np.full(32, 20)
+    assert plan_buckets(lengths) == [(0, 32)]
+    assert plan_parallel(lengths, [(0, 32)], workers=2) == [(0, 16), (16, 32)]
+    one = np.array([12])
+    assert plan_parallel(one, plan_buckets(one), workers=2) is None  # below min_tokens
+    assert plan_parallel(lengths, [(0, 32)], workers=1) is None
+    # A single text cannot be split: it runs as one unit.
+    assert plan_parallel(np.array([500]), [(0, 1)], workers=2, min_tokens=0) == [(0, 1)]
+
+
+# --------------------------------------------------------------------------- runtime
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_data_dir, tiny_encoder_dir):
+    from pipeline.export import export_run
+
+    tmp = tmp_path_factory.mktemp("parallel-run")
+    run_dir = train_tiny_run(tmp, tiny_data_dir, tiny_encoder_dir)
+    return export_run(run_dir, register=False, output_dir=tmp / "artifact").artifact_dir
+
+
+def _texts() -> list[str]:
+    words = "good bad film pizza team coach match soup dull great awful nice league".split()
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 20)))) for _ in range(48)]
+
+
+class _Spy:
+    """An onnxruntime session that records the batch size of each call from each thread."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.calls: list[tuple[int, str]] = []
+        self.lock = threading.Lock()
+
+    def run(self, outputs, feeds):
+        with self.lock:
+            self.calls.append((len(feeds["input_ids"]), threading.current_thread().name))
+        return self.session.run(outputs, feeds)
+
+
+def test_parallel_path_equals_sequential_and_picks_the_session(artifact):
+    from serving.runtime import Runtime
+
+    runtime = Runtime(artifact, threads=2, parallel=True)
+    assert runtime.workers == 2 and runtime.single_session is not None
+    multi, single = _Spy(runtime.session), _Spy(runtime.single_session)
+    runtime.session, runtime.single_session = multi, single
+    texts = _texts()
+
+    sequential = runtime.run(texts, parallel=False)
+    assert len(multi.calls) == sequential.runs and not single.calls
+    multi.calls.clear()
+    parallel = runtime.run(texts)
+    # Every unit on the single-threaded session, from the pool's threads, none on the other.
+    assert not multi.calls and len(single.calls) == parallel.runs >= 2
+    assert sum(size for size, _ in single.calls) == len(texts)
+    assert all(name.startswith("polytask-ort") for _, name in single.calls)
+    for task in sequential.logits:
+        np.testing.assert_allclose(parallel.logits[task], sequential.logits[task], atol=1e-5)
+        np.testing.assert_allclose(
+            parallel.probabilities[task], sequential.probabilities[task], atol=1e-5
+        )
+    assert (parallel.truncated == sequential.truncated).all()
+    assert parallel.tokens == sequential.tokens
+    # Each text alone gives the same answer as in the merged call (input order kept).
+    for i in (0, 17, 47):
+        alone = runtime.run([texts[i]], parallel=False)
+        for task in alone.logits:
+            np.testing.assert_allclose(parallel.logits[task][i], alone.logits[task][0], atol=1e-5)
+
+    # A lone short text: the multi-threaded session, in the calling thread.
+    single.calls.clear()
+    multi.calls.clear()
+    runtime.run(["good film"])
+    assert multi.calls == [(1, threading.current_thread().name)] and not single.calls
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_parallel_path_off_by_env_on_one_thread_and_on_cuda(artifact, monkeypatch):
+    import onnxruntime as ort
+
+    from serving.runtime import Runtime
+
+    monkeypatch.setenv(PARALLEL_ENV, "0")
+    off = Runtime(artifact, threads=2)
+    assert off.workers == 1 and off.single_session is None
+    monkeypatch.delenv(PARALLEL_ENV)
+    assert Runtime(artifact, threads=2).workers == 2  # the default is on
+    assert Runtime(artifact, threads=1).workers == 1
+    # onnxruntime-gpu: the CUDA provider leads, so one session and the sequential path. (No
+    # GPU here: onnxruntime warns and runs the session on CPU.)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    cuda = Runtime(artifact, threads=2, device="cuda")
+    assert cuda.providers[0] == CUDA
+    assert cuda.workers == 1 and cuda.single_session is None
+    out = cuda.run(_texts())
+    lengths = np.sort([len(e.ids) for e in cuda.tokenizer.encode_batch(_texts())])
+    assert out.runs == len(plan_buckets(lengths))  # the buckets as planned, none split
+
+
+def test_concurrent_calls_share_the_pool_and_keep_their_answers(artifact):
+    """Runtime.run from several threads at once (what `predict` allows): each gets its own
+    texts' answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.runtime import Runtime
+
+    runtime = Runtime(artifact, threads=2, parallel=True)
+    texts = _texts()
+    want = runtime.run(texts, parallel=False).logits
+    chunks = [texts[i::3] for i in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(runtime.run, chunks))
+    for i, out in enumerate(outs):
+        for task in want:
+            np.testing.assert_allclose(out.logits[task], want[task][i::3], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- training caches
+def test_parallel_map_keeps_order_and_bounds_what_it_takes_ahead():
+    from pipeline.features import parallel_map
+
+    taken: list[int] = []
+    done: list[int] = []
+    ahead: list[int] = []
+
+    def items():
+        for i in range(20):
+            taken.append(i)
+            ahead.append(len(taken) - len(done))
+            yield i
+
+    def slow(i: int) -> int:
+        time.sleep(0.002 * (i % 3))  # later items often finish first
+        return i * i
+
+    for item, value in parallel_map(slow, items(), workers=3):
+        assert value == item * item
+        done.append(item)
+    assert done == list(range(20))
+    assert max(ahead) <= 2 * 3 + 1  # never the whole input in memory
+    assert list(parallel_map(slow, iter(range(4)), workers=1)) == [(i, i * i) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_encoder_dir):
+    from pipeline.model import load_encoder
+
+    return load_encoder(str(tiny_encoder_dir)).eval()
+
+
+def test_features_in_parallel_equal_sequential_in_input_order(
+    tiny_encoder_dir, encoder, tmp_path, monkeypatch, caplog
+):
+    from pipeline.features import FeatureCache, OrtFeatureEncoder, encode_texts, load_tokenizer
+
+    texts = _texts()
+    monkeypatch.setenv("POLYTASK_ORT_THREADS", "2")
+    parallel = FeatureCache(tmp_path / "p", str(tiny_encoder_dir), MAX_LENGTH, "mean")
+    with caplog.at_level(logging.INFO, logger="pipeline.features"):
+        feats = parallel.get(texts, desc="parallel", batch_size=4)
+    runner = parallel._runner()
+    assert isinstance(runner, OrtFeatureEncoder) and runner.workers == 2
+    assert parallel._workers == 2
+    assert f"parallel: {len(texts)}/{len(texts)} texts (100%)" in caplog.text  # progress kept
+
+    monkeypatch.setenv(PARALLEL_ENV, "0")
+    sequential = FeatureCache(tmp_path / "s", str(tiny_encoder_dir), MAX_LENGTH, "mean")
+    want = sequential.get(texts, batch_size=4)
+    assert sequential._runner().workers == 1 and sequential._workers == 1
+    np.testing.assert_allclose(feats, want, atol=1e-6)
+    # Input order: each row is its own text's features (PyTorch, one text at a time).
+    tokenizer = load_tokenizer(str(tiny_encoder_dir))
+    for i in (0, 13, 47):
+        alone = encode_texts(encoder, tokenizer, [texts[i]], MAX_LENGTH)
+        np.testing.assert_allclose(feats[i], alone[0], atol=1e-4)
+
+
+def test_token_states_in_parallel_equal_sequential(tiny_encoder_dir, encoder, tmp_path):
+    from pipeline.token_cache import OrtStateProducer, TokenStateCache
+
+    texts = _texts()
+    path = tmp_path / "lower.onnx"
+    entries = {}
+    for parallel in (True, False):
+        producer = OrtStateProducer(encoder, 1, path, MAX_LENGTH, threads=2, parallel=parallel)
+        assert producer.workers == (2 if parallel else 1)
+        cache = TokenStateCache(
+            tmp_path / str(parallel), str(tiny_encoder_dir), 1, MAX_LENGTH, 4, producer
+        )
+        entries[parallel] = cache.get(texts)
+    a, b = entries[True], entries[False]
+    assert (a.lengths == b.lengths).all() and (a.offsets == b.offsets).all()
+    np.testing.assert_allclose(a.states.astype(np.float32), b.states.astype(np.float32), atol=1e-3)
