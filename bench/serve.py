@@ -455,7 +455,7 @@ def bench_token_states(
     work = Path(tempfile.mkdtemp(prefix="bench-states-"))
     graph = work / "lower.onnx"
     producers = {
-        "PyTorch eager (now)": TorchStateProducer(encoder, n_layers),
+        "PyTorch eager": TorchStateProducer(encoder, n_layers),
         "onnxruntime, sequential": OrtStateProducer(
             encoder, n_layers, graph, max_length, threads=threads, parallel=False
         ),

@@ -25,9 +25,15 @@ without changing the cache, since the producer is not part of the key: two produ
 to well within fp16 precision. By default the cache runs PyTorch eager; `engine="onnxruntime"`
 uses onnxruntime (the lower layers exported once per key under `<cache>/onnx/`, checked against
 PyTorch on padded and unpadded batches before use, PyTorch when the export fails or differs).
-Why PyTorch: on the idle 2-core machine it computed these states 1.26x as fast as onnxruntime
-(`bench/serve.py` (e'), 434 vs 343 texts/s); onnxruntime was 1.57x as fast only when other jobs
-oversubscribed the cores (docs/results.md, "Training caches on onnxruntime").
+States are computed in length buckets (`serving.runtime.plan_buckets`, longest first), and a
+producer with `workers` > 1 gets that many buckets at once (`parallel_map`): onnxruntime's
+producer runs them data-parallel, one single-threaded call per core ($POLYTASK_ORT_PARALLEL=0:
+one call at a time on all cores).
+Why PyTorch by default: on the idle 2-core machine (`bench/serve.py` (e'), issue 11 run 6)
+onnxruntime data-parallel computed these states only 1.12x as fast (929 vs 830 texts/s), and
+its first use exports the lower layers (19 s, measured under load, session 4) while the states
+of a text list are computed once: on the 46,000 training texts the export costs more than the
+gain (docs/results.md, "Training caches on onnxruntime").
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import numpy as np
 
 from pipeline.data import texts_fingerprint
 from pipeline.features import TextProgress, encoder_fingerprint, load_tokenizer, parallel_map
+from serving.runtime import plan_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -364,12 +371,15 @@ class TokenStateCache:
         )
         progress = TextProgress(desc, n)
 
-        # At least one batch per worker, so that a short list still uses every core.
+        # Length buckets (`plan_buckets`, as the feature cache and the service split), longest
+        # first, at least one per worker so that a short list still uses every core.
         size = min(self.batch_size, max(1, -(-n // producer.workers)))
+        ascending = np.argsort(lengths, kind="stable")
+        buckets = plan_buckets(lengths[ascending], max_size=size)
 
         def batches():
-            for i in range(0, n, size):
-                rows = order[i : i + size]
+            for start, end in reversed(buckets):
+                rows = ascending[start:end][::-1]
                 width = int(lengths[rows].max())
                 batch_ids = np.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=np.int64)
                 mask = np.zeros((len(rows), width), dtype=np.int64)

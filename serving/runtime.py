@@ -56,10 +56,14 @@ RUN_OVERHEAD_TOKENS = 16
 # with their space, so the cut leaves every token the model reads in all but texts of mostly
 # whitespace or symbols the vocabulary lacks; a cut text is always reported as truncated.
 CHARS_PER_TOKEN = 32
-# Least work of a call, in token positions as `plan_buckets` counts them (padding and one
-# RUN_OVERHEAD_TOKENS per bucket included), for the data-parallel path; below it the
-# multi-threaded session runs the call alone. PLACEHOLDER_MEASURED
-PARALLEL_MIN_TOKENS = 128
+# How much faster the multi-threaded session computes a bucket than one thread does: a call
+# runs data-parallel only when its units, one thread each, finish before the buckets would
+# on all threads (makespan x this < their total cost; `plan_parallel`). Measured on the 2-core
+# machine: 1.1x for one short text (9.7 vs 10.7 ms), 1.7x for batches of 32 (564-579 vs
+# 334-338 texts/s). Small calls count most here (large ones split evenly), so 1.2: the
+# sequential path where one long text dominates a call, the parallel one for calls of two or
+# more dev-like texts (1.38-1.48x faster there: docs/results.md, issue 11, run 6).
+MULTI_THREAD_SPEEDUP = 1.2
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -241,17 +245,18 @@ def plan_parallel(
     lengths: np.ndarray,
     buckets: list[tuple[int, int]],
     workers: int,
-    min_tokens: int = PARALLEL_MIN_TOKENS,
+    speedup: float = MULTI_THREAD_SPEEDUP,
     overhead: int = RUN_OVERHEAD_TOKENS,
 ) -> list[tuple[int, int]] | None:
     """The work units for `workers` concurrent single-threaded calls, or None when the call
-    should run sequentially on the multi-threaded session (one worker, or less than
-    `min_tokens` of work).
+    should run sequentially on the multi-threaded session: one worker, a single unit (one
+    text), or units so uneven that the last to finish (`makespan`, one thread each) would
+    take longer than all buckets on the multi-threaded session (their cost / `speedup`).
 
     The largest bucket is split in two (its shorter half padded only to its own longest text)
-    while that shortens the time until the last worker finishes (`makespan`), so one worker is
-    not left computing a big bucket while the other idles. The units come largest first:
-    handed to the workers in that order, the last ones to start are the shortest.
+    while that shortens the makespan, so one worker is not left computing a big bucket while
+    the other idles. The units come largest first: handed to the workers in that order, the
+    last ones to start are the shortest.
 
     Args:
         lengths: Token counts of the texts, sorted ascending (as for `plan_buckets`).
@@ -259,24 +264,24 @@ def plan_parallel(
     """
     if workers < 2 or not buckets:
         return None
-    if sum(bucket_cost(lengths, b, overhead) for b in buckets) < min_tokens:
-        return None
+
+    def costs(units: list[tuple[int, int]]) -> list[int]:
+        return [bucket_cost(lengths, b, overhead) for b in units]
 
     def by_cost(units: list[tuple[int, int]]) -> list[tuple[int, int]]:
         return sorted(units, key=lambda b: bucket_cost(lengths, b, overhead), reverse=True)
 
     units = by_cost(buckets)
-    while True:
+    while units[0][1] - units[0][0] >= 2:
         start, end = units[0]
-        if end - start < 2:
-            return units
         mid = (start + end) // 2
         split = by_cost([(start, mid), (mid, end), *units[1:]])
-        if makespan([bucket_cost(lengths, b, overhead) for b in split], workers) >= makespan(
-            [bucket_cost(lengths, b, overhead) for b in units], workers
-        ):
-            return units
+        if makespan(costs(split), workers) >= makespan(costs(units), workers):
+            break
         units = split
+    if len(units) < 2 or makespan(costs(units), workers) * speedup >= sum(costs(buckets)):
+        return None
+    return units
 
 
 def makespan(costs: list[int], workers: int) -> int:

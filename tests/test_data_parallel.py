@@ -57,7 +57,7 @@ def test_parallel_units_cover_every_text_once_and_never_finish_later(seed):
     lengths = np.sort(np.clip(rng.gamma(2.0, 10.0, size=int(rng.integers(2, 80))), 3, 100))
     lengths = lengths.astype(np.int64)
     buckets = plan_buckets(lengths)
-    units = plan_parallel(lengths, buckets, workers=2, min_tokens=0)
+    units = plan_parallel(lengths, buckets, workers=2, speedup=1.0)
     assert units is not None
     covered = sorted(i for start, end in units for i in range(start, end))
     assert covered == list(range(len(lengths)))
@@ -69,15 +69,21 @@ def test_parallel_units_cover_every_text_once_and_never_finish_later(seed):
     assert costs(units) == sorted(costs(units), reverse=True)  # largest first
 
 
-def test_one_bucket_is_split_in_two_and_small_calls_stay_sequential():
+def test_one_bucket_is_split_in_two_and_uneven_calls_stay_sequential():
     lengths = np.full(32, 20)
     assert plan_buckets(lengths) == [(0, 32)]
     assert plan_parallel(lengths, [(0, 32)], workers=2) == [(0, 16), (16, 32)]
-    one = np.array([12])
-    assert plan_parallel(one, plan_buckets(one), workers=2) is None  # below min_tokens
     assert plan_parallel(lengths, [(0, 32)], workers=1) is None
-    # A single text cannot be split: it runs as one unit.
-    assert plan_parallel(np.array([500]), [(0, 1)], workers=2, min_tokens=0) == [(0, 1)]
+    two = np.array([20, 21])
+    assert plan_parallel(two, plan_buckets(two), workers=2) == [(1, 2), (0, 1)]
+    # One text cannot be split: the multi-threaded session computes it sooner.
+    assert plan_parallel(np.array([12]), [(0, 1)], workers=2) is None
+    # A long text beside a short one: one thread on the long text (16 + 128 positions) takes
+    # longer than both on the multi-threaded session ((16 + 5 + 16 + 128) / speedup).
+    uneven = np.array([5, 128])
+    assert plan_buckets(uneven) == [(0, 1), (1, 2)]
+    assert plan_parallel(uneven, [(0, 1), (1, 2)], workers=2, speedup=1.2) is None
+    assert plan_parallel(uneven, [(0, 1), (1, 2)], workers=2, speedup=1.0) == [(1, 2), (0, 1)]
 
 
 # --------------------------------------------------------------------------- runtime

@@ -170,7 +170,7 @@ def prepare_inputs(
             n_cached,
             enc.max_length,
             enc.batch_size,
-            encoder=encoder,  # PyTorch eager: faster than onnxruntime here (token_cache.py)
+            encoder=encoder,  # PyTorch eager, the default: why in token_cache.py
         )
         texts = {(t.name, split): source(t, split)[0].texts for t in tasks for split in SPLITS}
         if not all(states.has(x) for x in texts.values()):
