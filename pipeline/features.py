@@ -261,28 +261,14 @@ class OrtFeatureEncoder:
         threads: int | None = None,
         parallel: bool | None = None,
     ):
-        import onnxruntime as ort
-
-        from serving.runtime import (
-            CPU,
-            ort_parallel,
-            ort_threads,
-            parallel_workers,
-            session_options,
-        )
+        from serving.runtime import cpu_session
 
         self.encoder = encoder.eval()
         self.dim = int(encoder.dim)
         self.path = Path(path)
         if not self.path.is_file():
             export_encoder(encoder, self.path, max_length)
-        threads = threads or ort_threads()
-        enabled = ort_parallel() if parallel is None else parallel
-        self.workers = parallel_workers([CPU], threads, enabled)
-        intra_op = 1 if self.workers > 1 else threads
-        self.session = ort.InferenceSession(
-            str(self.path), session_options(intra_op), providers=[CPU]
-        )
+        self.session, self.workers = cpu_session(self.path, threads, parallel)
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """int64 [B, L] x 2 -> pooled features float32 [B, d]."""

@@ -14,8 +14,8 @@ On CPU a call with enough work runs its buckets **data-parallel**: one single-th
 session.run per core at once, each on its own buckets (the largest split in two when it alone
 would outlast the rest), rather than one bucket at a time with every GEMM split across the
 cores. On sequences of ~20 tokens the GEMMs are too small to split well; whole buckets side by
-side kept both cores busier (docs/results.md, issue 11, run 6). A call with little work (one
-short text) still runs on the multi-threaded session, which answers it sooner.
+side kept both cores busier (docs/results.md, issue 11, run 6). One text, or a call that one
+long text dominates, still runs on the multi-threaded session, which answers it sooner.
 $POLYTASK_ORT_PARALLEL=0 turns the parallel path off; on CUDA it is never used.
 
 The runtime is the only place that runs the model; the BentoML service and `polytask predict`
@@ -203,6 +203,21 @@ def parallel_workers(providers: list[str], threads: int, enabled: bool) -> int:
     if not enabled or providers[0] != CPU or threads < 2:
         return 1
     return threads
+
+
+def cpu_session(
+    path: str | Path, threads: int | None = None, parallel: bool | None = None
+) -> tuple[Any, int]:
+    """An onnxruntime CPU session of the graph at `path` for batch work (the training
+    caches), and how many calls may run on it at once: `threads` (default `ort_threads()`)
+    single-threaded calls when data-parallel (`parallel`, default `ort_parallel()`), else one
+    call at a time on `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    threads = threads or ort_threads()
+    workers = parallel_workers([CPU], threads, ort_parallel() if parallel is None else parallel)
+    options = session_options(1 if workers > 1 else threads)
+    return ort.InferenceSession(str(path), options, providers=[CPU]), workers
 
 
 def plan_buckets(
