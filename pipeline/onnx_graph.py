@@ -5,12 +5,12 @@ the frozen feature extractor (pipeline/features.py) and the lower layers of part
 (pipeline/token_cache.py). All take int64 `input_ids` and `attention_mask` [batch, seq] with
 dynamic batch and sequence (seq up to `max_length`) and keep the weights inside the .onnx file.
 
-Two exporters: the dynamo exporter (what the serving artifact uses) and the TorchScript
-exporter. Measured here on all-MiniLM-L6-v2 (encoder + mean pooling, 2 cores, a loaded
-machine): dynamo 229 s, TorchScript 19 s, both within 7e-7 of PyTorch and equally fast in
-onnxruntime. The training caches export once per encoder, before their first text, so the
-export is part of a first run's encoding time: they use TorchScript (falling back to dynamo
-if it fails). Every graph is checked against PyTorch before use, whichever exporter wrote it.
+Two exporters: TorchScript (every graph's first choice) and dynamo (its fallback). Measured
+here on all-MiniLM-L6-v2 (encoder + mean pooling, 2 cores, a loaded machine): dynamo 229 s,
+TorchScript 19 s, both within 7e-7 of PyTorch; the TorchScript serving graph ran 1.12x the
+dynamo one in onnxruntime on the idle machine (docs/results.md, issue 11). Every graph is
+checked against PyTorch on several shapes before use, whichever exporter wrote it; the serving
+export re-exports with dynamo when a traced graph fails that check.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def export_graph(
     max_length: int,
     exporter: Literal["torchscript", "dynamo"] = "torchscript",
     output_seq_dim: bool = False,
-) -> str:
+) -> Literal["torchscript", "dynamo"]:
     """Export with `exporter`; TorchScript falls back to dynamo when it fails. Returns the
     exporter that wrote the graph."""
     if exporter == "torchscript":

@@ -129,6 +129,11 @@ class ParityReport(_Strict):
     max_abs_diff: float
     passed: bool
     cases: list[ParityCase]
+    exporter: Literal["torchscript", "dynamo"] | None = Field(
+        default=None,
+        description="The torch ONNX exporter that wrote the checked graph (None: not recorded, "
+        "artifacts before session 5, all dynamo).",
+    )
 
 
 class QuantizedTask(_Strict):

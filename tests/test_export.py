@@ -37,16 +37,31 @@ def exported(run_dir, tmp_path_factory):
     return export_run(run_dir, register=False, output_dir=out)
 
 
+@pytest.fixture(scope="module")
+def dynamo_graph(run_dir, tmp_path_factory) -> Path:
+    """The run's serving graph written by the dynamo exporter (what int8 exports use)."""
+    from pipeline.export import export_onnx
+    from pipeline.runs import load_run
+
+    path = tmp_path_factory.mktemp("dynamo-graph") / "model.onnx"
+    model = load_run(run_dir).model
+    assert export_onnx(model, list(model.heads.tasks), MAX_LENGTH, path, "dynamo") == "dynamo"
+    return path
+
+
 @pytest.fixture
-def reuse_graph(exported, monkeypatch) -> None:
-    """Skip torch.onnx.export (seconds per call) in tests about later steps: the graph of this
-    run is deterministic, so the one exported by `exported` stands in for a fresh export."""
+def reuse_graph(exported, dynamo_graph, monkeypatch) -> None:
+    """Skip torch.onnx.export (seconds per call) in tests about later steps: the graphs of this
+    run are deterministic, so the ones exported once stand in for a fresh export."""
     import shutil
 
     import pipeline.export as export
 
-    def copy_graph(model, tasks, max_length, path):
-        shutil.copyfile(exported.artifact_dir / "model.onnx", path)
+    graphs = {"torchscript": exported.artifact_dir / "model.onnx", "dynamo": dynamo_graph}
+
+    def copy_graph(model, tasks, max_length, path, exporter="torchscript"):
+        shutil.copyfile(graphs[exporter], path)
+        return exporter
 
     monkeypatch.setattr(export, "export_onnx", copy_graph)
 
@@ -225,16 +240,15 @@ def test_int8_is_kept_only_if_no_task_drops_too_much(run_dir, tmp_path, reuse_gr
     assert _ort_predict(tmp_path / "k", "topic", texts).shape == (2,)
 
 
-def test_int8_variants_choose_their_nodes(run_dir, tmp_path, reuse_graph):
+def test_int8_variants_choose_their_nodes(dynamo_graph):
     """Heads stay fp32 unless the variant says otherwise; the FFN output projections (input
     from GELU) are left out by the variant that keeps them fp32; attention's activation x
-    activation MatMuls are never quantized."""
+    activation MatMuls are never quantized. On the dynamo graph, which int8 exports use."""
     import onnx
 
-    from pipeline.export import INT8_VARIANTS, export_run, int8_nodes, unshare_gemm_weights
+    from pipeline.export import INT8_VARIANTS, int8_nodes, unshare_gemm_weights
 
-    art = export_run(run_dir, register=False, output_dir=tmp_path / "a").artifact_dir
-    proto = onnx.load(str(art / "model.onnx"))
+    proto = onnx.load(str(dynamo_graph))
     unshare_gemm_weights(proto)
     weights = {i.name for i in proto.graph.initializer}
     by_name = {n.name: n for n in proto.graph.node}
@@ -338,3 +352,25 @@ def test_fix_io_names_restores_the_contract_names(exported):
     ids = np.array([[2, 7, 3]], dtype=np.int64)
     out = session.run(wanted, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     assert [o.shape for o in out] == [(1, 2), (1, 3)]
+
+
+def test_serving_graph_is_traced_and_falls_back_to_dynamo_on_failed_parity(
+    exported, run_dir, tmp_path, monkeypatch, reuse_graph
+):
+    """The default graph comes from the TorchScript exporter (recorded in the parity report);
+    a traced graph that fails parity is exported again with dynamo, which then passes."""
+    import pipeline.export as export
+
+    assert exported.metadata.parity.exporter == "torchscript"
+    real = export.check_parity
+    calls = []
+
+    def first_fails(*args, **kwargs):
+        report = real(*args, **kwargs)
+        calls.append(report)
+        return report.model_copy(update={"passed": len(calls) > 1})
+
+    monkeypatch.setattr(export, "check_parity", first_fails)
+    result = export.export_run(run_dir, register=False, output_dir=tmp_path / "fallback")
+    assert len(calls) == 2
+    assert result.metadata.parity.exporter == "dynamo" and result.metadata.parity.passed
