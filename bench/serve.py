@@ -15,7 +15,9 @@ throughput also as a share of the machine's own fp32 ceiling measured in the sam
         session on all texts sorted by length (the least padding a batch can have). Each
         twice, in alternating slices: buckets one at a time on the multi-threaded session
         (sequential, POLYTASK_ORT_PARALLEL=0, before issue 11 run 6) and data-parallel on
-        single-threaded calls (the default now); two servers, one per setting
+        single-threaded calls (the default now); two servers, one per setting. Also the
+        data-parallel server with 4x the clients: its scheduler pools concurrent requests'
+        texts, so more clients can still raise the throughput
     (d) p50 / p99 latency of 1-text requests sent at a fixed rate (open loop), and the median
         of one request alone (sent one after another), on both servers of (c)
     (e) frozen feature extraction on training texts (`--features N` of them, every task's train
@@ -614,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         servers = {m: stack.enter_context(Server(artifact, threads, envs[m])) for m in modes}
         rounds = 2
+        many = 4 * args.concurrency  # more clients: does the throughput still grow?
+        served_many, errors_many = 0.0, 0
         for _ in range(rounds):  # alternating slices: load from elsewhere hits both alike
             for mode, server in servers.items():
                 texts_s, failed = saturate(
@@ -621,6 +625,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 served[mode] += texts_s / rounds
                 errors[mode] += failed
+            texts_s, failed = saturate(
+                servers["data-parallel"].url, texts, b, many, args.seconds / rounds
+            )
+            served_many += texts_s / rounds
+            errors_many += failed
         alone = single_latency([s.url for s in servers.values()], texts)
         for mode, server in servers.items():
             latency[mode] = fixed_rate(server.url, texts, args.rate, args.seconds)
@@ -639,6 +648,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{served[mode]:.1f}, {errors[mode]} failed requests, {share(served[mode])}; "
             f"/predict / raw ORT: {served[mode] / raw[mode]:.2f}"
         )
+    print(
+        f"data-parallel: /predict with {many} clients: {served_many:.1f}, {errors_many} failed "
+        f"requests, {share(served_many)}; / {args.concurrency} clients: "
+        f"{served_many / served['data-parallel']:.2f}"
+    )
     ratios = [m["data-parallel"] / m["sequential"] for m in (raw, sorted_raw, served)]
     print(
         "data-parallel / sequential: raw as they come {:.2f}x, sorted {:.2f}x, "
@@ -661,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                 served[mode],
             ),
         ]
+    summary.append((f"POST /predict, {many} clients x {b} texts, data-parallel", served_many))
     if singles:
         multi, multi_err, split, split_err = bench_split(artifact, singles, texts, threads, args)
         print(

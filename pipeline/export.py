@@ -19,6 +19,7 @@ half-written artifact behind.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -28,6 +29,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -428,7 +430,8 @@ def export_onnx(
     graph = _serving_module(model, tasks).eval()
     outputs = [output_name(t) for t in tasks]
     try:
-        used = export_graph(graph, path, outputs, max_length, exporter=exporter)
+        with eager_attention(getattr(model.encoder, "transformer", None)):
+            used = export_graph(graph, path, outputs, max_length, exporter=exporter)
     except Exception as err:  # the exporter raises many types; name the cause in one line
         raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
     proto = onnx.load(str(path))
@@ -439,6 +442,33 @@ def export_onnx(
         raise ExportError(f"self-auxiliary weights leaked into the graph: {aux[:3]}")
     onnx.checker.check_model(str(path))
     return used
+
+
+@contextlib.contextmanager
+def eager_attention(transformer: Any) -> Iterator[None]:
+    """Trace `transformer` (a Hugging Face model, or None) with its eager attention, then
+    restore the implementation it had.
+
+    The eager attention's graph (MatMul, Softmax) ran 1.03-1.05x the SDPA one's (which adds
+    Where/IsNaN masking around the softmax) in onnxruntime, one thread, dev texts in length
+    buckets (docs/results.md, issue 11, run 8); the logits differ by ~2e-5, and export's
+    parity check against PyTorch (SDPA) holds the graph to its tolerance either way. A model
+    that cannot switch keeps its own.
+    """
+    config = getattr(transformer, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    switched = False
+    if before not in (None, "eager"):
+        try:
+            transformer.set_attn_implementation("eager")
+            switched = True
+        except Exception as err:  # any model-specific refusal: export as it is
+            logger.info("attention stays %s for export: %s", before, err)
+    try:
+        yield
+    finally:
+        if switched:
+            transformer.set_attn_implementation(before)
 
 
 def _serving_module(model: Any, tasks: list[str]) -> Any:

@@ -11,12 +11,16 @@ PyTorch parity check, and the raw logits stay available (`BatchOutput.logits`) t
 calibration before and after with the very code that serves.
 
 On CPU a call with enough work runs its buckets **data-parallel**: one single-threaded
-session.run per core at once, each on its own buckets (the largest split in two when it alone
-would outlast the rest), rather than one bucket at a time with every GEMM split across the
-cores. On sequences of ~20 tokens the GEMMs are too small to split well; whole buckets side by
-side kept both cores busier (docs/results.md, issue 11, run 6). One text, or a call that one
-long text dominates, still runs on the multi-threaded session, which answers it sooner.
-$POLYTASK_ORT_PARALLEL=0 turns the parallel path off; on CUDA it is never used.
+session.run per core at once, each on its own buckets, rather than one bucket at a time with
+every GEMM split across the cores. On sequences of ~20 tokens the GEMMs are too small to split
+well; whole buckets side by side kept both cores busier (docs/results.md, issue 11, run 6).
+The buckets are cut by a `BucketScheduler` shared by all concurrent calls (continuous
+batching): each core, when free, takes the next bucket from every call's texts pooled and
+sorted by length, so texts of different requests fill one bucket, and no core waits for the
+rest of a call to finish before starting on the next one (run 8). One text, or a call that one
+long text dominates, still runs on the multi-threaded session when nothing else is running,
+which answers it sooner. $POLYTASK_ORT_PARALLEL=0 turns the parallel path off; on CUDA it is
+never used.
 
 The runtime is the only place that runs the model; the BentoML service and `polytask predict`
 both call it.
@@ -24,9 +28,11 @@ both call it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +57,13 @@ CHUNK_SIZE = 64
 # this. Measured on all-MiniLM-L6-v2 (CPU, 1 and 2 threads): a 1-text, 2-token call takes
 # ~2.3 ms, about as long as 10-16 more tokens in a large batch.
 RUN_OVERHEAD_TOKENS = 16
+# Most token positions (texts x longest) in one single-threaded session.run of the
+# data-parallel path. Measured on all-MiniLM-L6-v2, one thread (docs/results.md, issue 11,
+# run 8): tokens per ms peak at 400-700 positions per call (6.7-6.9) and fall beyond (6.3 at
+# 64 x 20, 5.9 at 64 x 32: the FFN activations outgrow the core's cache), while a call's own
+# overhead is ~20 positions. The multi-threaded and CUDA sessions take buckets of up to
+# CHUNK_SIZE texts regardless.
+RUN_MAX_TOKENS = 512
 # Texts are cut to max_length x this many characters before tokenization, so the tokenizer
 # never sees a megabyte. A token spans at least one character, and English wordpieces ~4-5
 # with their space, so the cut leaves every token the model reads in all but texts of mostly
@@ -221,11 +234,15 @@ def cpu_session(
 
 
 def plan_buckets(
-    lengths: np.ndarray, max_size: int = CHUNK_SIZE, overhead: int = RUN_OVERHEAD_TOKENS
+    lengths: np.ndarray,
+    max_size: int = CHUNK_SIZE,
+    overhead: int = RUN_OVERHEAD_TOKENS,
+    max_tokens: int | None = None,
 ) -> list[tuple[int, int]]:
     """Split texts sorted by length (ascending) into consecutive buckets, each padded to its
     longest text, at the least total cost: per bucket, `overhead` plus its padded positions
     (size x longest length). Dynamic programming over the split points, O(n x max_size).
+    `max_tokens` also bounds a bucket's padded positions (a single text is always allowed).
 
     Returns:
         [start, end) index pairs into `lengths`, in order, each at most `max_size` long.
@@ -238,6 +255,10 @@ def plan_buckets(
     cut = np.zeros(n + 1, dtype=np.int64)  # cut[i]: where the last bucket of best[i] starts
     for end in range(1, n + 1):
         starts = np.arange(max(0, end - max_size), end)
+        if max_tokens is not None:
+            starts = starts[(end - starts) * lengths[end - 1] <= max_tokens]
+            if len(starts) == 0:
+                starts = np.array([end - 1])
         costs = best[starts] + overhead + (end - starts) * lengths[end - 1]
         k = int(np.argmin(costs))
         best[end], cut[end] = costs[k], starts[k]
@@ -279,6 +300,23 @@ def plan_parallel(
     """
     if workers < 2 or not buckets:
         return None
+    units = balance(lengths, buckets, workers, overhead)
+    costs = [bucket_cost(lengths, b, overhead) for b in units]
+    total = sum(bucket_cost(lengths, b, overhead) for b in buckets)
+    if len(units) < 2 or makespan(costs, workers) * speedup >= total:
+        return None
+    return units
+
+
+def balance(
+    lengths: np.ndarray,
+    buckets: list[tuple[int, int]],
+    workers: int,
+    overhead: int = RUN_OVERHEAD_TOKENS,
+) -> list[tuple[int, int]]:
+    """`buckets` as work units for `workers` at once, costliest first: the costliest split
+    in two (its shorter half padded only to its own longest text) while that brings the
+    last worker's finish (`makespan`) forward."""
 
     def costs(units: list[tuple[int, int]]) -> list[int]:
         return [bucket_cost(lengths, b, overhead) for b in units]
@@ -287,15 +325,13 @@ def plan_parallel(
         return sorted(units, key=lambda b: bucket_cost(lengths, b, overhead), reverse=True)
 
     units = by_cost(buckets)
-    while units[0][1] - units[0][0] >= 2:
+    while units and units[0][1] - units[0][0] >= 2 and workers > 1:
         start, end = units[0]
         mid = (start + end) // 2
         split = by_cost([(start, mid), (mid, end), *units[1:]])
         if makespan(costs(split), workers) >= makespan(costs(units), workers):
             break
         units = split
-    if len(units) < 2 or makespan(costs(units), workers) * speedup >= sum(costs(buckets)):
-        return None
     return units
 
 
@@ -315,12 +351,158 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+# --------------------------------------------------------------------------- continuous batching
+@dataclass(eq=False)
+class _Call:
+    """One `Runtime.run` call's texts in the scheduler: filled in by the workers."""
+
+    lengths: np.ndarray  # [n] token counts
+    ids: list[list[int]]  # [n] token ids
+    remaining: int
+    done: threading.Event = field(default_factory=threading.Event)
+    # (row indices into this call, per output logits [rows, C]) of each bucket that held them
+    results: list[tuple[np.ndarray, list[np.ndarray]]] = field(default_factory=list)
+    runs: int = 0  # session.run calls that computed some of its texts
+    positions: int = 0  # their padded positions that were this call's rows
+    error: BaseException | None = None
+
+
+class BucketScheduler:
+    """Continuous batching for the data-parallel path: up to `workers` threads, each running
+    one single-threaded `session.run` at a time, take buckets from the texts of every call
+    submitted so far, pooled and sorted by length.
+
+    A free worker plans buckets over everything pending (`plan_buckets`, at most `max_size`
+    texts and `max_tokens` padded positions each), splits them among the free workers as
+    `plan_parallel` does (`balance`), and takes the costliest unit that holds a text of the
+    oldest call: calls finish in about the order they came, longest-first evens the workers'
+    loads, and a small call still uses every core. A worker never waits for more texts: under
+    load the pool is large and buckets fill; alone, a call runs at once.
+
+    Threads start on demand and exit after `idle_exit_s` without work, so a Runtime dropped on
+    a model swap leaves no thread behind.
+
+    Args:
+        run_bucket: Computes one bucket: (ids, mask), int64 [b, L] each -> logits per output.
+    """
+
+    def __init__(
+        self,
+        run_bucket: Callable[[np.ndarray, np.ndarray], list[np.ndarray]],
+        workers: int,
+        pad_id: int = 0,
+        max_size: int = CHUNK_SIZE,
+        max_tokens: int | None = RUN_MAX_TOKENS,
+        overhead: int = RUN_OVERHEAD_TOKENS,
+        idle_exit_s: float = 10.0,
+    ) -> None:
+        self._run_bucket = run_bucket
+        self.workers = workers
+        self.pad_id = pad_id
+        self.max_size = max_size
+        self.max_tokens = max_tokens
+        self.overhead = overhead
+        self.idle_exit_s = idle_exit_s
+        self._cv = threading.Condition()
+        # (length, call number, call, row): sorted by length, then by arrival
+        self._pending: list[tuple[int, int, _Call, int]] = []
+        self._busy = 0
+        self._threads = 0
+        self._numbers = itertools.count()
+        self._names = itertools.count()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing pending and no worker computing."""
+        with self._cv:
+            return not self._pending and self._busy == 0
+
+    def submit(self, lengths: np.ndarray, ids: list[list[int]]) -> _Call:
+        """Compute these texts (token counts and ids); returns once every one is done.
+
+        Raises:
+            Whatever a session.run computing one of its texts raised.
+        """
+        call = _Call(lengths=np.asarray(lengths, dtype=np.int64), ids=ids, remaining=len(ids))
+        if not ids:
+            return call
+        with self._cv:
+            number = next(self._numbers)
+            self._pending.extend((int(n), number, call, row) for row, n in enumerate(lengths))
+            self._pending.sort(key=lambda e: (e[0], e[1]))
+            while self._threads < self.workers:
+                self._threads += 1
+                threading.Thread(
+                    target=self._work, name=f"polytask-ort_{next(self._names)}", daemon=True
+                ).start()
+            self._cv.notify_all()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call
+
+    def _take(self) -> list[tuple[int, int, _Call, int]]:
+        """The next bucket's entries, removed from the pending ones (under the lock)."""
+        lengths = np.fromiter((max(e[0], 1) for e in self._pending), dtype=np.int64)
+        buckets = plan_buckets(lengths, self.max_size, self.overhead, self.max_tokens)
+        # Split among the free workers (this one included) as `plan_parallel` would.
+        units = balance(lengths, buckets, self.workers - self._busy, self.overhead)
+        oldest = min(e[1] for e in self._pending)
+        start, end = next(
+            u for u in units if any(e[1] == oldest for e in self._pending[u[0] : u[1]])
+        )
+        taken = self._pending[start:end]
+        del self._pending[start:end]
+        return taken
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending:
+                    if not self._cv.wait(self.idle_exit_s) and not self._pending:
+                        self._threads -= 1
+                        return
+                taken = self._take()
+                self._busy += 1
+            width = max(max(e[0] for e in taken), 1)
+            ids = np.full((len(taken), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(taken), width), dtype=np.int64)
+            for i, (n, _, call, row) in enumerate(taken):
+                ids[i, :n] = call.ids[row]
+                mask[i, :n] = 1
+            error: BaseException | None = None
+            logits: list[np.ndarray] = []
+            try:
+                logits = self._run_bucket(ids, mask)
+            except BaseException as err:  # handed to the calls; the worker carries on
+                error = err
+            with self._cv:
+                self._busy -= 1
+                by_call: dict[_Call, list[int]] = {}
+                for i, (_, _, call, _) in enumerate(taken):
+                    by_call.setdefault(call, []).append(i)
+                for call, rows in by_call.items():
+                    if error is not None:
+                        call.error = call.error or error
+                    else:
+                        picked = np.array(rows)
+                        call.results.append(
+                            (np.array([taken[i][3] for i in rows]), [out[picked] for out in logits])
+                        )
+                    call.runs += 1
+                    call.positions += len(rows) * width
+                    call.remaining -= len(rows)
+                    if call.remaining == 0:
+                        call.done.set()
+
+
 # --------------------------------------------------------------------------- runtime
 class Runtime:
     """A loaded artifact: tokenizer, onnxruntime session(s) and metadata.
 
-    Thread-safe for `predict` (onnxruntime sessions and tokenizers are; concurrent calls share
-    the pool of the data-parallel path, whose units then queue).
+    Thread-safe for `run` and `predict` (onnxruntime sessions and tokenizers are). On the
+    data-parallel path, concurrent calls share one `BucketScheduler`: their texts are pooled
+    into the same buckets, so several calls at once compute faster than one after another.
 
     Args:
         artifact_dir: Directory with model.onnx, tokenizer.json and metadata.json.
@@ -376,14 +558,16 @@ class Runtime:
             ort_parallel() if parallel is None else parallel,
         )
         self.single_session: Any = None
-        self._pool: ThreadPoolExecutor | None = None
+        self.scheduler: BucketScheduler | None = None
         if self.workers > 1:
             self.single_session = ort.InferenceSession(
                 str(self.artifact_dir / ONNX_FILE),
                 session_options(1, spinning),
                 providers=self.providers,
             )
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="polytask-ort")
+            self.scheduler = BucketScheduler(self._run_single, self.workers, self.pad_id)
+        # Held while a call runs on the multi-threaded session beside the scheduler.
+        self._multi_lock = threading.Lock()
         self.labels: dict[str, list[str]] = {t.name: list(t.labels) for t in self.metadata.tasks}
         self.outputs: dict[str, str] = {t.name: t.output for t in self.metadata.tasks}
         # Temperature scaling per task head (metadata.json; 1.0 for artifacts without it).
@@ -408,6 +592,12 @@ class Runtime:
     def task_names(self) -> list[str]:
         return list(self.labels)
 
+    def _run_single(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        """Every task's logits for one bucket on the single-threaded session (the scheduler's
+        workers call this; a session looked up per call, so tests can replace it)."""
+        outputs = [self.outputs[t] for t in self.labels]
+        return self.single_session.run(outputs, {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask})
+
     def check_tasks(self, tasks: list[str] | None) -> list[str]:
         """The tasks to answer: all when None; UnknownTaskError names any the model lacks."""
         if tasks is None:
@@ -426,9 +616,11 @@ class Runtime:
 
         Texts are tokenized, sorted by token count and split into buckets (`plan_buckets`), each
         padded only to its own longest text, so little compute goes to padding; results come
-        back in input order, equal to running each text alone (within float tolerance). With
-        enough work the buckets run data-parallel (`plan_parallel`, see the module docstring);
-        `parallel=False` forces the sequential path for this call (tests and benchmarks).
+        back in input order, equal to running each text alone (within float tolerance). On the
+        data-parallel path the buckets come from the shared `BucketScheduler` (see the module
+        docstring), unless the call is one text or one long text dominates it
+        (`plan_parallel` is None) and nothing else is running; `parallel=False` forces the
+        sequential path for this call (tests and benchmarks).
         """
         tasks = self.check_tasks(tasks)
         n = len(texts)
@@ -437,7 +629,9 @@ class Runtime:
         truncated = np.zeros(n, dtype=bool)
         if n == 0:
             return BatchOutput(probs, truncated, self.version, logits=raw)
-        outputs = [self.outputs[t] for t in tasks]
+        # Every task's logits, in model order (the heads cost nothing next to the encoder, and
+        # the scheduler's buckets hold texts of calls that asked for other tasks).
+        outputs = [self.outputs[t] for t in self.labels]
         cut = self.metadata.encoder.max_length * CHARS_PER_TOKEN
         enc = self.tokenizer.encode_batch([t[:cut] for t in texts])
         lengths = np.array([len(e.ids) for e in enc], dtype=np.int64)
@@ -448,44 +642,73 @@ class Runtime:
         order = np.argsort(lengths, kind="stable")
         sorted_lengths = lengths[order]
         units = plan_buckets(sorted_lengths)
-        parallel_units = (
-            plan_parallel(sorted_lengths, units, self.workers) if parallel is not False else None
+        scheduler = self.scheduler if parallel is not False else None
+        # One text, or a call one long text dominates, is answered sooner by the
+        # multi-threaded session; but only while nothing else computes: its threads would
+        # compete with the scheduler's for the same cores, and two calls on it at once share
+        # its one intra-op pool (p99 of one-text requests at 10/s went from 21 to 71 ms).
+        alone = False
+        if (
+            scheduler is not None
+            and plan_parallel(sorted_lengths, units, self.workers) is None
+            and scheduler.idle
+        ):
+            alone = self._multi_lock.acquire(blocking=False)
+            if alone:
+                scheduler = None
+
+        if scheduler is not None:
+            done = scheduler.submit(lengths, [e.ids for e in enc])
+            results = done.results
+            runs, positions = done.runs, done.positions
+        else:
+            try:
+                results = self._sequential(enc, lengths, order, units, outputs)
+            finally:
+                if alone:
+                    self._multi_lock.release()
+            runs = len(units)
+            width = np.maximum(sorted_lengths, 1)  # as a bucket pads an empty text
+            positions = sum((end - start) * int(width[end - 1]) for start, end in units)
+        for idx, logits in results:
+            by_task = dict(zip(self.labels, logits, strict=True))  # every task, model order
+            for task in tasks:
+                raw[task][idx] = by_task[task]
+                probs[task][idx] = softmax(
+                    by_task[task].astype(np.float32) / self.temperatures[task]
+                )
+        return BatchOutput(
+            probs,
+            truncated,
+            self.version,
+            int(lengths.sum()),
+            padded_tokens=positions - int(lengths.sum()),
+            runs=runs,
+            logits=raw,
         )
 
-        def bucket(start: int, end: int) -> tuple[np.ndarray, list[np.ndarray]]:
-            """Texts order[start:end], padded to their longest: their indices and logits."""
-            idx = order[start:end]
+    def _sequential(
+        self,
+        enc: list[Any],
+        lengths: np.ndarray,
+        order: np.ndarray,
+        units: list[tuple[int, int]],
+        outputs: list[str],
+    ) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """One bucket at a time on the multi-threaded session: per bucket, the texts'
+        indices (into `enc`) and every task's logits, in model order."""
+        results = []
+        for start, end in units:
+            idx = order[start:end]  # texts order[start:end], padded to their longest
             width = max(int(lengths[idx[-1]]), 1)
             ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=np.int64)
             for row, i in enumerate(idx):
                 ids[row, : lengths[i]] = enc[i].ids
                 mask[row, : lengths[i]] = 1
-            session = self.session if parallel_units is None else self.single_session
-            return idx, session.run(outputs, {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask})
-
-        if parallel_units is None:
-            results = [bucket(start, end) for start, end in units]
-        else:
-            assert self._pool is not None  # workers > 1 made it
-            units = parallel_units
-            results = list(self._pool.map(lambda unit: bucket(*unit), units))
-        for idx, logits in results:
-            for task, out in zip(tasks, logits, strict=True):
-                raw[task][idx] = out
-                probs[task][idx] = softmax(out.astype(np.float32) / self.temperatures[task])
-        width = np.maximum(sorted_lengths, 1)  # as `bucket` pads an empty text
-        padded = sum((end - start) * int(width[end - 1]) for start, end in units)
-        padded -= int(lengths.sum())
-        return BatchOutput(
-            probs,
-            truncated,
-            self.version,
-            int(lengths.sum()),
-            padded_tokens=padded,
-            runs=len(units),
-            logits=raw,
-        )
+            feeds = {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask}
+            results.append((idx, self.session.run(outputs, feeds)))
+        return results
 
     def predict(
         self, texts: list[str], tasks: list[str] | None = None, return_all: bool = False

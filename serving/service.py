@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -111,13 +112,16 @@ MAX_BATCH_SIZE = max(2, _env_int("POLYTASK_MAX_BATCH_SIZE", 64))
 # How long a request may wait in the batcher's queue before it is refused with a 503 ("process
 # is overloaded"); a bound against runaway queues, so it must not be tight.
 MAX_LATENCY_MS = max(1, _env_int("POLYTASK_MAX_LATENCY_MS", 5000))
-# Encoder calls one main-service worker keeps in flight: while the Encoder runs one, the next
-# one travels (HTTP, pickling), so the model does not idle between calls.
-MAX_CALLS_IN_FLIGHT = 2
+# Encoder calls one main-service worker keeps in flight, and how many the Encoder runs at once
+# (BentoML's `threads`). Its runtime pools the texts of concurrent calls into shared length
+# buckets (serving.runtime.BucketScheduler), so calls sent at once compute together, and while
+# one call's last bucket runs the other core starts on the next call's. Requests beyond this
+# are merged by the Batcher.
+MAX_CALLS_IN_FLIGHT = 4
 
 
 # --------------------------------------------------------------------------- the model
-@bentoml.service(workers=ENCODER_WORKERS, traffic={"timeout": 60})
+@bentoml.service(workers=ENCODER_WORKERS, threads=MAX_CALLS_IN_FLIGHT, traffic={"timeout": 60})
 class Encoder:
     """Runs the model: one ORT call per merged batch (see `Batcher`), answers for every task."""
 
@@ -138,8 +142,9 @@ class Encoder:
             else max(1, ort_threads() // ENCODER_WORKERS)
         )
         self._stop = threading.Event()
-        # One model call at a time per worker: two concurrent ORT runs would each get all
-        # intra-op threads and fight over the same cores.
+        # One model call at a time per worker on the sequential path (POLYTASK_ORT_PARALLEL=0,
+        # CUDA): two concurrent runs would each get all intra-op threads and fight over the
+        # same cores. The data-parallel path's scheduler bounds its own threads instead.
         self._run_lock = threading.Lock()
         # Load in the background: /livez answers at once, /readyz once the model is loaded.
         threading.Thread(target=self._load_and_watch, name="polytask-model", daemon=True).start()
@@ -278,7 +283,8 @@ class Encoder:
         `texts` are usually several requests' texts, merged by the caller's `Batcher`."""
         runtime = self._require()
         metrics = get_metrics()
-        with self._run_lock:
+        lock = self._run_lock if runtime.scheduler is None else contextlib.nullcontext()
+        with lock:
             start = time.perf_counter()
             try:
                 out = runtime.run(texts)

@@ -18,6 +18,7 @@ from serving.runtime import (
     CPU,
     CUDA,
     PARALLEL_ENV,
+    BucketScheduler,
     makespan,
     ort_parallel,
     parallel_workers,
@@ -192,6 +193,145 @@ def test_concurrent_calls_share_the_pool_and_keep_their_answers(artifact):
     for i, out in enumerate(outs):
         for task in want:
             np.testing.assert_allclose(out.logits[task], want[task][i::3], atol=1e-5)
+
+
+def test_plan_buckets_bounds_padded_positions():
+    lengths = np.array([10] * 40 + [30] * 10)
+    buckets = plan_buckets(lengths, max_tokens=128)
+    assert [b for b in buckets if (b[1] - b[0]) * lengths[b[1] - 1] > 128] == []
+    assert buckets[0][0] == 0 and buckets[-1][1] == 50
+    assert all(a[1] == b[0] for a, b in zip(buckets, buckets[1:], strict=False))
+    # Without the bound, the same texts take fewer, larger buckets.
+    assert len(plan_buckets(lengths)) < len(buckets)
+    # A text longer than the bound still gets a bucket of its own.
+    assert plan_buckets(np.array([5, 300]), max_tokens=128) == [(0, 1), (1, 2)]
+
+
+class _FakeModel:
+    """A scheduler's run_bucket: 'logits' are each row's token-id sum and length, so every
+    text's answer is known; records each bucket's rows (their first token), and can hold the
+    first call until released."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.buckets: list[list[int]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        self.lock = threading.Lock()
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        with self.lock:
+            self.buckets.append([int(x) for x in ids[:, 0]])  # each row's first token
+        self.started.set()
+        self.release.wait(10)
+        return [np.stack([(ids * mask).sum(axis=1), mask.sum(axis=1)], axis=1).astype(np.float32)]
+
+
+def _answers(call) -> dict[int, tuple[float, float]]:
+    got = {}
+    for rows, (logits,) in call.results:
+        for row, value in zip(rows, logits, strict=True):
+            got[int(row)] = (float(value[0]), float(value[1]))
+    return got
+
+
+def _text(seed: int, n: int) -> list[int]:
+    """Token ids of a text whose first token is 1000 x `seed`."""
+    return [1000 * seed + k for k in range(n)]
+
+
+def test_scheduler_pools_concurrent_calls_into_shared_buckets():
+    """Calls submitted while the workers are busy are computed together: texts of different
+    calls share buckets, and each call gets exactly its own texts' answers."""
+    model = _FakeModel(hold=True)
+    scheduler = BucketScheduler(model, workers=2, idle_exit_s=1.0)
+    calls: dict[int, object] = {}
+
+    def submit(k: int, sizes: list[int]) -> None:
+        ids = [_text(100 * k + i, n) for i, n in enumerate(sizes)]
+        calls[k] = (ids, scheduler.submit(np.array(sizes), ids))
+
+    first = threading.Thread(target=submit, args=(0, [3, 3, 3, 3]))
+    first.start()
+    assert model.started.wait(10)  # both workers hold a part of call 0
+    time.sleep(0.05)
+    others = [threading.Thread(target=submit, args=(k, [4, 4, 4])) for k in (1, 2, 3)]
+    for t in others:
+        t.start()
+    time.sleep(0.2)  # all queued behind the held buckets
+    model.release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert sorted(calls) == [0, 1, 2, 3]
+    for k, (ids, call) in calls.items():
+        assert call.remaining == 0 and call.error is None
+        want = {row: (float(sum(t)), float(len(t))) for row, t in enumerate(ids)}
+        assert _answers(call) == want, k
+    # Calls 1-3 (nine texts of 4 tokens) were pooled: some bucket holds texts of two calls.
+    owners = [{first // 100_000 for first in bucket} for bucket in model.buckets]
+    assert any(len(o) > 1 for o in owners), model.buckets
+    # Call 0 ran first (it was the oldest), split between the two free workers.
+    assert owners[0] == {0} and owners[1] == {0}
+    assert scheduler.idle
+
+
+def test_scheduler_hands_errors_to_the_calls_and_keeps_working():
+    def broken(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        if (ids == 666).any():
+            raise RuntimeError("bad bucket")
+        return [np.zeros((len(ids), 2), dtype=np.float32)]
+
+    scheduler = BucketScheduler(broken, workers=2, idle_exit_s=1.0)
+    with pytest.raises(RuntimeError, match="bad bucket"):
+        scheduler.submit(np.array([1]), [[666]])
+    call = scheduler.submit(np.array([2, 3]), [[1, 2], [1, 2, 3]])
+    assert call.remaining == 0 and sum(len(rows) for rows, _ in call.results) == 2
+    assert scheduler.idle
+
+
+def test_scheduler_threads_exit_when_idle():
+    scheduler = BucketScheduler(_FakeModel(), workers=2, idle_exit_s=0.1)
+    scheduler.submit(np.array([2, 2, 2]), [[1, 2], [3, 4], [5, 6]])
+    assert any(t.name.startswith("polytask-ort") for t in threading.enumerate())
+    deadline = time.monotonic() + 5
+    while scheduler._threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scheduler._threads == 0
+    # ...and start again on the next call.
+    call = scheduler.submit(np.array([1]), [[7]])
+    assert _answers(call) == {0: (7.0, 1.0)}
+
+
+def test_a_lone_text_queues_behind_running_work_instead_of_oversubscribing(artifact):
+    """While the scheduler computes, a one-text call joins it rather than running on the
+    multi-threaded session beside it."""
+    from serving.runtime import Runtime
+
+    runtime = Runtime(artifact, threads=2, parallel=True)
+    multi, single = _Spy(runtime.session), _Spy(runtime.single_session)
+    runtime.session, runtime.single_session = multi, single
+    hold = threading.Event()
+    inner = runtime._run_single
+
+    def slow(ids, mask):
+        hold.wait(10)
+        return inner(ids, mask)
+
+    runtime.scheduler._run_bucket = slow
+    busy = threading.Thread(target=runtime.run, args=(_texts(),))
+    busy.start()
+    deadline = time.monotonic() + 5
+    while runtime.scheduler.idle and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lone = threading.Thread(target=runtime.run, args=(["good film"],))
+    lone.start()
+    time.sleep(0.1)
+    hold.set()
+    busy.join(10)
+    lone.join(10)
+    assert not multi.calls
+    assert sum(size for size, _ in single.calls) == len(_texts()) + 1
 
 
 # --------------------------------------------------------------------------- training caches

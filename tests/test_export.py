@@ -374,3 +374,22 @@ def test_serving_graph_is_traced_and_falls_back_to_dynamo_on_failed_parity(
     result = export.export_run(run_dir, register=False, output_dir=tmp_path / "fallback")
     assert len(calls) == 2
     assert result.metadata.parity.exporter == "dynamo" and result.metadata.parity.passed
+
+
+def test_serving_graph_traces_eager_attention_and_restores_the_models(run_dir, tmp_path):
+    """Export traces the encoder's eager attention (without the IsNaN guard that SDPA's
+    export puts around the softmax), then gives the model back its own implementation."""
+    import onnx
+
+    from pipeline.export import export_onnx
+    from pipeline.runs import load_run
+
+    model = load_run(run_dir).model
+    config = model.encoder.transformer.config
+    config_before = config._attn_implementation
+    assert config_before == "sdpa"  # what transformers loads by default on CPU
+    path = tmp_path / "model.onnx"
+    export_onnx(model, list(model.heads.tasks), MAX_LENGTH, path)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Softmax" in ops and "IsNaN" not in ops
+    assert model.encoder.transformer.config._attn_implementation == config_before
