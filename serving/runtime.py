@@ -644,18 +644,18 @@ class Runtime:
         units = plan_buckets(sorted_lengths)
         scheduler = self.scheduler if parallel is not False else None
         # One text, or a call one long text dominates, is answered sooner by the
-        # multi-threaded session; but only while nothing else computes: its threads would
-        # compete with the scheduler's for the same cores, and two calls on it at once share
-        # its one intra-op pool (p99 of one-text requests at 10/s went from 21 to 71 ms).
+        # multi-threaded session, one call at a time (two calls on it at once share its one
+        # intra-op pool: p99 of one-text requests at 10/s went from 21 to 71 ms); but only
+        # while the scheduler is idle, whose threads would compete for the same cores.
         alone = False
         if (
             scheduler is not None
             and plan_parallel(sorted_lengths, units, self.workers) is None
             and scheduler.idle
         ):
-            alone = self._multi_lock.acquire(blocking=False)
-            if alone:
-                scheduler = None
+            self._multi_lock.acquire()
+            alone = True
+            scheduler = None
 
         if scheduler is not None:
             done = scheduler.submit(lengths, [e.ids for e in enc])
