@@ -54,7 +54,7 @@ from serving.artifact import (
     TaskRoute,
     output_name,
 )
-from serving.runtime import TOKENIZER_FILE, Runtime
+from serving.runtime import TOKENIZER_FILE, Runtime, pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -880,13 +880,7 @@ def quantize_if_accurate(
     calibration = None
     if calibration_texts:
         enc = fp32_runtime.tokenizer.encode_batch(calibration_texts[:CALIBRATION_TEXTS])
-        width = max(len(e.ids) for e in enc)
-        ids = np.full((len(enc), width), fp32_runtime.pad_id, dtype=np.int64)
-        mask = np.zeros((len(enc), width), dtype=np.int64)
-        for row, e in enumerate(enc):
-            ids[row, : len(e.ids)] = e.ids
-            mask[row, : len(e.ids)] = 1
-        calibration = (ids, mask)
+        calibration = pad_batch([e.ids for e in enc], fp32_runtime.pad_id)
     tried: list[QuantizedVariant] = []
     candidates: list[tuple[Path, QuantizedVariant]] = []
     best: tuple[float, Path, QuantizedVariant] | None = None

@@ -344,6 +344,18 @@ def makespan(costs: list[int], workers: int) -> int:
     return max(loads)
 
 
+def pad_batch(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of several texts as one batch padded to the longest (at least 1 position,
+    so an empty text gets an all-padding row): input_ids and attention_mask, int64 [b, L]."""
+    width = max(max((len(r) for r in rows), default=0), 1)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax [n, classes], stable for large logits."""
     z = logits - logits.max(axis=-1, keepdims=True)
@@ -464,12 +476,8 @@ class BucketScheduler:
                         return
                 taken = self._take()
                 self._busy += 1
-            width = max(max(e[0] for e in taken), 1)
-            ids = np.full((len(taken), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(taken), width), dtype=np.int64)
-            for i, (n, _, call, row) in enumerate(taken):
-                ids[i, :n] = call.ids[row]
-                mask[i, :n] = 1
+            ids, mask = pad_batch([call.ids[row] for _, _, call, row in taken], self.pad_id)
+            width = ids.shape[1]
             error: BaseException | None = None
             logits: list[np.ndarray] = []
             try:
@@ -663,7 +671,7 @@ class Runtime:
             runs, positions = done.runs, done.positions
         else:
             try:
-                results = self._sequential(enc, lengths, order, units, outputs)
+                results = self._sequential(enc, order, units, outputs)
             finally:
                 if alone:
                     self._multi_lock.release()
@@ -690,7 +698,6 @@ class Runtime:
     def _sequential(
         self,
         enc: list[Any],
-        lengths: np.ndarray,
         order: np.ndarray,
         units: list[tuple[int, int]],
         outputs: list[str],
@@ -700,12 +707,7 @@ class Runtime:
         results = []
         for start, end in units:
             idx = order[start:end]  # texts order[start:end], padded to their longest
-            width = max(int(lengths[idx[-1]]), 1)
-            ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(idx), width), dtype=np.int64)
-            for row, i in enumerate(idx):
-                ids[row, : lengths[i]] = enc[i].ids
-                mask[row, : lengths[i]] = 1
+            ids, mask = pad_batch([enc[i].ids for i in idx], self.pad_id)
             feeds = {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask}
             results.append((idx, self.session.run(outputs, feeds)))
         return results

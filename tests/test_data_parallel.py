@@ -21,6 +21,7 @@ from serving.runtime import (
     BucketScheduler,
     makespan,
     ort_parallel,
+    pad_batch,
     parallel_workers,
     plan_buckets,
     plan_parallel,
@@ -205,6 +206,14 @@ def test_plan_buckets_bounds_padded_positions():
     assert len(plan_buckets(lengths)) < len(buckets)
     # A text longer than the bound still gets a bucket of its own.
     assert plan_buckets(np.array([5, 300]), max_tokens=128) == [(0, 1), (1, 2)]
+
+
+def test_pad_batch_pads_to_the_longest_and_keeps_an_empty_text_a_row():
+    ids, mask = pad_batch([[5, 6, 7], [], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 0], [8, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 0], [1, 0, 0]]
+    ids, mask = pad_batch([[]], pad_id=9)
+    assert ids.tolist() == [[9]] and mask.tolist() == [[0]]
 
 
 class _FakeModel:
