@@ -368,7 +368,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class _Call:
     """One `Runtime.run` call's texts in the scheduler: filled in by the workers."""
 
-    lengths: np.ndarray  # [n] token counts
     ids: list[list[int]]  # [n] token ids
     remaining: int
     done: threading.Event = field(default_factory=threading.Event)
@@ -435,7 +434,7 @@ class BucketScheduler:
         Raises:
             Whatever a session.run computing one of its texts raised.
         """
-        call = _Call(lengths=np.asarray(lengths, dtype=np.int64), ids=ids, remaining=len(ids))
+        call = _Call(ids=ids, remaining=len(ids))
         if not ids:
             return call
         with self._cv:
@@ -476,11 +475,11 @@ class BucketScheduler:
                         return
                 taken = self._take()
                 self._busy += 1
-            ids, mask = pad_batch([call.ids[row] for _, _, call, row in taken], self.pad_id)
-            width = ids.shape[1]
+            width = max(max(e[0] for e in taken), 1)  # as pad_batch pads
             error: BaseException | None = None
             logits: list[np.ndarray] = []
             try:
+                ids, mask = pad_batch([call.ids[row] for _, _, call, row in taken], self.pad_id)
                 logits = self._run_bucket(ids, mask)
             except BaseException as err:  # handed to the calls; the worker carries on
                 error = err
@@ -652,9 +651,9 @@ class Runtime:
         units = plan_buckets(sorted_lengths)
         scheduler = self.scheduler if parallel is not False else None
         # One text, or a call one long text dominates, is answered sooner by the
-        # multi-threaded session, one call at a time (two calls on it at once share its one
-        # intra-op pool: p99 of one-text requests at 10/s went from 21 to 71 ms); but only
-        # while the scheduler is idle, whose threads would compete for the same cores.
+        # multi-threaded session, one call at a time (two calls on it at once would share its
+        # one intra-op pool); but only while the scheduler is idle, whose threads would
+        # compete for the same cores.
         alone = False
         if (
             scheduler is not None
