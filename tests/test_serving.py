@@ -323,3 +323,30 @@ def test_metrics_record_answers_by_task_and_label():
     metrics.set_active_version("v2", previous="v1")
     assert value("polytask_model_active", version="v2") == 1
     assert value("polytask_model_active", version="v1") == 0
+
+
+def test_freezing_startup_objects_still_frees_a_swapped_out_model():
+    """`freeze_startup_objects` keeps start-up objects out of full collections, and, called
+    again after a swap, lets the old model (a reference cycle, as Runtime and its scheduler
+    are) be collected instead of staying frozen for good."""
+    import gc
+    import weakref
+
+    from serving.service import freeze_startup_objects
+
+    class Model:
+        pass
+
+    try:
+        model = Model()
+        model.me = model  # a cycle: only the cyclic collector can free it
+        ref = weakref.ref(model)
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > 0
+        del model
+        gc.collect()
+        assert ref() is not None  # frozen: a full collection does not look at it
+        freeze_startup_objects()  # what the Encoder does after a swap
+        assert ref() is None
+    finally:
+        gc.unfreeze()
