@@ -335,7 +335,7 @@ def test_freezing_startup_objects_still_frees_a_swapped_out_model():
     from serving.service import freeze_startup_objects
 
     class Model:
-        pass
+        """Stands for a served model: any object that can sit in a reference cycle."""
 
     try:
         model = Model()
