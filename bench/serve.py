@@ -18,8 +18,14 @@ throughput also as a share of the machine's own fp32 ceiling measured in the sam
         single-threaded calls (the default now); two servers, one per setting. Also the
         data-parallel server with 4x the clients: its scheduler pools concurrent requests'
         texts, so more clients can still raise the throughput
-    (d) p50 / p99 latency of 1-text requests sent at a fixed rate (open loop), and the median
-        of one request alone (sent one after another), on both servers of (c)
+    (d) p50 / p99 / max latency of 1-text requests sent at a fixed rate (open loop) for
+        `--latency-seconds` (300 requests by default, so that p99 is not just the slowest
+        one), the median of one request alone (sent one after another), and the first request
+        after the server sat idle, on both servers of (c)
+
+Every measured window opens after a second of the same load (`WARMUP_S`): on the machines this
+was written on, an idle process's memory is slow to touch again for a while
+(`bench/idle_memory.py`), and that start-up cost is reported in (d), not mixed into steady state.
     (e) frozen feature extraction on training texts (`--features N` of them, every task's train
         split interleaved): PyTorch eager in fixed length-sorted batches (how the feature cache
         ran first) vs PyTorch and onnxruntime in length buckets, onnxruntime sequential and
@@ -59,6 +65,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# Seconds of load before a measured window opens, so that the window sees steady state (see
+# `_closed_loop`); the first request after idle is reported on its own in (d).
+WARMUP_S = 1.0
 sys.path.insert(0, str(REPO))
 
 
@@ -249,33 +258,56 @@ class Server:
         self.log.close()
 
 
-def _closed_loop(texts: list[str], batch: int, concurrency: int, seconds: float, send):
-    """Texts/s and failed requests of `concurrency` closed-loop clients, each sending
-    `batch`-text chunks with `send(http, fan, chunk) -> ok` for about `seconds`."""
+def _closed_loop(
+    texts: list[str], batch: int, concurrency: int, seconds: float, send, warmup: float = WARMUP_S
+):
+    """Texts/s in steady state and failed requests of `concurrency` closed-loop clients, each
+    sending `batch`-text chunks with `send(http, fan, chunk) -> ok`.
+
+    The clients are made before the clock starts, run `warmup` s before the measured window
+    of `seconds` opens, and each request counts its texts in proportion to the part of it
+    inside the window. Why the warm-up: on the machines this was written on, the host takes
+    back an idle process's memory within seconds (`bench/idle_memory.py`), and a server that
+    sat idle while the other one was measured pays ~0.2 s to fault its weights back in, which
+    is start-up, not throughput. Failed requests count wherever they fall."""
     import httpx
 
-    done = [0] * concurrency
+    counted = [0.0] * concurrency
     errors = [0] * concurrency
-    stop = time.perf_counter() + seconds
+    https = [httpx.Client(timeout=60) for _ in range(concurrency)]
+    fans = [ThreadPoolExecutor(8) for _ in range(concurrency)]
+    go = threading.Event()
+    window: list[float] = []
 
     def client(k: int) -> None:
         i = k * batch
-        with httpx.Client(timeout=60) as http, ThreadPoolExecutor(8) as fan:
-            while time.perf_counter() < stop:
-                chunk = [texts[(i + j) % len(texts)] for j in range(batch)]
-                if send(http, fan, chunk):
-                    done[k] += batch
-                else:
-                    errors[k] += 1
-                i += batch * concurrency
+        go.wait()
+        opens, closes = window
+        while time.perf_counter() < closes:
+            chunk = [texts[(i + j) % len(texts)] for j in range(batch)]
+            start = time.perf_counter()
+            ok = send(https[k], fans[k], chunk)
+            end = time.perf_counter()
+            if not ok:
+                errors[k] += 1
+            else:
+                inside = min(end, closes) - max(start, opens)
+                if inside > 0:
+                    counted[k] += batch * inside / (end - start)
+            i += batch * concurrency
 
-    start = time.perf_counter()
     workers = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
     for w in workers:
         w.start()
+    now = time.perf_counter()
+    window[:] = [now + warmup, now + warmup + seconds]
+    go.set()
     for w in workers:
         w.join()
-    return sum(done) / (time.perf_counter() - start), sum(errors)
+    for http, fan in zip(https, fans, strict=True):
+        http.close()
+        fan.shutdown()
+    return sum(counted) / seconds, sum(errors)
 
 
 def saturate(url: str, texts: list[str], batch: int, concurrency: int, seconds: float):
@@ -321,9 +353,13 @@ def bench_split(artifact: Path, singles: dict[str, Path], texts, threads, args):
     return multi, multi_err, split, split_err
 
 
-def fixed_rate(url: str, texts: list[str], per_second: float, seconds: float):
-    """p50, p99 latency (ms) of 1-text requests sent every 1/per_second s (open loop: latency
-    counts from the scheduled send time, so queueing behind slow requests is included).
+def fixed_rate(
+    url: str, texts: list[str], per_second: float, seconds: float, warmup: float = WARMUP_S
+) -> dict[str, float]:
+    """Latency (ms) of 1-text requests sent every 1/per_second s (open loop: latency counts
+    from the scheduled send time, so queueing behind slow requests is included): p50, p99 and
+    max over the `seconds` after a `warmup` at the same rate, and `first`, the first warm-up
+    request, which meets a server that sat idle (see `_closed_loop` on idle memory).
 
     The HTTP clients are made and connected before the clock starts (making one costs more
     CPU than a request), and reused: one per sender thread."""
@@ -332,9 +368,11 @@ def fixed_rate(url: str, texts: list[str], per_second: float, seconds: float):
     import httpx
 
     latencies: list[float] = []
+    first: list[float] = []
     errors = [0]
     lock = threading.Lock()
-    n = int(per_second * seconds)
+    skip = int(per_second * warmup)
+    n = skip + int(per_second * seconds)
     senders = min(64, max(4, int(per_second)))
     clients: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(senders):
@@ -351,18 +389,28 @@ def fixed_rate(url: str, texts: list[str], per_second: float, seconds: float):
             r = http.post(f"{url}/predict", json={"texts": [texts[i % len(texts)]]})
         finally:
             clients.put(http)
+        ms = 1000 * (time.perf_counter() - scheduled)
         with lock:
-            if r.status_code == 200:
-                latencies.append(1000 * (time.perf_counter() - scheduled))
-            else:
+            if r.status_code != 200:
                 errors[0] += 1
+            elif i == 0:
+                first.append(ms)
+            elif i >= skip:
+                latencies.append(ms)
 
     with ThreadPoolExecutor(max_workers=senders) as pool:
         list(pool.map(send, range(n)))
     while not clients.empty():
         clients.get().close()
     q = statistics.quantiles(latencies, n=100)
-    return q[49], q[98], errors[0]
+    return {
+        "p50": q[49],
+        "p99": q[98],
+        "max": max(latencies),
+        "n": len(latencies),
+        "first": first[0] if first else float("nan"),
+        "errors": errors[0],
+    }
 
 
 def single_latency(urls: list[str], texts: list[str], n: int = 50) -> dict[str, float]:
@@ -499,6 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="(c) texts per request")
     parser.add_argument("--concurrency", type=int, default=4, help="(c) clients")
     parser.add_argument("--rate", type=float, default=10.0, help="(d) requests per second")
+    parser.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=30.0,
+        help="(d) measured seconds per server: enough requests that p99 is not just the max",
+    )
     parser.add_argument("--features", type=int, default=2000, help="(e) training texts (0: skip)")
     parser.add_argument(
         "--single",
@@ -612,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     envs = {"sequential": {PARALLEL_ENV: "0"}, "data-parallel": {PARALLEL_ENV: "1"}}
     served = dict.fromkeys(modes, 0.0)
     errors = dict.fromkeys(modes, 0)
-    latency: dict[str, tuple[float, float, int]] = {}
+    latency: dict[str, dict[str, float]] = {}
     with ExitStack() as stack:
         servers = {m: stack.enter_context(Server(artifact, threads, envs[m])) for m in modes}
         rounds = 2
@@ -632,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             errors_many += failed
         alone = single_latency([s.url for s in servers.values()], texts)
         for mode, server in servers.items():
-            latency[mode] = fixed_rate(server.url, texts, args.rate, args.seconds)
+            latency[mode] = fixed_rate(server.url, texts, args.rate, args.latency_seconds)
     raw_after = raw_rates()
     raw = {m: (raw_before[m] + raw_after[m]) / 2 for m in modes}
     sorted_raw = sorted_rates()
@@ -658,13 +712,18 @@ def main(argv: list[str] | None = None) -> int:
         "data-parallel / sequential: raw as they come {:.2f}x, sorted {:.2f}x, "
         "/predict {:.2f}x".format(*ratios)
     )
-    print(f"\n(d) 1-text requests at {args.rate:g}/s for {args.seconds:g} s")
+    print(
+        f"\n(d) 1-text requests at {args.rate:g}/s for {args.latency_seconds:g} s after "
+        f"{WARMUP_S:g} s at the same rate"
+    )
     for mode in modes:
-        p50, p99, late_errors = latency[mode]
+        lat = latency[mode]
         print(
-            f"{mode:>13}: p50 {p50:.1f} ms, p99 {p99:.1f} ms (p99/p50 {p99 / p50:.2f}), "
-            f"{late_errors} failed requests; one request alone (sequential, median): "
-            f"{alone[servers[mode].url]:.1f} ms"
+            f"{mode:>13}: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms (p99/p50 "
+            f"{lat['p99'] / lat['p50']:.2f}), max {lat['max']:.1f} ms, {lat['n']:.0f} requests, "
+            f"{lat['errors']:.0f} failed; one request alone (sequential, median): "
+            f"{alone[servers[mode].url]:.1f} ms; first request after the server sat idle: "
+            f"{lat['first']:.1f} ms"
         )
     for mode in modes:
         summary += [
