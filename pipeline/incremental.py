@@ -601,14 +601,20 @@ def route_new_tasks(heads: Any, ctx: Any, rcfg: Any, seed: int) -> dict[str, Any
     out = {}
     for i, t in enumerate(ctx.tasks):
         x, y = ctx.train[t].inputs["features"].float(), ctx.train[t].labels
-        fit_private_head(heads.private[t], heads.standardize(x), y, rcfg.private, seed * 1000 + i)
-        heads.private[t].requires_grad_(False)
         xd, yd = ctx.dev[t].inputs["features"].float(), ctx.dev[t].labels
+        _, private = fit_private_head(
+            heads.private[t],
+            heads.standardize(x),
+            y,
+            rcfg.private,
+            seed * 1000 + i,
+            dev=(heads.standardize(xd), yd),
+        )
+        heads.private[t].requires_grad_(False)
         with torch.no_grad():
             heads.eval()
             shared = heads(xd, t, path="shared")[0].argmax(-1) == yd
-            private = heads(xd, t, path="private")[0].argmax(-1) == yd
-        out[t] = decide(shared.numpy(), private.numpy(), rcfg.margin_se, seed)
+        out[t] = decide(shared.numpy(), private, rcfg.margin_se, seed, prefer=rcfg.prefer)
         heads.routes[t] = out[t].path
         logger.info("route %s: %s", t, format_route(out[t]))
     return out

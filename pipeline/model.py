@@ -262,11 +262,21 @@ class AuxTower(nn.Module):
         return self.net(h) / self.temperature
 
 
-def private_head(in_dim: int, num_classes: int, hidden_size: int, dropout: float) -> nn.Module:
-    """P_i, a task's private path: linear, or one hidden layer, on the standardized encoder
-    features. [B, d] -> [B, C]. It shares nothing with the other tasks, so it cannot suffer
-    their interference (nor gain from them). The form of a main tower, on d inputs."""
-    return main_tower(in_dim, num_classes, hidden_size, dropout)
+def private_head(
+    in_dim: int, num_classes: int, hidden_sizes: Sequence[int], dropout: float
+) -> nn.Module:
+    """P_i, a task's private path: an MLP on the standardized encoder features, each hidden
+    layer Linear + ReLU + Dropout, then a linear output. [B, d] -> [B, C]. It shares nothing
+    with the other tasks, so it cannot suffer their interference (nor gain from them). With
+    one hidden layer it is the layout (and the parameter names) of a one-layer main tower."""
+    layers: list[nn.Module] = []
+    width = in_dim
+    for size in hidden_sizes:
+        layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+        width = size
+    if not layers:  # a linear head: the layout of a linear main tower
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
 
 class MultiTaskHeads(nn.Module):
@@ -289,7 +299,7 @@ class MultiTaskHeads(nn.Module):
         aux_bottleneck: int = 8,
         aux_pool: int = 4,
         aux_temperature: float = 1.0,
-        private_hidden: int | None = None,
+        private_hidden: Sequence[int] | None = None,
         private_dropout: float = 0.1,
     ):
         super().__init__()
@@ -403,6 +413,6 @@ def build_heads(
         aux_bottleneck=aux.bottleneck_size,
         aux_pool=aux.pool_size,
         aux_temperature=aux.temperature,
-        private_hidden=private.hidden_size if private is not None else None,
+        private_hidden=list(private.hidden_sizes) if private is not None else None,
         private_dropout=private.dropout if private is not None else 0.1,
     )

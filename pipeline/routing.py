@@ -3,27 +3,35 @@
 Every task has two paths on the same pooled encoder features x:
 
     shared:   logits = A_i(B(standardize(x) R_i))     what multi-task training fitted
-    private:  logits = P_i(standardize(x))            a small head of the task's own
+    private:  logits = P_i(standardize(x))            an MLP of the task's own
 
 P_i is fitted after stage 2 (so on the final encoder's features when the encoder is
-fine-tuned), on the task's train split only; its epoch is picked on a slice held out of the
-train split, so dev is untouched until the decision.
+fine-tuned), on the task's train split only. By default it is trained as the task's own
+single-task model would be (config.PrivateHeadConfig), its epoch picked on dev like every
+model of a run; `select: holdout` picks it on a slice of the train split instead.
 
 **The rule.** On the task's dev items, let d_j = [private right on j] - [shared right on j]
 (paired: both paths answer the same items). The mean of d is the accuracy difference; its
-standard error is sd(d) / sqrt(n). The private path is chosen only when
+standard error is sd(d) / sqrt(n). A task keeps its preferred path (`routing.prefer`) unless
+the other one leads by more than `margin_se` standard errors:
 
-    mean(d) > margin_se * SE(d)   and   mean(d) > 0,
+    prefer private:  shared chosen only when  -mean(d) > margin_se * SE(d)  and  mean(d) < 0
+    prefer shared:   private chosen only when  mean(d) > margin_se * SE(d)  and  mean(d) > 0
 
-otherwise the shared path stays. With margin_se = 1 a private path that is truly no better is
-chosen in about 16% of tasks (one-sided normal tail), and one that is better by 2 standard
-errors in about 84%; margin_se = 2 halves the first and costs more of the second. Only the
-discordant items (one path right, the other wrong) move d, so this is the normal form of
-McNemar's test on the discordant counts. The p-value recorded is its one-sided tail.
+With margin_se = 1 a path that is truly no better wins in about 16% of tasks (one-sided normal
+tail), and one that is better by 2 standard errors in about 84%. Only the discordant items
+(one path right, the other wrong) move d, so this is the normal form of McNemar's test on the
+discordant counts; the p-value recorded is the one-sided tail of the evidence for leaving the
+preferred path.
 
-Because the decision is made on dev, dev accuracy of the routed model is optimistic. The
-record therefore also carries a cross-fitted estimate: dev split in halves many times, the rule
-applied on one half and the chosen path scored on the other.
+Why private is the default: a task answered privately is as good as its own model, within
+noise, so sharing has to earn its place per task; on the data shipped here it does so by
+7 points on MR and SST-2 and not on the other tasks (docs/results.md, *Routing*).
+
+Because the decision (and, with `select: dev`, the private epoch) is made on dev, dev accuracy
+of the routed model is optimistic. The record therefore also carries a cross-fitted estimate:
+dev split in halves many times, the private epoch and the rule applied on one half and the
+chosen path scored on the other.
 
 Pure numpy here except `fit_private_head` (torch imported when it runs).
 """
@@ -56,8 +64,15 @@ class RouteDecision(BaseModel):
     difference: float = Field(description="private - shared, points.")
     standard_error: float = Field(description="Of the paired difference, points.")
     z: float | None = Field(description="difference / standard_error; None when SE is 0.")
-    p_value: float = Field(description="One-sided: P(difference this large | paths equal).")
-    margin_se: float = Field(description="Standard errors the difference had to exceed.")
+    p_value: float = Field(
+        description="One-sided: P(the other path leading by this much | paths equal), where "
+        "'other' is the path that is not preferred."
+    )
+    margin_se: float = Field(description="Standard errors the other path had to lead by.")
+    prefer: Route = Field(default="shared", description="The path kept without evidence.")
+    private_epoch: int | None = Field(
+        default=None, description="The private head's epoch, when picked on dev (1-based)."
+    )
     n: int = Field(description="Dev items.")
     private_only_right: int = Field(description="Items only the private path got right.")
     shared_only_right: int = Field(description="Items only the shared path got right.")
@@ -66,6 +81,12 @@ class RouteDecision(BaseModel):
         description="Routed accuracy with the rule chosen on one half of dev and scored on the "
         "other (mean over random halvings): the routed model's dev score without selection "
         "bias, at half the evidence.",
+    )
+    private_crossfit_accuracy: float | None = Field(
+        default=None,
+        description="The private path alone, its epoch picked on one half of dev and scored on "
+        "the other (same halvings): what the task's own model scores without the selection "
+        "bias its dev number carries.",
     )
     private_fit: dict[str, float] | None = Field(
         default=None, description="The private head's fit: best epoch, holdout loss, accuracy."
@@ -76,11 +97,21 @@ class RouteDecision(BaseModel):
         return self.private_accuracy if self.path == "private" else self.shared_accuracy
 
 
-def choose(difference: float, standard_error: float, margin_se: float) -> Route:
-    """The rule: private only if it wins by more than `margin_se` standard errors."""
-    if difference <= 0.0:
-        return "shared"
-    return "private" if difference > margin_se * standard_error else "shared"
+def choose(
+    difference: float, standard_error: float, margin_se: float, prefer: Route = "private"
+) -> Route:
+    """The rule: the preferred path stays unless the other one leads by more than `margin_se`
+    standard errors. `difference` is private - shared, in points."""
+    other: Route = "shared" if prefer == "private" else "private"
+    lead = difference if other == "private" else -difference
+    if lead <= 0.0:
+        return prefer
+    return other if lead > margin_se * standard_error else prefer
+
+
+def pick_epoch(per_epoch: np.ndarray) -> int:
+    """Index of the epoch with the most items right (the first such) in a bool [E, n]."""
+    return int(np.argmax(per_epoch.sum(axis=1)))
 
 
 def decide(
@@ -89,29 +120,39 @@ def decide(
     margin_se: float,
     seed: int = 0,
     crossfit_repeats: int = CROSSFIT_REPEATS,
+    prefer: Route = "private",
 ) -> RouteDecision:
     """The route of one task from both paths' per-item correctness on its dev items.
 
     Args:
         shared_correct: bool [n], the shared path's answer is right.
-        private_correct: bool [n], the private path's answer is right, same items.
-        margin_se: Standard errors the private path must win by.
+        private_correct: bool [n], the private path's answer is right, same items; or bool
+            [E, n], per epoch of the private head, whose epoch is then picked here (the most
+            items right) and again, on the half that chooses, in the cross-fitted estimate.
+        margin_se: Standard errors the other path must lead by.
         seed: Of the cross-fitting halvings.
         crossfit_repeats: Random halvings of the cross-fitted estimate; 0: none.
+        prefer: The path kept without evidence.
     """
     s = np.asarray(shared_correct, dtype=bool)
-    p = np.asarray(private_correct, dtype=bool)
-    if s.shape != p.shape or s.ndim != 1 or len(s) < 2:
+    per_epoch = np.asarray(private_correct, dtype=bool)
+    if per_epoch.ndim == 1:
+        per_epoch = per_epoch[None]
+    if s.ndim != 1 or per_epoch.ndim != 2 or per_epoch.shape[1] != len(s) or len(s) < 2:
         raise ValueError(
-            f"need two equal 1-d correctness vectors of >= 2 items: {s.shape} {p.shape}"
+            "need a 1-d shared correctness vector of >= 2 items and a private one of the same "
+            f"items ([n] or [epochs, n]): {s.shape} {np.shape(private_correct)}"
         )
+    epoch = pick_epoch(per_epoch)
+    p = per_epoch[epoch]
     diff, se = paired_difference(s, p)
     z = diff / se if se > 0 else None
-    # SE 0: the paths agree on every item (no evidence) or differ on all in one direction.
-    no_evidence = 1.0 if diff <= 0 else 0.0
-    p_value = 0.5 * math.erfc(z / math.sqrt(2.0)) if z is not None else no_evidence
+    lead = diff if prefer == "shared" else -diff  # how far the other path leads
+    # SE 0: the paths agree on every item (no evidence) or differ all one way.
+    no_evidence = 0.0 if lead > 0 else 1.0
+    p_value = 0.5 * math.erfc(lead / se / math.sqrt(2.0)) if se > 0 else no_evidence
     return RouteDecision(
-        path=choose(diff, se, margin_se),
+        path=choose(diff, se, margin_se, prefer),
         shared_accuracy=100.0 * float(s.mean()),
         private_accuracy=100.0 * float(p.mean()),
         difference=diff,
@@ -119,11 +160,20 @@ def decide(
         z=z,
         p_value=p_value,
         margin_se=margin_se,
+        prefer=prefer,
+        private_epoch=epoch + 1 if len(per_epoch) > 1 else None,
         n=len(s),
         private_only_right=int((p & ~s).sum()),
         shared_only_right=int((s & ~p).sum()),
         crossfit_accuracy=(
-            crossfit_accuracy(s, p, margin_se, seed, crossfit_repeats) if crossfit_repeats else None
+            crossfit_accuracy(s, per_epoch, margin_se, seed, crossfit_repeats, prefer)
+            if crossfit_repeats
+            else None
+        ),
+        private_crossfit_accuracy=(
+            crossfit_private_accuracy(per_epoch, seed, crossfit_repeats)
+            if crossfit_repeats
+            else None
         ),
     )
 
@@ -141,21 +191,46 @@ def crossfit_accuracy(
     margin_se: float,
     seed: int = 0,
     repeats: int = CROSSFIT_REPEATS,
+    prefer: Route = "private",
 ) -> float | None:
     """Accuracy (percent) of the route the rule picks on one half of the items, scored on the
-    other half; averaged over both halves of `repeats` random halvings. None under 4 items."""
+    other half; averaged over both halves of `repeats` random halvings. `private` is bool [n]
+    or [E, n] per epoch; per epoch, the half that chooses also picks the epoch. None under 4
+    items."""
     n = len(shared)
     if n < 4:
         return None
+    per_epoch = private if private.ndim == 2 else private[None]
     rng = np.random.default_rng(seed)
     scores = []
     for _ in range(repeats):
         order = rng.permutation(n)
         halves = order[: n // 2], order[n // 2 :]
         for pick, score in (halves, halves[::-1]):
-            diff, se = paired_difference(shared[pick], private[pick])
-            chosen = private if choose(diff, se, margin_se) == "private" else shared
+            p = per_epoch[pick_epoch(per_epoch[:, pick])]
+            diff, se = paired_difference(shared[pick], p[pick])
+            chosen = p if choose(diff, se, margin_se, prefer) == "private" else shared
             scores.append(float(chosen[score].mean()))
+    return 100.0 * float(np.mean(scores))
+
+
+def crossfit_private_accuracy(
+    private: np.ndarray, seed: int = 0, repeats: int = CROSSFIT_REPEATS
+) -> float | None:
+    """Accuracy (percent) of the private path alone with its epoch picked on one half of the
+    items and scored on the other, over the same halvings as `crossfit_accuracy` (same seed).
+    `private` is bool [n] (no pick: its mean) or [E, n]. None under 4 items."""
+    n = private.shape[-1]
+    if n < 4:
+        return None
+    per_epoch = private if private.ndim == 2 else private[None]
+    rng = np.random.default_rng(seed)
+    scores = []
+    for _ in range(repeats):
+        order = rng.permutation(n)
+        halves = order[: n // 2], order[n // 2 :]
+        for pick, score in (halves, halves[::-1]):
+            scores.append(float(per_epoch[pick_epoch(per_epoch[:, pick])][score].mean()))
     return 100.0 * float(np.mean(scores))
 
 
@@ -165,12 +240,16 @@ def fit_private_head(
     y: torch.Tensor,
     cfg: PrivateHeadConfig,
     seed: int,
-) -> dict[str, float]:
-    """Fit one private head in place on standardized features; returns what it did.
+    dev: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """Fit one private head in place on standardized features; returns what it did and, when
+    `dev` is given, its per-epoch dev correctness.
 
-    The last `holdout_fraction` of a seeded permutation of the rows picks the epoch (lowest
-    holdout loss); the head keeps that epoch's weights. Deterministic for a seed on CPU, so
-    every rank of a distributed run fits the same head.
+    AdamW with a cosine schedule over `cfg.epochs`. select=dev: trained on every row, the
+    head keeps the epoch with the most dev items right. select=holdout: the last
+    `holdout_fraction` of a seeded permutation of the rows picks the epoch (lowest holdout
+    loss, early stopping after `patience`); the head keeps that epoch's weights. Deterministic
+    for a seed on CPU, so every rank of a distributed run fits the same head.
 
     Args:
         head: P_i, [B, d] -> [B, C].
@@ -178,19 +257,35 @@ def fit_private_head(
         y: int64 [n] labels.
         cfg: The private head's settings.
         seed: Of the holdout split, the batches and dropout.
+        dev: float [m, d] standardized dev features and int64 [m] labels; required for
+            select=dev.
+
+    Returns:
+        ({"best_epoch", and "dev_accuracy" or "holdout_loss" and "holdout_accuracy"},
+        bool dev correctness: [epochs, m] per epoch for select=dev, [1, m] of the kept epoch
+        for select=holdout, None without `dev`).
     """
     import torch
     import torch.nn.functional as F
 
+    if cfg.select == "dev" and dev is None:
+        raise ValueError("select=dev needs the dev features")
     head.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
-    order = torch.randperm(n, generator=gen).to(x.device)
-    n_hold = min(max(1, int(round(cfg.holdout_fraction * n))), n - 1)
-    fit_idx, hold_idx = order[n_hold:], order[:n_hold]
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best_loss, best_epoch, bad = math.inf, 0, 0
+    if cfg.select == "holdout":
+        order = torch.randperm(n, generator=gen).to(x.device)
+        n_hold = min(max(1, int(round(cfg.holdout_fraction * n))), n - 1)
+        fit_idx, hold_idx = order[n_hold:], order[:n_hold]
+    else:
+        fit_idx, hold_idx = torch.arange(n, device=x.device), None
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = -(-len(fit_idx) // cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
+    best_score, best_epoch, bad = -math.inf, 0, 0
     best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    per_epoch: list[np.ndarray] = []
+    hold_loss = math.nan
     torch.manual_seed(seed)  # dropout
     for epoch in range(cfg.epochs):
         head.train()
@@ -200,21 +295,39 @@ def fit_private_head(
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(head(x[idx]), y[idx]).backward()
             opt.step()
+            schedule.step()
         head.eval()
         with torch.no_grad():
-            loss = float(F.cross_entropy(head(x[hold_idx]), y[hold_idx]))
-        if loss < best_loss:
-            best_loss, best_epoch, bad = loss, epoch + 1, 0
+            if dev is not None:
+                right = (head(dev[0]).argmax(-1) == dev[1]).cpu().numpy()
+                per_epoch.append(right)
+            if hold_idx is not None:
+                loss = float(F.cross_entropy(head(x[hold_idx]), y[hold_idx]))
+                score = -loss
+            else:
+                score = float(right.sum())
+        if score > best_score:
+            best_score, best_epoch, bad = score, epoch + 1, 0
             best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            hold_loss = -score if hold_idx is not None else hold_loss
         else:
             bad += 1
-            if bad >= cfg.patience:
+            if hold_idx is not None and bad >= cfg.patience:
                 break
     head.load_state_dict(best_state)
     head.eval()
-    with torch.no_grad():
-        hold_acc = float((head(x[hold_idx]).argmax(-1) == y[hold_idx]).float().mean())
-    return {"best_epoch": best_epoch, "holdout_loss": best_loss, "holdout_accuracy": 100 * hold_acc}
+    fit: dict[str, float] = {"best_epoch": best_epoch}
+    if hold_idx is not None:
+        with torch.no_grad():
+            hold_acc = float((head(x[hold_idx]).argmax(-1) == y[hold_idx]).float().mean())
+        fit |= {"holdout_loss": hold_loss, "holdout_accuracy": 100 * hold_acc}
+    else:
+        fit["dev_accuracy"] = 100 * float(per_epoch[best_epoch - 1].mean())
+    if not per_epoch:
+        return fit, None
+    # What the routing decision may pick from: every epoch when dev picks (decide() picks the
+    # same one), else only the epoch the holdout kept.
+    return fit, np.stack(per_epoch if hold_idx is None else [per_epoch[best_epoch - 1]])
 
 
 def format_route(d: RouteDecision) -> str:

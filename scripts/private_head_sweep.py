@@ -4,7 +4,8 @@ config's cached features, beside nothing else: a diagnostic for choosing `routin
     python scripts/private_head_sweep.py [--decontaminate]
 
 Prints one line per setting: each task's dev accuracy and the average. Each head is fitted as
-training fits it (fit_private_head: its epoch picked on 10% of the train split), one thread.
+training fits it (fit_private_head: its epoch picked on dev, or on 10% of the train split for
+the `holdout` settings), one thread.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from pipeline.routing import fit_private_head
 from pipeline.train.driver import feature_stats, prepare_inputs
 
 GRID = {
-    "h256 d0.1 p3 (default)": PrivateHeadConfig(),
-    "h512 d0.3 p3": PrivateHeadConfig(hidden_size=512, dropout=0.3),
-    "h512 d0.3 p6 e40": PrivateHeadConfig(hidden_size=512, dropout=0.3, patience=6, epochs=40),
-    "h512 d0.5 p6 e40 wd1e-3": PrivateHeadConfig(
-        hidden_size=512, dropout=0.5, patience=6, epochs=40, weight_decay=1e-3
+    "512-256 d0.3, dev pick (default)": PrivateHeadConfig(),
+    "512-256 d0.3, holdout pick": PrivateHeadConfig(select="holdout"),
+    "256 d0.1, holdout pick (before)": PrivateHeadConfig(
+        hidden_sizes=[256], dropout=0.1, weight_decay=1e-4, batch_size=128, select="holdout"
     ),
-    "linear p6 e40": PrivateHeadConfig(hidden_size=0, dropout=0.1, patience=6, epochs=40),
+    "linear, dev pick": PrivateHeadConfig(hidden_sizes=[], dropout=0.1),
 }
 
 
@@ -56,8 +56,8 @@ def main() -> None:
             x, y = (torch.tensor(tr.features) - mean) / std, torch.tensor(tr.labels)
             xd, yd = (torch.tensor(dv.features) - mean) / std, torch.tensor(dv.labels)
             torch.manual_seed(0)
-            head = private_head(x.shape[1], int(y.max()) + 1, cfg.hidden_size, cfg.dropout)
-            fit_private_head(head, x, y, cfg, seed=i)
+            head = private_head(x.shape[1], int(y.max()) + 1, cfg.hidden_sizes, cfg.dropout)
+            fit_private_head(head, x, y, cfg, seed=i, dev=(xd, yd))
             with torch.no_grad():
                 accs[t] = 100 * float((head(xd).argmax(-1) == yd).float().mean())
         per_task = " ".join(f"{t} {a:.2f}" for t, a in accs.items())

@@ -69,16 +69,22 @@ class DevReference(_Strict):
 
 class TaskRoute(_Strict):
     """Which path answers the task in model.onnx, and the dev evidence for the choice
-    (pipeline/routing.py): private only if it beat shared by more than `margin_se` standard
-    errors of the paired per-item difference."""
+    (pipeline/routing.py): the preferred path unless the other one beat it by more than
+    `margin_se` standard errors of the paired per-item difference."""
 
     path: Literal["shared", "private"]
     shared_accuracy: float = Field(description="Dev accuracy of the shared path, percent.")
     private_accuracy: float = Field(description="Dev accuracy of the private path, percent.")
     difference: float = Field(description="private - shared, points.")
     standard_error: float = Field(description="Of the paired difference, points.")
-    p_value: float = Field(description="One-sided, private better than shared.")
+    p_value: float = Field(
+        description="One-sided: the path that is not preferred better than the preferred one."
+    )
     margin_se: float
+    prefer: Literal["shared", "private"] = Field(
+        default="shared",
+        description="The path kept without evidence (artifacts before session 7: shared).",
+    )
     n: int = Field(description="Dev items the choice was made on.")
 
 

@@ -175,7 +175,12 @@ class RouteOut(BaseModel):
     private_accuracy: float = Field(description="Dev accuracy of the private path, percent.")
     difference: float = Field(description="private - shared, points.")
     standard_error: float = Field(description="Of the paired difference, points.")
-    p_value: float = Field(description="One-sided, private better than shared.")
+    p_value: float = Field(
+        description="One-sided: the path that is not preferred better than the preferred one."
+    )
+    prefer: Literal["shared", "private"] = Field(
+        default="shared", description="The path the task keeps unless dev shows the other better."
+    )
 
 
 class TaskInfoOut(BaseModel):

@@ -108,7 +108,11 @@ def test_onnx_graph_has_contract_names_and_no_aux_towers(exported):
     classes = [o.type.tensor_type.shape.dim[1].dim_value for o in graph.output]
     assert classes == [len(t.labels) for t in exported.metadata.tasks] == [2, 3]
     assert not [i.name for i in graph.initializer if "aux" in i.name]
-    assert any("towers" in i.name for i in graph.initializer)  # the main towers are there
+    # Each task's answering path is there: its main tower, or its private head when routed
+    # there (routing prefers the private path unless dev shows sharing better).
+    for task in exported.metadata.tasks:
+        part = "private" if task.route is not None and task.route.path == "private" else "towers"
+        assert any(f"{part}.{task.name}." in i.name for i in graph.initializer), task.name
 
 
 def test_onnx_predictions_equal_pipeline_evaluate(exported, run_dir):

@@ -157,7 +157,10 @@ def test_export_flags_a_child_whose_kept_task_changed(family, tmp_path):
     shutil.copytree(family["child"], run, ignore=shutil.ignore_patterns("artifact"))
     weights = run / "model" / "model.safetensors"
     state = load_tensors(weights)
-    key = next(k for k in state if k.startswith("heads.towers.sentiment.") and "weight" in k)
+    # Alter the layer that answers the task: its tower, or its private head when routed there.
+    routes = json.loads((run / "run.json").read_text()).get("routing") or {}
+    part = "private" if routes.get("sentiment", {}).get("path") == "private" else "towers"
+    key = next(k for k in state if k.startswith(f"heads.{part}.sentiment.") and "weight" in k)
     state[key] = state[key] + 0.1
     save_tensors(weights, state)
     meta = export_run(run, register=False, output_dir=tmp_path / "artifact").metadata

@@ -1,6 +1,8 @@
-"""Per-task routing (issue 13, pipeline/routing.py). Claims checked: the rule picks the private
-path only when its dev win exceeds the margin in standard errors (both ways, and at the expected
-rate when both paths are equally good); a private head learns a learnable task; a tiny run
+"""Per-task routing (issue 13, pipeline/routing.py). Claims checked: the rule leaves the
+preferred path only when the other one's dev win exceeds the margin in standard errors (both
+ways, for either preference, and at the expected rate when both paths are equally good); a
+private epoch picked on dev is picked again on the choosing half when cross-fitting; a private
+head learns a learnable task, picking its epoch on a holdout or on dev; old runs' heads load; a tiny run
 records each task's path with its evidence in run.json and the stage table; the exported graph
 answers a private task through its private head (onnxruntime equals PyTorch's private logits,
 not the shared ones) and metadata.json carries the choice; the recorded accuracies are those of
@@ -38,43 +40,57 @@ def _correctness(n: int, both: int, private_only: int, shared_only: int):
 
 
 # ----------------------------------------------------------------------------------- the rule
-def test_a_clear_private_win_is_taken_a_small_one_is_not():
+def test_a_clear_win_of_the_other_path_is_taken_a_small_one_is_not():
     # 1000 items, private alone right on 60, shared alone on 20: +4 points, SE ~0.9.
     s, p = _correctness(1000, 800, 60, 20)
-    d = decide(s, p, margin_se=2.0)
-    assert d.path == "private"
+    d = decide(s, p, margin_se=2.0, prefer="shared")
+    assert d.path == "private" and d.prefer == "shared"
     assert d.difference == pytest.approx(4.0)
     assert (d.private_only_right, d.shared_only_right) == (60, 20)
     assert d.z is not None and d.z > 4 and d.p_value < 1e-4
+    # The mirror image: preferring private, a clear shared win moves the task to shared.
+    mirror = decide(p, s, margin_se=2.0, prefer="private")
+    assert mirror.path == "shared" and mirror.difference == pytest.approx(-4.0)
+    assert mirror.p_value == pytest.approx(d.p_value)
     # 200 items, 3 vs 1 discordant: +1 point with SE ~1.0: within noise at 1 SE, taken at 0.
     s, p = _correctness(200, 150, 3, 1)
-    small = decide(s, p, margin_se=1.0)
+    small = decide(s, p, margin_se=1.0, prefer="shared")
     assert small.difference == pytest.approx(1.0)
     assert small.standard_error == pytest.approx(
         100 * np.std([1] * 3 + [-1] + [0] * 196, ddof=1) / math.sqrt(200)
     )
     assert small.path == "shared"
-    assert decide(s, p, margin_se=0.0).path == "private"
+    assert decide(s, p, margin_se=0.0, prefer="shared").path == "private"
+    assert decide(p, s, margin_se=1.0, prefer="private").path == "private"
+    assert decide(p, s, margin_se=0.0, prefer="private").path == "shared"
 
 
-def test_a_worse_or_identical_private_path_is_never_taken():
+def test_a_worse_or_identical_other_path_is_never_taken():
     s, p = _correctness(500, 400, 5, 40)
-    assert decide(s, p, margin_se=0.0).path == "shared"
-    same = decide(s, s.copy(), margin_se=0.0)
-    assert same.path == "shared" and same.standard_error == 0 and same.p_value == 1.0
-    assert choose(0.5, 0.0, 3.0) == "private"  # all discordant items favour private
-    assert choose(-0.5, 0.0, 0.0) == "shared"
+    assert decide(s, p, margin_se=0.0, prefer="shared").path == "shared"
+    assert decide(p, s, margin_se=0.0, prefer="private").path == "private"
+    for prefer in ("shared", "private"):
+        same = decide(s, s.copy(), margin_se=0.0, prefer=prefer)
+        assert same.path == prefer and same.standard_error == 0 and same.p_value == 1.0
+    assert choose(0.5, 0.0, 3.0, "shared") == "private"  # all discordant items favour private
+    assert choose(-0.5, 0.0, 0.0, "shared") == "shared"
+    assert choose(-0.5, 0.0, 3.0, "private") == "shared"  # all discordant items favour shared
+    assert choose(0.5, 0.0, 0.0, "private") == "private"
 
 
-def test_p_value_is_the_one_sided_normal_tail_of_z():
+def test_p_value_is_the_one_sided_normal_tail_of_the_other_paths_lead():
     s, p = _correctness(400, 300, 14, 6)
-    d = decide(s, p, margin_se=1.0)
+    d = decide(s, p, margin_se=1.0, prefer="shared")
     assert d.z == pytest.approx(d.difference / d.standard_error)
     assert d.p_value == pytest.approx(0.5 * math.erfc(d.z / math.sqrt(2)))
+    kept = decide(s, p, margin_se=1.0, prefer="private")  # the lead is shared's: negative
+    assert kept.p_value == pytest.approx(0.5 * math.erfc(-d.z / math.sqrt(2)))
+    assert kept.path == "private" and kept.p_value > 0.9
 
 
-def test_equally_good_paths_go_private_at_the_rate_the_margin_implies():
-    """Independent paths with the same 85% accuracy: with margin 1 SE the private path is taken
+@pytest.mark.parametrize("prefer", ["shared", "private"])
+def test_equally_good_paths_leave_the_preferred_one_at_the_rate_the_margin_implies(prefer):
+    """Independent paths with the same 85% accuracy: with margin 1 SE the other path is taken
     about 16% of the time (one-sided normal tail), with 2 SE about 2%; with 0 about half."""
     rng = np.random.default_rng(0)
     picks = {0.0: 0, 1.0: 0, 2.0: 0}
@@ -82,7 +98,8 @@ def test_equally_good_paths_go_private_at_the_rate_the_margin_implies():
     for _ in range(trials):
         s, p = rng.random(500) < 0.85, rng.random(500) < 0.85
         for margin in picks:
-            picks[margin] += decide(s, p, margin, crossfit_repeats=0).path == "private"
+            d = decide(s, p, margin, crossfit_repeats=0, prefer=prefer)
+            picks[margin] += d.path != prefer
     assert 0.40 < picks[0.0] / trials < 0.60
     assert 0.10 < picks[1.0] / trials < 0.23
     assert picks[2.0] / trials < 0.06
@@ -101,7 +118,37 @@ def test_crossfit_accuracy_is_not_optimistic_where_the_dev_choice_is():
     assert abs(np.mean(crossfit) - 85.0) < 0.5
     # A real private win survives cross-fitting.
     s, p = _correctness(1000, 800, 80, 10)
-    assert crossfit_accuracy(s, p, margin_se=2.0) == pytest.approx(100 * p.mean(), abs=0.3)
+    assert crossfit_accuracy(s, p, margin_se=2.0, prefer="shared") == pytest.approx(
+        100 * p.mean(), abs=0.3
+    )
+
+
+def test_a_private_epoch_picked_on_dev_is_picked_again_on_the_choosing_half():
+    """Twenty epochs of a private path that is 85% right on every epoch, each epoch's errors
+    independent: the epoch with the best dev score looks better than 85% on dev (selection),
+    and the decision reports it; the cross-fitted estimate, which picks the epoch on one half
+    and scores the other, does not."""
+    rng = np.random.default_rng(2)
+    in_sample, crossfit, private_alone = [], [], []
+    for _ in range(40):
+        shared = rng.random(400) < 0.80
+        per_epoch = rng.random((20, 400)) < 0.85
+        d = decide(shared, per_epoch, margin_se=1.0, crossfit_repeats=10, prefer="private")
+        best = int(np.argmax(per_epoch.sum(axis=1)))
+        assert d.private_epoch == best + 1
+        assert d.private_accuracy == pytest.approx(100 * per_epoch[best].mean())
+        in_sample.append(d.private_accuracy)
+        crossfit.append(d.crossfit_accuracy)
+        private_alone.append(d.private_crossfit_accuracy)
+    assert np.mean(in_sample) > 86.5
+    assert abs(np.mean(crossfit) - 85.0) < 0.5
+    assert abs(np.mean(private_alone) - 85.0) < 0.5
+    # Without epochs to pick from, the private path's cross-fitted accuracy is its own.
+    assert decide(shared, per_epoch[0], margin_se=1.0).private_crossfit_accuracy == pytest.approx(
+        100 * per_epoch[0].mean()
+    )
+    with pytest.raises(ValueError, match="same"):
+        decide(shared, per_epoch[:, :10], margin_se=1.0)
 
 
 def test_private_head_learns_a_separable_task_and_picks_its_epoch_on_held_out_rows():
@@ -110,12 +157,18 @@ def test_private_head_learns_a_separable_task_and_picks_its_epoch_on_held_out_ro
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(600, 16, generator=gen)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
-    head = private_head(16, 2, hidden_size=8, dropout=0.0)
-    cfg = PrivateHeadConfig(epochs=30, patience=5, lr=1e-2)
-    fit = fit_private_head(head, x, y, cfg, seed=0)
-    assert fit["holdout_accuracy"] > 95 and 1 <= fit["best_epoch"] <= 30
+    xd = torch.randn(100, 16, generator=gen)
+    yd = (xd[:, 0] + 0.5 * xd[:, 1] > 0).long()
+    torch.manual_seed(0)  # the head's initial weights: this test does not depend on others
+    head = private_head(16, 2, [8], dropout=0.0)
+    cfg = PrivateHeadConfig(epochs=30, patience=5, lr=1e-2, select="holdout")
+    fit, kept = fit_private_head(head, x, y, cfg, seed=0, dev=(xd, yd))
+    assert fit["holdout_accuracy"] > 90 and 1 <= fit["best_epoch"] <= 30
+    # Only the kept epoch goes to the decision, and it is the head's own dev correctness.
+    with torch.no_grad():
+        assert np.array_equal(kept, (head(xd).argmax(-1) == yd).numpy()[None])
     # Deterministic for a seed: the same initial weights give the same fit.
-    h_a, h_b = private_head(16, 2, 8, 0.0), private_head(16, 2, 8, 0.0)
+    h_a, h_b = private_head(16, 2, [8], 0.0), private_head(16, 2, [8], 0.0)
     h_b.load_state_dict(h_a.state_dict())
     fit_private_head(h_a, x, y, cfg, seed=3)
     fit_private_head(h_b, x, y, cfg, seed=3)
@@ -123,6 +176,44 @@ def test_private_head_learns_a_separable_task_and_picks_its_epoch_on_held_out_ro
         torch.equal(a, b)
         for a, b in zip(h_a.state_dict().values(), h_b.state_dict().values(), strict=True)
     )
+
+
+def test_private_head_picked_on_dev_keeps_the_epoch_with_most_dev_items_right():
+    from pipeline.model import private_head
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 16, generator=gen)
+    y = (x[:, 0] - x[:, 2] > 0).long()
+    xd = torch.randn(80, 16, generator=gen)
+    yd = (xd[:, 0] - xd[:, 2] > 0).long()
+    torch.manual_seed(0)
+    head = private_head(16, 2, [32, 16], dropout=0.1)
+    cfg = PrivateHeadConfig(epochs=8, lr=1e-2)  # select=dev, the default
+    fit, per_epoch = fit_private_head(head, x, y, cfg, seed=0, dev=(xd, yd))
+    assert per_epoch.shape == (8, 80)
+    best = int(np.argmax(per_epoch.sum(axis=1)))
+    assert fit["best_epoch"] == best + 1
+    assert fit["dev_accuracy"] == pytest.approx(100 * per_epoch[best].mean())
+    with torch.no_grad():
+        assert np.array_equal((head(xd).argmax(-1) == yd).numpy(), per_epoch[best])
+    assert fit["dev_accuracy"] > 90
+    with pytest.raises(ValueError, match="dev"):
+        fit_private_head(private_head(16, 2, [8], 0.0), x, y, cfg, seed=0)
+
+
+def test_private_head_layout_of_old_runs_still_loads():
+    """Runs before `hidden_sizes` stored `hidden_size`: the same one-layer head (same parameter
+    names) and its holdout pick; a linear head stays linear."""
+    from pipeline.model import main_tower, private_head
+
+    old = PrivateHeadConfig.model_validate({"hidden_size": 256, "dropout": 0.1})
+    assert old.hidden_sizes == [256] and old.select == "holdout"
+    assert PrivateHeadConfig.model_validate({"hidden_size": 0}).hidden_sizes == []
+    assert PrivateHeadConfig().hidden_sizes == [512, 256] and PrivateHeadConfig().select == "dev"
+    for width in (256, 0):
+        old_head = main_tower(384, 3, width, 0.1)  # what private_head built before
+        new_head = private_head(384, 3, [width] if width else [], 0.1)
+        new_head.load_state_dict(old_head.state_dict())  # strict: same names and shapes
 
 
 # ------------------------------------------------------------------------------------ config
@@ -133,6 +224,10 @@ def test_private_head_learns_a_separable_task_and_picks_its_epoch_on_held_out_ro
         ({"private": {"holdout_fraction": 0.7}}, "routing.private.holdout_fraction"),
         ({"private": {"hidden": 8}}, "routing.private.hidden"),
         ({"enabeld": True}, "routing.enabeld"),
+        ({"prefer": "both"}, "routing.prefer"),
+        ({"private": {"select": "test"}}, "routing.private.select"),
+        ({"private": {"hidden_sizes": [0]}}, "routing.private.hidden_sizes"),
+        ({"private": {"hidden_size": 8, "hidden_sizes": [8]}}, "routing.private"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path, routing, field):
@@ -146,7 +241,7 @@ def test_config_errors_name_the_field(tmp_path, routing, field):
 # --------------------------------------------------------------------- a tiny run, end to end
 def _train(tmp: Path, data: Path, encoder: Path, **overrides) -> tuple[Path, str]:
     raw = tiny_config_dict(data, encoder, tmp / "runs", tmp / "cache")
-    raw["routing"] = {"margin_se": 1.0, "private": {"hidden_size": 8, "epochs": 10}}
+    raw["routing"] = {"margin_se": 1.0, "private": {"hidden_sizes": [8], "epochs": 10}}
     for key, value in overrides.items():
         section, name = key.split("__")
         raw[section][name] = value
@@ -210,7 +305,10 @@ def test_run_records_each_task_route_with_its_evidence(routed_run, noisy_data_di
         assert route["difference"] == pytest.approx(
             route["private_accuracy"] - route["shared_accuracy"]
         )
-        expected = choose(route["difference"], route["standard_error"], route["margin_se"])
+        expected = choose(
+            route["difference"], route["standard_error"], route["margin_se"], route["prefer"]
+        )
+        assert route["prefer"] == "private"  # the default
         assert route["path"] == expected
         assert rec["stages"][task]["route"]["path"] == route["path"]
         # The record's numbers are the saved model's, on dev texts through its encoder.
@@ -280,6 +378,7 @@ def test_export_answers_a_private_task_through_its_private_head(
     route = rec["routing"]["topic"]
     for key in ("shared_accuracy", "private_accuracy", "difference", "standard_error", "p_value"):
         assert body["tasks"]["topic"]["route"][key] == pytest.approx(route[key])
+    assert body["tasks"]["topic"]["route"]["prefer"] == route["prefer"] == "private"
 
 
 def test_routing_off_trains_and_loads_without_private_heads(

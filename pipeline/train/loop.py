@@ -610,20 +610,24 @@ def run_routing_stage(
     start = time.monotonic()
     for i, task in enumerate(ctx.tasks):
         x, y = _features_and_labels(train[task])
-        fit = fit_private_head(
+        xd, yd = _features_and_labels(dev[task])
+        fit, private = fit_private_head(
             heads.private[task],
             heads.standardize(x),
             y,
             rcfg.private,
             ctx.cfg.train.seed * 1000 + i,
+            dev=(heads.standardize(xd), yd),
         )
-        xd, yd = _features_and_labels(dev[task])
         with torch.no_grad():
             heads.eval()
             shared = heads(xd, task, path="shared")[0].argmax(-1) == yd
-            private = heads(xd, task, path="private")[0].argmax(-1) == yd
         decision = decide(
-            shared.cpu().numpy(), private.cpu().numpy(), rcfg.margin_se, ctx.cfg.train.seed
+            shared.cpu().numpy(),
+            private,
+            rcfg.margin_se,
+            ctx.cfg.train.seed,
+            prefer=rcfg.prefer,
         )
         state.routing[task] = {**decision.model_dump(), "private_fit": fit}
         heads.routes[task] = decision.path
