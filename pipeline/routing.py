@@ -39,6 +39,7 @@ Pure numpy here except `fit_private_head` (torch imported when it runs).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -185,6 +186,17 @@ def paired_difference(shared: np.ndarray, private: np.ndarray) -> tuple[float, f
     return 100.0 * float(d.mean()), 100.0 * se
 
 
+def halvings(n: int, seed: int, repeats: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(choosing half, scored half) index pairs: both ways round of `repeats` random halvings
+    of n items, seeded, so every cross-fitted estimate of a decision uses the same splits."""
+    rng = np.random.default_rng(seed)
+    for _ in range(repeats):
+        order = rng.permutation(n)
+        halves = order[: n // 2], order[n // 2 :]
+        yield halves
+        yield halves[::-1]
+
+
 def crossfit_accuracy(
     shared: np.ndarray,
     private: np.ndarray,
@@ -201,16 +213,12 @@ def crossfit_accuracy(
     if n < 4:
         return None
     per_epoch = private if private.ndim == 2 else private[None]
-    rng = np.random.default_rng(seed)
     scores = []
-    for _ in range(repeats):
-        order = rng.permutation(n)
-        halves = order[: n // 2], order[n // 2 :]
-        for pick, score in (halves, halves[::-1]):
-            p = per_epoch[pick_epoch(per_epoch[:, pick])]
-            diff, se = paired_difference(shared[pick], p[pick])
-            chosen = p if choose(diff, se, margin_se, prefer) == "private" else shared
-            scores.append(float(chosen[score].mean()))
+    for pick, score in halvings(n, seed, repeats):
+        p = per_epoch[pick_epoch(per_epoch[:, pick])]
+        diff, se = paired_difference(shared[pick], p[pick])
+        chosen = p if choose(diff, se, margin_se, prefer) == "private" else shared
+        scores.append(float(chosen[score].mean()))
     return 100.0 * float(np.mean(scores))
 
 
@@ -224,13 +232,10 @@ def crossfit_private_accuracy(
     if n < 4:
         return None
     per_epoch = private if private.ndim == 2 else private[None]
-    rng = np.random.default_rng(seed)
-    scores = []
-    for _ in range(repeats):
-        order = rng.permutation(n)
-        halves = order[: n // 2], order[n // 2 :]
-        for pick, score in (halves, halves[::-1]):
-            scores.append(float(per_epoch[pick_epoch(per_epoch[:, pick])][score].mean()))
+    scores = [
+        float(per_epoch[pick_epoch(per_epoch[:, pick])][score].mean())
+        for pick, score in halvings(n, seed, repeats)
+    ]
     return 100.0 * float(np.mean(scores))
 
 
