@@ -314,9 +314,10 @@ def write_report(
         "- + aux towers: plain MTL with a small self-auxiliary tower per task during training.",
         "- all three: the three methods together.",
         "- routed (config as given): the config's own settings with per-task routing: after "
-        "training, each task also gets a private head on the encoder features, used instead of "
-        "the shared path only where dev shows it better by more than `routing.margin_se` "
-        "standard errors (pipeline/routing.py).",
+        "training, each task also gets a private path on the encoder features (by default "
+        "trained like its single-task model), and keeps the path `routing.prefer` names unless "
+        "dev shows the other better by more than `routing.margin_se` standard errors "
+        "(pipeline/routing.py).",
         "",
         f"Every run: encoder, shared module, towers, optimizer and epochs as in the config; "
         f"seeds {', '.join(map(str, analysis['seeds']))}; one Ray Train local-mode worker per "
