@@ -275,9 +275,9 @@ class PrivateHeadConfig(StrictModel):
 
     The defaults train what the transfer suite's single-task model of `configs/senteval6.yaml`
     trains (B's 512 -> 256 with dropout 0.3, a linear output, AdamW at 1e-3 with weight decay
-    0.01, a cosine schedule over 20 epochs of batches of 64, the epoch picked on dev): the
-    private path is meant to be as good as a task's own model, so that routing can protect a
-    task from sharing (pipeline/routing.py)."""
+    0.01, a cosine schedule over 20 epochs of batches of 64, the epoch picked on dev), plus
+    label smoothing for calibration: the private path is meant to be as good as a task's own
+    model, so that routing can protect a task from sharing (pipeline/routing.py)."""
 
     hidden_sizes: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [512, 256],
@@ -288,6 +288,16 @@ class PrivateHeadConfig(StrictModel):
     weight_decay: float = Field(default=0.01, ge=0.0, description="AdamW weight decay.")
     epochs: int = Field(default=20, ge=1, description="Epochs over the task's train split.")
     batch_size: int = Field(default=64, ge=1, description="Rows per step.")
+    label_smoothing: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Of the head's cross-entropy. A head trained to near-zero loss is "
+        "overconfident in a way one temperature does not undo; 0.1 kept its calibrated ECE "
+        "lower and its accuracy level on senteval6 (docs/results.md, *Calibration*, "
+        "'Session 8'). Runs made before this setting trained with 0; a stored config "
+        "with `hidden_size` reads as 0.",
+    )
     select: Literal["dev", "holdout"] = Field(
         default="dev",
         description="What picks the head's epoch. dev: the epoch with the best dev accuracy, "
@@ -320,6 +330,7 @@ class PrivateHeadConfig(StrictModel):
                 raise ValueError("give hidden_sizes (a list), not also hidden_size")
             data["hidden_sizes"] = [width] if isinstance(width, int) and width > 0 else []
             data.setdefault("select", "holdout")
+            data.setdefault("label_smoothing", 0.0)
         return data
 
 

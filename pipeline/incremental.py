@@ -596,13 +596,13 @@ def route_new_tasks(heads: Any, ctx: Any, rcfg: Any, seed: int) -> dict[str, Any
     decisions (RouteDecision) by task."""
     import torch
 
-    from pipeline.routing import decide, fit_private_head, format_route
+    from pipeline.routing import correct, decide, fit_private_head, format_route
 
     out = {}
     for i, t in enumerate(ctx.tasks):
         x, y = ctx.train[t].inputs["features"].float(), ctx.train[t].labels
         xd, yd = ctx.dev[t].inputs["features"].float(), ctx.dev[t].labels
-        _, private = fit_private_head(
+        _, private_logits = fit_private_head(
             heads.private[t],
             heads.standardize(x),
             y,
@@ -614,6 +614,7 @@ def route_new_tasks(heads: Any, ctx: Any, rcfg: Any, seed: int) -> dict[str, Any
         with torch.no_grad():
             heads.eval()
             shared = heads(xd, t, path="shared")[0].argmax(-1) == yd
+        private = correct(private_logits, yd.numpy())
         out[t] = decide(shared.numpy(), private, rcfg.margin_se, seed, prefer=rcfg.prefer)
         heads.routes[t] = out[t].path
         logger.info("route %s: %s", t, format_route(out[t]))

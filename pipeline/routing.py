@@ -248,13 +248,14 @@ def fit_private_head(
     dev: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], np.ndarray | None]:
     """Fit one private head in place on standardized features; returns what it did and, when
-    `dev` is given, its per-epoch dev correctness.
+    `dev` is given, its dev logits after each epoch.
 
-    AdamW with a cosine schedule over `cfg.epochs`. select=dev: trained on every row, the
-    head keeps the epoch with the most dev items right. select=holdout: the last
-    `holdout_fraction` of a seeded permutation of the rows picks the epoch (lowest holdout
-    loss, early stopping after `patience`); the head keeps that epoch's weights. Deterministic
-    for a seed on CPU, so every rank of a distributed run fits the same head.
+    AdamW with a cosine schedule over `cfg.epochs`, cross-entropy with `cfg.label_smoothing`.
+    select=dev: trained on every row, the head keeps the epoch with the most dev items right.
+    select=holdout: the last `holdout_fraction` of a seeded permutation of the rows picks the
+    epoch (lowest holdout loss, early stopping after `patience`); the head keeps that epoch's
+    weights. Deterministic for a seed on CPU, so every rank of a distributed run fits the same
+    head.
 
     Args:
         head: P_i, [B, d] -> [B, C].
@@ -267,8 +268,9 @@ def fit_private_head(
 
     Returns:
         ({"best_epoch", and "dev_accuracy" or "holdout_loss" and "holdout_accuracy"},
-        bool dev correctness: [epochs, m] per epoch for select=dev, [1, m] of the kept epoch
-        for select=holdout, None without `dev`).
+        float32 dev logits: [epochs, m, C] per epoch for select=dev (the epochs run), [1, m, C]
+        of the kept epoch for select=holdout; None without `dev`). `correct(logits, labels)`
+        turns them into what `decide` reads.
     """
     import torch
     import torch.nn.functional as F
@@ -289,7 +291,7 @@ def fit_private_head(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
     best_score, best_epoch, bad = -math.inf, 0, 0
     best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-    per_epoch: list[np.ndarray] = []
+    per_epoch: list[np.ndarray] = []  # dev logits [m, C] after each epoch
     hold_loss = math.nan
     torch.manual_seed(seed)  # dropout
     for epoch in range(cfg.epochs):
@@ -298,19 +300,20 @@ def fit_private_head(
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(head(x[idx]), y[idx]).backward()
+            loss = F.cross_entropy(head(x[idx]), y[idx], label_smoothing=cfg.label_smoothing)
+            loss.backward()
             opt.step()
             schedule.step()
         head.eval()
         with torch.no_grad():
             if dev is not None:
-                right = (head(dev[0]).argmax(-1) == dev[1]).cpu().numpy()
-                per_epoch.append(right)
+                logits = head(dev[0]).float().cpu().numpy()
+                per_epoch.append(logits)
             if hold_idx is not None:
                 loss = float(F.cross_entropy(head(x[hold_idx]), y[hold_idx]))
                 score = -loss
             else:
-                score = float(right.sum())
+                score = float(correct(logits, dev[1].cpu().numpy()).sum())
         if score > best_score:
             best_score, best_epoch, bad = score, epoch + 1, 0
             best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -327,12 +330,20 @@ def fit_private_head(
             hold_acc = float((head(x[hold_idx]).argmax(-1) == y[hold_idx]).float().mean())
         fit |= {"holdout_loss": hold_loss, "holdout_accuracy": 100 * hold_acc}
     else:
-        fit["dev_accuracy"] = 100 * float(per_epoch[best_epoch - 1].mean())
+        assert dev is not None
+        right = correct(per_epoch[best_epoch - 1], dev[1].cpu().numpy())
+        fit["dev_accuracy"] = 100 * float(right.mean())
     if not per_epoch:
         return fit, None
     # What the routing decision may pick from: every epoch when dev picks (decide() picks the
     # same one), else only the epoch the holdout kept.
     return fit, np.stack(per_epoch if hold_idx is None else [per_epoch[best_epoch - 1]])
+
+
+def correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """bool [...] whether each answer is right: logits [..., m, C] (e.g. [E, m, C] per epoch)
+    against int labels [m]."""
+    return np.asarray(logits).argmax(-1) == np.asarray(labels)
 
 
 def format_route(d: RouteDecision) -> str:

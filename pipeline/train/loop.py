@@ -598,7 +598,7 @@ def run_routing_stage(
     """Fit each task's private head on the selected model's features, then choose each task's
     path on dev with pipeline.routing's rule. Returns `best` with the private heads added; the
     decisions go to `state.routing`."""
-    from pipeline.routing import decide, fit_private_head, format_route
+    from pipeline.routing import correct, decide, fit_private_head, format_route
 
     module.load_state_dict(best)
     heads = module.heads
@@ -611,7 +611,7 @@ def run_routing_stage(
     for i, task in enumerate(ctx.tasks):
         x, y = _features_and_labels(train[task])
         xd, yd = _features_and_labels(dev[task])
-        fit, private = fit_private_head(
+        fit, private_logits = fit_private_head(
             heads.private[task],
             heads.standardize(x),
             y,
@@ -624,7 +624,7 @@ def run_routing_stage(
             shared = heads(xd, task, path="shared")[0].argmax(-1) == yd
         decision = decide(
             shared.cpu().numpy(),
-            private,
+            correct(private_logits, yd.cpu().numpy()),
             rcfg.margin_se,
             ctx.cfg.train.seed,
             prefer=rcfg.prefer,
