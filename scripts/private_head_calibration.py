@@ -28,14 +28,11 @@ import time
 
 import numpy as np
 import torch
+from private_head_sweep import add_data_arguments, task_features  # scripts/, beside this file
 
 from pipeline.calibration import ece_of_logits, fit_temperature, nll
-from pipeline.config import load_config
-from pipeline.data import decontaminate, load_tasks
-from pipeline.features import resolve_encoder_path
 from pipeline.model import private_head
 from pipeline.routing import correct, fit_private_head, halvings
-from pipeline.train.driver import feature_stats, prepare_inputs
 
 HALVINGS = 10
 
@@ -82,32 +79,19 @@ def parse_recipe(spec: str) -> tuple[str, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/senteval6.yaml")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--decontaminate", action="store_true")
+    add_data_arguments(parser)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--recipe", action="append", default=[])
     parser.add_argument("--rules", default="accuracy,nll")
     args = parser.parse_args()
     recipes = [parse_recipe(r) for r in args.recipe or ["base:ls=0", "ls01:ls=0.1"]]
     rules = args.rules.split(",")
-    torch.set_num_threads(1)
-    config = load_config(args.config, data_dir=args.data_dir)
-    tasks = load_tasks(config)
-    if args.decontaminate:
-        decontaminate(tasks)
-    full = {(t.name, n): s for t in tasks for n, s in t.splits.items()}
-    enc = resolve_encoder_path(config.encoder.path, config.encoder.allow_download)
-    inputs = prepare_inputs(config, tasks, enc, full)
-    mean, std = (torch.tensor(a) for a in feature_stats(config, inputs))
-    std = std.clamp(min=1e-6)
+    config, features = task_features(args)
     rows: dict[tuple[str, str], list[dict[str, float]]] = {}
     for seed in range(args.seeds):
         start = time.monotonic()
         for i, t in enumerate(config.task_names):
-            tr, dv = inputs.train[t], inputs.dev[t]
-            x, y = (torch.tensor(tr.features) - mean) / std, torch.tensor(tr.labels)
-            xd, yd = (torch.tensor(dv.features) - mean) / std, torch.tensor(dv.labels)
+            x, y, xd, yd = features[t]
             classes = int(max(y.max(), yd.max())) + 1
             for name, smoothing, k in recipes:
                 cfg = config.routing.private.model_copy(update={"label_smoothing": smoothing})

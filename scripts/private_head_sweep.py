@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.config import PrivateHeadConfig, load_config
+from pipeline.config import PrivateHeadConfig, RunConfig, load_config
 from pipeline.data import decontaminate, load_tasks
 from pipeline.features import resolve_encoder_path
 from pipeline.model import private_head
@@ -33,12 +33,17 @@ GRID = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/senteval6.yaml")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--decontaminate", action="store_true")
-    args = parser.parse_args()
+
+
+def task_features(
+    args: argparse.Namespace,
+) -> tuple[RunConfig, dict[str, tuple[torch.Tensor, ...]]]:
+    """The config and, per task, standardized train features, train labels, standardized dev
+    features and dev labels, as training computes them (cache, standardization, decontamination)."""
     torch.set_num_threads(1)
     config = load_config(args.config, data_dir=args.data_dir)
     tasks = load_tasks(config)
@@ -49,12 +54,23 @@ def main() -> None:
     inputs = prepare_inputs(config, tasks, enc, full)
     mean, std = (torch.tensor(a) for a in feature_stats(config, inputs))
     std = std.clamp(min=1e-6)
+    out = {}
+    for t in config.task_names:
+        tr, dv = inputs.train[t], inputs.dev[t]
+        x, y = (torch.tensor(tr.features) - mean) / std, torch.tensor(tr.labels)
+        xd, yd = (torch.tensor(dv.features) - mean) / std, torch.tensor(dv.labels)
+        out[t] = (x, y, xd, yd)
+    return config, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_arguments(parser)
+    config, features = task_features(parser.parse_args())
     for name, cfg in GRID.items():
         start, accs = time.monotonic(), {}
         for i, t in enumerate(config.task_names):
-            tr, dv = inputs.train[t], inputs.dev[t]
-            x, y = (torch.tensor(tr.features) - mean) / std, torch.tensor(tr.labels)
-            xd, yd = (torch.tensor(dv.features) - mean) / std, torch.tensor(dv.labels)
+            x, y, xd, yd = features[t]
             torch.manual_seed(0)
             head = private_head(x.shape[1], int(y.max()) + 1, cfg.hidden_sizes, cfg.dropout)
             fit_private_head(head, x, y, cfg, seed=i, dev=(xd, yd))
