@@ -14,12 +14,14 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 METADATA_FILE = "metadata.json"
 ONNX_FILE = "model.onnx"
 INPUT_NAMES = ("input_ids", "attention_mask")
+# Most knots of a top-label calibration map (two per isotonic block; dev sets give far fewer).
+MAX_KNOTS = 4096
 
 
 class _Strict(BaseModel):
@@ -33,25 +35,65 @@ class TaskMetrics(_Strict):
 
 
 class Calibration(_Strict):
-    """Temperature scaling of one task head, fitted on dev at export (pipeline/calibration.py).
-    The runtime divides the task's logits by `temperature` before the softmax. ECE in percent,
-    15 equal-width bins over the top-class confidence."""
+    """Calibration of one task head, fitted on dev at export (pipeline/calibration.py). The
+    runtime divides the task's logits by `temperature` before the softmax; with `method`
+    "temperature+isotonic" it then maps the answered class's probability through the knots
+    (`serving.runtime.top_label_map`: linear between knots, the answer never changes). ECE in
+    percent, 15 equal-width bins over the top-class confidence."""
 
-    method: Literal["temperature"] = "temperature"
+    method: Literal["temperature", "temperature+isotonic"] = "temperature"
     temperature: float = Field(gt=0)
+    knots_x: list[float] | None = Field(
+        default=None,
+        max_length=MAX_KNOTS,
+        description="temperature+isotonic: top-class probabilities after the temperature, "
+        "ascending, in [0, 1].",
+    )
+    knots_y: list[float] | None = Field(
+        default=None,
+        max_length=MAX_KNOTS,
+        description="temperature+isotonic: the calibrated probability at each knot, "
+        "non-decreasing, in [0, 1].",
+    )
     ece_before: float = Field(description="Dev ECE with T = 1, percent.")
     ece_after: float = Field(
-        description="Dev ECE with the temperature, cross-fitted (each fold scored with the T "
-        "fitted on the other folds), percent."
+        description="Dev ECE after calibration, cross-fitted (each fold scored with the map "
+        "fitted, method choice included, on the other folds; mean over `repeats` random "
+        "splits), percent."
     )
     ece_after_in_sample: float = Field(
-        description="Dev ECE with the T fitted on all of dev (optimistic), percent."
+        description="Dev ECE with the map fitted on all of dev (optimistic), percent."
+    )
+    ece_after_temperature: float | None = Field(
+        default=None,
+        description="Cross-fitted dev ECE of the temperature alone (same splits), percent.",
     )
     nll_before: float
     nll_after: float = Field(description="Cross-fitted.")
     bins: int
     folds: int
+    repeats: int = Field(default=1, ge=1, description="Random splits averaged in ece_after.")
     n: int
+
+    @model_validator(mode="after")
+    def _knots_match_the_method(self) -> Calibration:
+        xs, ys = self.knots_x, self.knots_y
+        if self.method == "temperature":
+            if xs is not None or ys is not None:
+                raise ValueError("knots_x/knots_y: only for method temperature+isotonic")
+            return self
+        if xs is None or ys is None or len(xs) != len(ys) or not xs:
+            raise ValueError(
+                "knots_x/knots_y: method temperature+isotonic needs both, of equal length >= 1"
+            )
+        for name, values in (("knots_x", xs), ("knots_y", ys)):
+            bad = next((i for i, v in enumerate(values) if not 0.0 <= v <= 1.0), None)
+            if bad is not None:
+                raise ValueError(f"{name}[{bad}]: {values[bad]} is outside [0, 1]")
+            bad = next((i for i in range(1, len(values)) if values[i] < values[i - 1]), None)
+            if bad is not None:
+                raise ValueError(f"{name}[{bad}]: {values[bad]} is below the knot before it")
+        return self
 
 
 class DevReference(_Strict):

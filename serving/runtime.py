@@ -3,7 +3,8 @@
     texts -> tokenizer.json (truncation built in) -> length buckets (texts sorted by token
     count, split where padding would cost more than another session.run) -> model.onnx (one
     encoder pass per bucket, every task's logits) -> logits / T_task (temperature scaling, from
-    metadata.json) -> softmax per task -> label, probability, truncated flag
+    metadata.json) -> softmax per task [-> top-label map, for tasks whose calibration chose
+    one] -> label, probability, truncated flag
 
 Temperatures are applied here rather than folded into model.onnx: they are fitted after the
 graph is exported and checked (on the final graph, int8 included), the same graph keeps its
@@ -363,6 +364,33 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def top_label_map(logits: np.ndarray, knots_x: np.ndarray, knots_y: np.ndarray) -> np.ndarray:
+    """Probabilities [n, C] after a top-label map (metadata `temperature+isotonic`): each
+    row's answered class keeps its label and takes the probability the map gives its softmax
+    probability (knots `knots_x` -> `knots_y`, linear between them, flat beyond); the other
+    classes share the rest in the softmax's own proportions. The top probability is raised
+    where needed so the runner-up stays below it: the answer never changes, only how sure it
+    is.
+
+    Args:
+        logits: [n, C] logits already divided by the task's temperature.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(len(z))
+    k = z.argmax(axis=-1)
+    top = softmax(z)[rows, k]
+    mapped = np.interp(top, knots_x, knots_y)
+    others = z.copy()
+    others[rows, k] = -np.inf
+    share = softmax(others)  # the other classes' proportions among themselves (top: 0)
+    runner_up = share.max(axis=-1)
+    # top > (1 - top) x runner_up  <=>  top > runner_up / (1 + runner_up): step just over it
+    mapped = np.clip(np.maximum(mapped, runner_up / (1 + runner_up) + 1e-6), 0.0, 1.0)
+    out = share * (1 - mapped)[:, None]
+    out[rows, k] = mapped
+    return out
+
+
 # --------------------------------------------------------------------------- continuous batching
 @dataclass(eq=False)
 class _Call:
@@ -593,6 +621,12 @@ class Runtime:
             t.name: t.calibration.temperature if t.calibration is not None else 1.0
             for t in self.metadata.tasks
         }
+        # A top-label map after the temperature, for tasks whose calibration chose one.
+        self.top_label_maps: dict[str, tuple[np.ndarray, np.ndarray]] = {
+            t.name: (np.asarray(t.calibration.knots_x), np.asarray(t.calibration.knots_y))
+            for t in self.metadata.tasks
+            if t.calibration is not None and t.calibration.knots_x is not None
+        }
         missing = set(self.outputs.values()) - {o.name for o in self.session.get_outputs()}
         if missing:
             raise ValueError(f"{self.artifact_dir}: model.onnx lacks outputs {sorted(missing)}")
@@ -695,6 +729,11 @@ class Runtime:
                 probs[task][idx] = softmax(
                     by_task[task].astype(np.float32) / self.temperatures[task]
                 )
+        for task in tasks:
+            if task in self.top_label_maps:
+                probs[task] = top_label_map(
+                    raw[task] / self.temperatures[task], *self.top_label_maps[task]
+                ).astype(np.float32)
         return BatchOutput(
             probs,
             truncated,
@@ -757,11 +796,17 @@ class Runtime:
         }
 
 
-def _describe_calibration(c: Calibration | None) -> dict[str, float] | None:
-    """A task's temperature and dev ECE before/after (percent), for /tasks."""
+def _describe_calibration(c: Calibration | None) -> dict[str, float | str] | None:
+    """A task's calibration method, temperature and dev ECE before/after (percent), for
+    /tasks."""
     if c is None:
         return None
-    return {"temperature": c.temperature, "ece_before": c.ece_before, "ece_after": c.ece_after}
+    return {
+        "method": c.method,
+        "temperature": c.temperature,
+        "ece_before": c.ece_before,
+        "ece_after": c.ece_after,
+    }
 
 
 def decode(

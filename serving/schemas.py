@@ -160,10 +160,16 @@ class PredictResponse(BaseModel):
 
 
 class CalibrationOut(BaseModel):
+    method: Literal["temperature", "temperature+isotonic"] = Field(
+        default="temperature",
+        description="temperature: logits / T; temperature+isotonic: then the answered label's "
+        "probability through a monotone map fitted on dev (the answer never changes).",
+    )
     temperature: float = Field(description="The task's logits are divided by it before softmax.")
     ece_before: float = Field(description="Dev expected calibration error with T = 1, percent.")
     ece_after: float = Field(
-        description="Dev expected calibration error with T, cross-fitted, percent (15 bins)."
+        description="Dev expected calibration error after calibration, cross-fitted, percent "
+        "(15 bins)."
     )
 
 
@@ -190,7 +196,7 @@ class TaskInfoOut(BaseModel):
         default=None, description="The path that answers the task and its dev evidence."
     )
     calibration: CalibrationOut | None = Field(
-        default=None, description="Temperature scaling fitted on dev; null: none (T = 1)."
+        default=None, description="Calibration fitted on dev; null: none (T = 1)."
     )
 
 

@@ -25,7 +25,9 @@ same evaluation texts, a challenger is also refused if any task's expected calib
 by more than max(`ece_tolerance` points, the bootstrap margin), the margin being 1.645 x the
 standard deviation of the ECE difference over paired bootstrap resamples of the evaluation
 texts (a one-sided 95% noise band). ECE on a few hundred texts moves by a point or more from
-sampling alone, hence both floors.
+sampling alone, hence both floors. When the evaluation set is the dev set the calibration
+maps were fitted on, the answers compared are out of fold (`pipeline.jobs.retrain.
+evaluate_artifact(cross_fit=True)`), so a flexible map is not credited for fitting those texts.
 
 Comparisons allow EPSILON for float noise, so "exactly at the tolerance" and "equal macro
 average" both pass.

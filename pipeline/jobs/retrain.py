@@ -113,6 +113,7 @@ def evaluate_artifact(
     artifact_dir: Path,
     eval_config: RunConfig,
     answers: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    cross_fit: bool = False,
 ) -> dict[str, Any]:
     """Per-task accuracy, macro-F1 and expected calibration error (percent; 15 bins, with the
     artifact's temperatures) of an exported artifact, on the evaluation set's tasks that the
@@ -122,6 +123,12 @@ def evaluate_artifact(
     Args:
         answers: If given, filled with task -> (top-class confidence, correct) per evaluation
             text, for the gate's calibration comparison.
+        cross_fit: Fill `answers` out of fold: each half of a task's evaluation texts scored
+            with the artifact's calibration method refitted on the other half (from its raw
+            logits), instead of with the maps it carries. For an evaluation set that is the
+            dev set those maps were fitted on: in-sample, a top-label map scores itself
+            almost perfectly calibrated, and a model calibrated that way would look better
+            than one calibrated by a temperature alone for that reason only.
 
     Returns:
         {"tasks": {task: {"accuracy", "macro_f1", "n", "ece"}}, "missing": [artifact tasks
@@ -130,24 +137,46 @@ def evaluate_artifact(
     Raises:
         ModelCheckError: the artifact does not load or does not answer known texts.
     """
-    from pipeline.calibration import confidences, expected_calibration_error
+    from functools import partial
+
+    from pipeline.calibration import (
+        confidences,
+        cross_fitted,
+        expected_calibration_error,
+        fit_map,
+        probabilities,
+    )
     from pipeline.data import load_tasks
     from pipeline.metrics import classification_metrics
     from serving.runtime import load_checked
 
     runtime = load_checked(artifact_dir)
     labels = runtime.labels
+    methods = {
+        i.name: i.calibration.method if i.calibration is not None else None
+        for i in runtime.metadata.tasks
+    }
     tasks = [t for t in eval_config.tasks if t.name in labels]
     data = load_tasks(eval_config.model_copy(update={"tasks": tasks}), [EVAL_SPLIT], labels)
     per_task = {}
     for t in data:
         split = t.splits[EVAL_SPLIT]
-        probs = runtime.run(split.texts, [t.name]).probabilities[t.name]
+        out = runtime.run(split.texts, [t.name])
+        probs = out.probabilities[t.name]
         pred = probs.argmax(axis=-1)
         per_task[t.name] = classification_metrics(split.labels, pred, t.num_classes)
         confidence, correct = confidences(probs, split.labels)
         per_task[t.name]["ece"] = expected_calibration_error(confidence, correct)
-        if answers is not None:
+        if answers is not None and cross_fit:
+            calibration = methods.get(t.name)
+            labels_ = np.asarray(split.labels)
+            if calibration is None:  # an uncalibrated artifact serves T = 1
+                held_out = probabilities(out.logits[t.name])
+            else:
+                fit = partial(fit_map, method=calibration)
+                held_out = cross_fitted(out.logits[t.name], labels_, fit)
+            answers[t.name] = confidences(held_out, labels_)
+        elif answers is not None:
             answers[t.name] = (confidence, correct)
     return {"tasks": per_task, "missing": [t for t in labels if t not in per_task]}
 
@@ -238,11 +267,16 @@ def _retrain(
     t_export = time.monotonic()
 
     eval_config = evaluation_config(config)
+    # Without its own evaluation set the gate scores the dev texts the calibration maps were
+    # fitted on: compare them out of fold (`evaluate_artifact`).
+    cross_fit = config.promotion.eval_data_dir is None
     # Per task, (confidence, correct) on the evaluation texts: the gate compares calibration.
     challenger_answers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     champion_answers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
-        challenger_eval = evaluate_artifact(exported.artifact_dir, eval_config, challenger_answers)
+        challenger_eval = evaluate_artifact(
+            exported.artifact_dir, eval_config, challenger_answers, cross_fit
+        )
     except ModelCheckError as err:
         # Broken: nobody may serve it, not even as the latest version.
         bentoml.models.delete(tag)
@@ -257,7 +291,9 @@ def _retrain(
     if champion is not None:
         champion_dir = Path(bentoml.models.get(champion).path)
         try:
-            champion_eval = evaluate_artifact(champion_dir, eval_config, champion_answers)
+            champion_eval = evaluate_artifact(
+                champion_dir, eval_config, champion_answers, cross_fit
+            )
         except ModelCheckError as err:
             raise PromotionError(
                 f"champion {champion} cannot be evaluated, the promoted model is broken: {err}; "
