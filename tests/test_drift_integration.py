@@ -131,11 +131,15 @@ def test_label_mix_alert_quiet_on_dev_like_traffic_fires_on_a_skewed_task(
     meta = ArtifactMetadata.read(artifact)
     reference = {t.name: t.dev_reference for t in meta.tasks}
     assert all(ref is not None for ref in reference.values()), "export wrote no dev reference"
-    # /tasks shows each task's temperature and dev ECE before/after, from metadata.json
+    # /tasks shows each task's calibration method, temperature and dev ECE before/after, from
+    # metadata.json
     described = httpx.get(f"{server}/tasks", timeout=10).json()["tasks"]
     for t in meta.tasks:
+        got = described[t.name]["calibration"]
         want = {k: getattr(t.calibration, k) for k in ("temperature", "ece_before", "ece_after")}
-        assert described[t.name]["calibration"] == pytest.approx(want), t.name
+        assert set(got) == {*want, "method"}, t.name
+        assert got["method"] == t.calibration.method, t.name
+        assert {k: got[k] for k in want} == pytest.approx(want), t.name
     dev = {
         t.name: [
             json.loads(line)["text"]
