@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from serving.artifact import MAX_KNOTS
+
 if TYPE_CHECKING:
     from serving.artifact import ArtifactMetadata
 
@@ -247,6 +249,9 @@ def fit_map(logits: np.ndarray, labels: np.ndarray, method: str = TEMPERATURE) -
         return CalibrationMap(temperature)
     confidence, correct = confidences(probabilities(logits, temperature), labels)
     kx, ky = isotonic_knots(confidence, correct.astype(np.float64))
+    if len(kx) > MAX_KNOTS:  # a very large dev set: keep evenly spaced knots (still monotone)
+        keep = np.unique(np.linspace(0, len(kx) - 1, MAX_KNOTS).round().astype(np.int64))
+        kx, ky = kx[keep], ky[keep]
     return CalibrationMap(temperature, kx, ky)
 
 

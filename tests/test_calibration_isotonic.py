@@ -111,6 +111,19 @@ def test_the_map_is_chosen_where_one_temperature_cannot_fit_and_not_elsewhere():
     assert choose_method(z_small, y_small) == TEMPERATURE
 
 
+def test_a_map_never_has_more_knots_than_the_metadata_takes(monkeypatch):
+    import pipeline.calibration as calibration
+
+    z, y = two_populations(2000, seed=4)
+    full = fit_map(z, y, ISOTONIC)
+    assert len(full.knots_x) > 8
+    monkeypatch.setattr(calibration, "MAX_KNOTS", 8)
+    thinned = calibration.fit_map(z, y, ISOTONIC)
+    assert len(thinned.knots_x) == 8
+    assert thinned.knots_x[0] == full.knots_x[0] and thinned.knots_x[-1] == full.knots_x[-1]
+    assert (np.diff(thinned.knots_x) >= 0).all() and (np.diff(thinned.knots_y) >= 0).all()
+
+
 def test_fit_map_and_cross_fitting():
     z, y = two_populations(600, seed=2)
     plain = fit_map(z, y)
