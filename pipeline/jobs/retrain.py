@@ -116,7 +116,7 @@ def evaluate_artifact(
     cross_fit: bool = False,
 ) -> dict[str, Any]:
     """Per-task accuracy, macro-F1 and expected calibration error (percent; 15 bins, with the
-    artifact's temperatures) of an exported artifact, on the evaluation set's tasks that the
+    artifact's calibration maps) of an exported artifact, on the evaluation set's tasks that the
     artifact answers, run exactly as the service runs it: loaded and checked by
     `serving.runtime.load_checked` (threads, providers, truncation, temperatures and all).
 
