@@ -279,8 +279,8 @@ def choose_method(
     """The calibration method for these texts: the top-label map only when, cross-fitted on
     them (means over `repeats` random halvings), it has both a lower ECE and a lower NLL than
     the temperature alone; always the temperature below `MIN_ISOTONIC_TEXTS` texts. ECE alone
-    would pick a map that fits its bins by chance (on a model already calibrated by a
-    temperature it does, about half the time); the NLL, a proper score, does not reward that."""
+    would pick a map that fits its bins by chance (on a model a temperature already calibrates
+    it did in one synthetic draw of four); the NLL, a proper score, does not reward that."""
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) < MIN_ISOTONIC_TEXTS:
         return TEMPERATURE
