@@ -298,6 +298,17 @@ class PrivateHeadConfig(StrictModel):
         "'Session 8'). Runs made before this setting trained with 0; a stored config "
         "with `hidden_size` reads as 0.",
     )
+    members: int = Field(
+        default=5,
+        ge=1,
+        le=16,
+        description="MLPs of this layout trained side by side, each from its own "
+        "initialization, batch order and dropout; the path answers with the mean of their "
+        "logits, and the epoch is picked for the mean. One MLP's dev accuracy moves by about "
+        "a point with its seed; the mean of five was steadier and higher on senteval6 "
+        "(docs/results.md, *Routing*, 'Session 10'). 1 = one MLP, the layout of runs made "
+        "before this setting (a stored run without it reads as 1).",
+    )
     select: Literal["dev", "holdout"] = Field(
         default="dev",
         description="What picks the head's epoch. dev: the epoch with the best dev accuracy, "

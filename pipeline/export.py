@@ -681,8 +681,10 @@ INT8_VARIANTS = (
 
 def int8_nodes(proto: Any, variant: Int8Variant) -> list[str]:
     """Names of the weight MatMul/Gemm nodes `variant` quantizes (attention's activation x
-    activation MatMuls never: they have no weights)."""
-    weights = {i.name for i in proto.graph.initializer}
+    activation MatMuls never: they have no weights; a private ensemble's stacked [K, in, out]
+    weights neither: onnxruntime's int8 MatMul takes only a 2-D weight, and refuses the
+    quantized node at run time)."""
+    weights = {i.name for i in proto.graph.initializer if len(i.dims) == 2}
     producers = {out: node.op_type for node in proto.graph.node for out in node.output}
     names = []
     for node in proto.graph.node:

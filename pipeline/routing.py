@@ -255,7 +255,8 @@ def fit_private_head(
     select=holdout: the last `holdout_fraction` of a seeded permutation of the rows picks the
     epoch (lowest holdout loss, early stopping after `patience`); the head keeps that epoch's
     weights. Deterministic for a seed on CPU, so every rank of a distributed run fits the same
-    head.
+    head. A PrivateEnsemble's members train together, each on its own batch order; what is
+    scored (dev accuracy, holdout loss) is their mean logits, so one epoch is kept for all.
 
     Args:
         head: P_i, [B, d] -> [B, C].
@@ -286,21 +287,39 @@ def fit_private_head(
         fit_idx, hold_idx = order[n_hold:], order[:n_hold]
     else:
         fit_idx, hold_idx = torch.arange(n, device=x.device), None
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for every parameter's update, twice as fast here as the default on
+    # a five-member ensemble (the update of its 1.6M parameters was half of each step).
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     steps_per_epoch = -(-len(fit_idx) // cfg.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
     best_score, best_epoch, bad = -math.inf, 0, 0
     best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
     per_epoch: list[np.ndarray] = []  # dev logits [m, C] after each epoch
     hold_loss = math.nan
-    torch.manual_seed(seed)  # dropout
+    # An ensemble (model.PrivateEnsemble) trains its members side by side, each on its own
+    # batch order: [K, B] row indices, [K, B, C] logits, each member's cross-entropy averaged.
+    members = getattr(head, "members", 1)
+    torch.manual_seed(seed)  # dropout (and nothing else: the initialization is the caller's)
     for epoch in range(cfg.epochs):
         head.train()
-        perm = fit_idx[torch.randperm(len(fit_idx), generator=gen).to(x.device)]
-        for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
+        perm = torch.stack(
+            [
+                fit_idx[torch.randperm(len(fit_idx), generator=gen).to(x.device)]
+                for _ in range(members)
+            ]
+        )  # [K, n]
+        for i in range(0, perm.shape[1], cfg.batch_size):
+            idx = perm[:, i : i + cfg.batch_size]  # [K, B]
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(head(x[idx]), y[idx], label_smoothing=cfg.label_smoothing)
+            if members > 1:
+                logits = head.member_logits(x[idx])  # [K, B, C]
+                loss = F.cross_entropy(
+                    logits.flatten(0, 1), y[idx].flatten(), label_smoothing=cfg.label_smoothing
+                )
+            else:
+                loss = F.cross_entropy(
+                    head(x[idx[0]]), y[idx[0]], label_smoothing=cfg.label_smoothing
+                )
             loss.backward()
             opt.step()
             schedule.step()

@@ -115,10 +115,22 @@ class RunRecord(_Record):
         return {t: v.labels for t, v in self.tasks.items()}
 
     def run_config(self, source: str = RUN_RECORD) -> RunConfig:
-        return parse_config(self.config, source)
+        return parse_config(stored_config(self.config), source)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def stored_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored config as the code that trained it read it. A stored config is a full
+    dump, so a setting it lacks is one added after the run: where the new default changes what
+    the weights are, the old behaviour is filled in here."""
+    routing = config.get("routing")
+    private = routing.get("private") if isinstance(routing, dict) else None
+    if isinstance(private, dict) and "members" not in private:
+        # Runs before `routing.private.members` trained one private MLP per task.
+        config = {**config, "routing": {**routing, "private": {**private, "members": 1}}}
+    return config
 
 
 def record_path(run_dir: Path) -> Path:

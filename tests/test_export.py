@@ -244,24 +244,39 @@ def test_int8_is_kept_only_if_no_task_drops_too_much(run_dir, tmp_path, reuse_gr
     assert _ort_predict(tmp_path / "k", "topic", texts).shape == (2,)
 
 
-def test_int8_variants_choose_their_nodes(dynamo_graph):
+def test_int8_variants_choose_their_nodes(run_dir, tmp_path):
     """Heads stay fp32 unless the variant says otherwise; the FFN output projections (input
     from GELU) are left out by the variant that keeps them fp32; attention's activation x
-    activation MatMuls are never quantized. On the dynamo graph, which int8 exports use."""
+    activation MatMuls are never quantized, nor a private ensemble's stacked [K, in, out]
+    weights (onnxruntime's int8 MatMul refuses them). On the dynamo graph, which int8 exports
+    use, with one task on the shared path and one on its private ensemble."""
     import onnx
 
-    from pipeline.export import INT8_VARIANTS, int8_nodes, unshare_gemm_weights
+    from pipeline.export import INT8_VARIANTS, export_onnx, int8_nodes, unshare_gemm_weights
+    from pipeline.model import PrivateEnsemble
+    from pipeline.runs import load_run
 
-    proto = onnx.load(str(dynamo_graph))
+    model = load_run(run_dir).model
+    model.heads.routes = {"sentiment": "shared", "topic": "private"}
+    assert isinstance(model.heads.private["topic"], PrivateEnsemble)
+    path = tmp_path / "model.onnx"
+    assert export_onnx(model, list(model.heads.tasks), MAX_LENGTH, path, "dynamo") == "dynamo"
+    proto = onnx.load(str(path))
     unshare_gemm_weights(proto)
-    weights = {i.name for i in proto.graph.initializer}
+    weights = {i.name: len(i.dims) for i in proto.graph.initializer}
     by_name = {n.name: n for n in proto.graph.node}
     chosen = {v.name: set(int8_nodes(proto, v)) for v in INT8_VARIANTS}
     heads = {n for n in chosen["dynamic-all"] if by_name[n].input[1].startswith("heads.")}
     assert heads and chosen["dynamic-encoder"] == chosen["dynamic-all"] - heads
     ffn_out = chosen["dynamic-encoder"] - chosen["dynamic-encoder-ffn-out-fp32"]
     assert len(ffn_out) == 2  # one per block of the tiny 2-layer BERT
-    assert all(by_name[n].input[1] in weights for names in chosen.values() for n in names)
+    assert all(weights.get(by_name[n].input[1]) == 2 for names in chosen.values() for n in names)
+    stacked = [
+        n.name
+        for n in proto.graph.node
+        if n.op_type == "MatMul" and weights.get(n.input[1]) == 3 and "private" in n.input[1]
+    ]
+    assert stacked and not set(stacked) & chosen["dynamic-all"]
 
 
 def test_quantization_decision_gates_on_the_largest_task_drop():

@@ -203,6 +203,64 @@ def test_private_head_picked_on_dev_keeps_the_epoch_with_most_dev_items_right():
         fit_private_head(private_head(16, 2, [8], 0.0), x, y, cfg, seed=0)
 
 
+def test_private_ensemble_answers_with_the_mean_of_its_members_each_an_mlp():
+    """Member k of a PrivateEnsemble computes what a one-MLP private head with member k's
+    weights computes, and the ensemble answers with the mean of the members' logits."""
+    from pipeline.model import PrivateEnsemble, private_head
+
+    torch.manual_seed(0)
+    ens = private_head(16, 3, [8, 4], dropout=0.3, members=3).eval()
+    assert isinstance(ens, PrivateEnsemble) and ens.members == 3
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        members = ens.member_logits(x)
+        assert members.shape == (3, 5, 3)
+        for k in range(3):
+            mlp = private_head(16, 3, [8, 4], dropout=0.3).eval()
+            linears = [m for m in mlp if isinstance(m, torch.nn.Linear)]
+            for lin, w, b in zip(linears, ens.weights, ens.biases, strict=True):
+                lin.weight.copy_(w[k].T)
+                lin.bias.copy_(b[k, 0])
+            torch.testing.assert_close(members[k], mlp(x))
+        torch.testing.assert_close(ens(x), members.mean(0))
+        # Each member on its own rows: [K, B, d] in, member k reads x[k].
+        own = ens.member_logits(torch.stack([x, 2 * x, -x]))
+        torch.testing.assert_close(own[1], ens.member_logits(2 * x)[1])
+    with pytest.raises(ValueError, match="at least 2"):
+        PrivateEnsemble(16, 3, [8], 0.1, members=1)
+
+
+def test_private_ensemble_members_learn_apart_and_the_fit_is_deterministic():
+    """Trained together, the members start and stay different (their own initialization and
+    batch order), the mean learns the task, and a seed gives the same fit twice."""
+    from pipeline.model import private_head
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(400, 16, generator=gen)
+    y = (x[:, 0] - x[:, 3] > 0).long()
+    xd = torch.randn(80, 16, generator=gen)
+    yd = (xd[:, 0] - xd[:, 3] > 0).long()
+    cfg = PrivateHeadConfig(epochs=8, lr=1e-2, hidden_sizes=[16], members=4)
+    torch.manual_seed(0)
+    head = private_head(16, 2, cfg.hidden_sizes, cfg.dropout, cfg.members)
+    twin = private_head(16, 2, cfg.hidden_sizes, cfg.dropout, cfg.members)
+    twin.load_state_dict(head.state_dict())
+    fit, logits = fit_private_head(head, x, y, cfg, seed=0, dev=(xd, yd))
+    assert logits.shape == (8, 80, 2) and fit["dev_accuracy"] > 90
+    with torch.no_grad():
+        # What the decision read at the kept epoch is the ensemble's mean answer.
+        np.testing.assert_allclose(logits[fit["best_epoch"] - 1], head(xd).numpy(), rtol=1e-5)
+        w = head.weights[0]
+        assert min(float((w[i] - w[j]).abs().max()) for i in range(4) for j in range(i)) > 0.05
+        member_acc = (head.member_logits(xd).argmax(-1) == yd).float().mean(1)
+        assert (member_acc > 0.8).all()
+    fit_private_head(twin, x, y, cfg, seed=0, dev=(xd, yd))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(head.state_dict().values(), twin.state_dict().values(), strict=True)
+    )
+
+
 def test_label_smoothing_keeps_a_private_head_from_certainty_on_what_it_learned():
     """Trained long on a separable task, a head without smoothing drives its training loss to
     zero and its typical answer to probability 1; with smoothing 0.2 over 2 classes the loss
@@ -239,6 +297,16 @@ def test_private_head_layout_of_old_runs_still_loads():
         old_head = main_tower(384, 3, width, 0.1)  # what private_head built before
         new_head = private_head(384, 3, [width] if width else [], 0.1)
         new_head.load_state_dict(old_head.state_dict())  # strict: same names and shapes
+    # Runs before `members` trained one MLP per task; new configs train an ensemble.
+    from pipeline.runs import stored_config
+
+    assert PrivateHeadConfig().members == 5
+    stored = {"name": "x", "routing": {"enabled": True, "private": {"hidden_sizes": [8]}}}
+    assert stored_config(stored)["routing"]["private"]["members"] == 1
+    assert "members" not in stored["routing"]["private"]  # the record is not changed
+    newer = {"routing": {"private": {"hidden_sizes": [8], "members": 3}}}
+    assert stored_config(newer)["routing"]["private"]["members"] == 3
+    assert stored_config({"routing": None}) == {"routing": None}
 
 
 # ------------------------------------------------------------------------------------ config
@@ -253,6 +321,7 @@ def test_private_head_layout_of_old_runs_still_loads():
         ({"private": {"select": "test"}}, "routing.private.select"),
         ({"private": {"hidden_sizes": [0]}}, "routing.private.hidden_sizes"),
         ({"private": {"label_smoothing": 1.0}}, "routing.private.label_smoothing"),
+        ({"private": {"members": 0}}, "routing.private.members"),
         ({"private": {"hidden_size": 8, "hidden_sizes": [8]}}, "routing.private"),
     ],
 )
