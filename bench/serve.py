@@ -4,7 +4,8 @@ throughput also as a share of the machine's own fp32 ceiling measured in the sam
     (0) the ceiling: numpy's sgemm (float32 matmul) on the encoder's GEMM shapes, same thread
         count, best of several repetitions: GFLOP/s; and the FLOPs of the texts sent, counted
         from the encoder's shape (layers, width, FFN width) and the real token counts (no
-        padding): 2·L·(4·d² + 2·d·d_ff) + 4·L²·d per layer for a text of L tokens
+        padding): 2·L·(4·d² + 2·d·d_ff) + 4·L²·d per layer for a text of L tokens, plus
+        the served task heads' matmuls (2 FLOPs per weight of each task's answering path)
     (a) the six-task endpoint vs six single-task services (one `polytask serve` per task,
         each a full encoder pass), same clients, same concurrency: texts/s of complete
         answers (all six tasks per text); a single-task "answer" is six requests, sent at once
@@ -149,6 +150,26 @@ class FlopCounter:
         """Mean GFLOP per text over `texts` (tokens as the model sees them: truncated, unpadded)."""
         lengths = [sum(e.attention_mask) for e in self.tokenizer.encode_batch(texts)]
         return float(np.mean([self.per_text(n) for n in lengths])) / 1e9
+
+
+def heads_gflop(run_dir: Path) -> float:
+    """GFLOP per text of the task heads the served graph runs: each task's answering path
+    (R_i, B and A_i, or its private head; a private ensemble counts every member), two FLOPs
+    per weight of each matrix. Small beside the encoder (about 1% with one private MLP per
+    task, 3% with ensembles of five on senteval6), but work the service does."""
+    from pipeline.runs import load_run
+
+    heads = load_run(run_dir).model.heads
+    total = 0
+    for task in heads.tasks:
+        if heads.routes[task] == "private":
+            modules = [heads.private[task]]
+        else:
+            modules = [heads.shared, heads.towers[task]]
+            total += 2 * heads.alignment[task].numel()
+        for module in modules:
+            total += sum(2 * p.numel() for p in module.parameters() if p.dim() >= 2)
+    return total / 1e9
 
 
 # --------------------------------------------------------------------------- (b) engines
@@ -596,13 +617,16 @@ def main(argv: list[str] | None = None) -> int:
     if not (encoder_dir / "config.json").is_file():
         encoder_dir = Path(json.loads((args.run / "run.json").read_text())["encoder"]["path"])
     flops = FlopCounter(encoder_dir, Tokenizer.from_file(str(artifact / "tokenizer.json")))
-    gflop = flops.mean_gflop(texts)
+    encoder_gflop = flops.mean_gflop(texts)
+    head_gflop = heads_gflop(args.run)
+    gflop = encoder_gflop + head_gflop  # what serving computes per text
     ceiling = matmul_ceiling(threads, flops.dim, flops.ffn)
     ceiling_texts = ceiling / gflop
     print(
         f"(0) ceiling: numpy sgemm {ceiling:.1f} GFLOP/s ({threads} threads); the encoder "
-        f"({flops.layers} layers, d={flops.dim}, d_ff={flops.ffn}) costs {gflop:.3f} GFLOP "
-        f"per dev text on average, so at most {ceiling_texts:.0f} texts/s\n"
+        f"({flops.layers} layers, d={flops.dim}, d_ff={flops.ffn}) costs {encoder_gflop:.3f} "
+        f"GFLOP per dev text on average and the served task heads {head_gflop:.4f}, so at most "
+        f"{ceiling_texts:.0f} texts/s\n"
     )
     summary: list[tuple[str, float]] = []  # (path, texts/s) on the dev texts
     feature_rows: list[tuple[str, float, float]] = []  # (path, texts/s, GFLOP per text)

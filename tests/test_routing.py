@@ -2,7 +2,9 @@
 preferred path only when the other one's dev win exceeds the margin in standard errors (both
 ways, for either preference, and at the expected rate when both paths are equally good); a
 private epoch picked on dev is picked again on the choosing half when cross-fitting; a private
-head learns a learnable task, picking its epoch on a holdout or on dev; old runs' heads load; a tiny run
+head learns a learnable task, picking its epoch on a holdout or on dev; a private ensemble
+answers with its members' mean logits, each member an MLP, and its members learn apart,
+deterministically for a seed; old runs' heads (and one-MLP stored configs) load; a tiny run
 records each task's path with its evidence in run.json and the stage table; the exported graph
 answers a private task through its private head (onnxruntime equals PyTorch's private logits,
 not the shared ones) and metadata.json carries the choice; the recorded accuracies are those of
@@ -474,6 +476,43 @@ def test_export_answers_a_private_task_through_its_private_head(
     for key in ("shared_accuracy", "private_accuracy", "difference", "standard_error", "p_value"):
         assert body["tasks"]["topic"]["route"][key] == pytest.approx(route[key])
     assert body["tasks"]["topic"]["route"]["prefer"] == route["prefer"] == "private"
+
+
+def test_reroute_refits_the_routing_stage_of_a_stored_run(routed_run, tmp_path, capsys):
+    """scripts/reroute.py on a suite directory holding one routed run: the shared path it
+    scores is the stored run's (same model, same features, same standardization), the private
+    path is refitted with the members asked for, and routed − single-task is printed against
+    the suite's single-task results."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location(
+        "reroute", Path(__file__).parents[1] / "scripts" / "reroute.py"
+    )
+    reroute = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reroute)
+
+    src, _ = routed_run
+    suite = tmp_path / "suite"
+    shutil.copytree(src, suite / "runs" / "routed-s0", symlinks=True)
+    (suite / "results").mkdir()
+    for task in TASKS:
+        (suite / "results" / f"single-{task}-s0.json").write_text(json.dumps({"dev": {task: 50.0}}))
+    record = json.loads((src / "run.json").read_text())
+
+    out = reroute.reroute(suite / "runs" / "routed-s0", members=2)
+    for task in TASKS:
+        assert out[task]["shared"] == pytest.approx(record["routing"][task]["shared_accuracy"])
+        assert out[task]["stored_private"] == record["routing"][task]["private_accuracy"]
+        assert out[task]["routed"] == pytest.approx(
+            out[task]["private" if out[task]["path"] == "private" else "shared"]
+        )
+    assert reroute.main([str(suite), "--members", "2"]) == 0
+    printed = capsys.readouterr().out
+    for task in TASKS:
+        assert f"| {task} | 50.00 ± 0.00 |" in printed
+    assert "worst task" in printed
+    assert reroute.main([str(tmp_path / "empty")]) == 2
 
 
 def test_routing_off_trains_and_loads_without_private_heads(
