@@ -594,29 +594,14 @@ def route_new_tasks(heads: Any, ctx: Any, rcfg: Any, seed: int) -> dict[str, Any
     """Fit each new task's private head and choose its path on dev, with pipeline/routing.py's
     rule, as the training loop's routing stage does; sets `heads.routes`. Returns the
     decisions (RouteDecision) by task."""
-    import torch
+    from pipeline.routing import format_route, route_task
 
-    from pipeline.routing import correct, decide, fit_private_head, format_route
+    def split(s: Any) -> tuple[Any, Any]:
+        return s.inputs["features"].float(), s.labels
 
     out = {}
     for i, t in enumerate(ctx.tasks):
-        x, y = ctx.train[t].inputs["features"].float(), ctx.train[t].labels
-        xd, yd = ctx.dev[t].inputs["features"].float(), ctx.dev[t].labels
-        _, private_logits = fit_private_head(
-            heads.private[t],
-            heads.standardize(x),
-            y,
-            rcfg.private,
-            seed * 1000 + i,
-            dev=(heads.standardize(xd), yd),
-        )
-        heads.private[t].requires_grad_(False)
-        with torch.no_grad():
-            heads.eval()
-            shared = heads(xd, t, path="shared")[0].argmax(-1) == yd
-        private = correct(private_logits, yd.numpy())
-        out[t] = decide(shared.numpy(), private, rcfg.margin_se, seed, prefer=rcfg.prefer)
-        heads.routes[t] = out[t].path
+        out[t], _ = route_task(heads, t, split(ctx.train[t]), split(ctx.dev[t]), rcfg, seed, i)
         logger.info("route %s: %s", t, format_route(out[t]))
     return out
 

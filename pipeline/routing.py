@@ -33,7 +33,7 @@ of the routed model is optimistic. The record therefore also carries a cross-fit
 dev split in halves many times, the private epoch and the rule applied on one half and the
 chosen path scored on the other.
 
-Pure numpy here except `fit_private_head` (torch imported when it runs).
+Pure numpy here except `fit_private_head` and `route_task` (torch imported when they run).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.config import PrivateHeadConfig
+    from pipeline.config import PrivateHeadConfig, RoutingConfig
 
 Route = Literal["shared", "private"]
 CROSSFIT_REPEATS = 50
@@ -357,6 +357,52 @@ def fit_private_head(
     # What the routing decision may pick from: every epoch when dev picks (decide() picks the
     # same one), else only the epoch the holdout kept.
     return fit, np.stack(per_epoch if hold_idx is None else [per_epoch[best_epoch - 1]])
+
+
+def route_task(
+    heads: torch.nn.Module,
+    task: str,
+    train: tuple[torch.Tensor, torch.Tensor],
+    dev: tuple[torch.Tensor, torch.Tensor],
+    rcfg: RoutingConfig,
+    seed: int,
+    index: int,
+) -> tuple[RouteDecision, dict[str, float]]:
+    """One task's routing step, as training, `add-task` and scripts/reroute.py all run it:
+    fit `heads.private[task]` (`fit_private_head`) on the standardized features, then choose
+    the task's path on dev (`decide`) and set `heads.routes[task]`.
+
+    Args:
+        heads: The run's MultiTaskHeads (its standardization and shared path are read).
+        train, dev: Raw pooled features [n, d] and int64 labels [n] of the task's splits.
+        seed: The run's seed: of the decision's halvings, and with `index` (the task's
+            position in the run) of the private fit, `seed * 1000 + index`.
+
+    Returns:
+        (the decision, the private fit's record).
+    """
+    import torch
+
+    (x, y), (xd, yd) = train, dev
+    fit, logits = fit_private_head(
+        heads.private[task],
+        heads.standardize(x),
+        y,
+        rcfg.private,
+        seed * 1000 + index,
+        dev=(heads.standardize(xd), yd),
+    )
+    assert logits is not None  # dev was given
+    heads.private[task].requires_grad_(False)
+    with torch.no_grad():
+        heads.eval()
+        shared = heads(xd, task, path="shared")[0].argmax(-1) == yd
+    labels = yd.cpu().numpy()
+    decision = decide(
+        shared.cpu().numpy(), correct(logits, labels), rcfg.margin_se, seed, prefer=rcfg.prefer
+    )
+    heads.routes[task] = decision.path
+    return decision, fit
 
 
 def correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

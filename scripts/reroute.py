@@ -61,7 +61,7 @@ def reroute(run_dir: Path, members: int | None) -> dict[str, dict[str, float | s
 
     from pipeline.data import load_tasks
     from pipeline.model import private_head
-    from pipeline.routing import correct, decide, fit_private_head
+    from pipeline.routing import route_task
     from pipeline.runs import load_run
     from pipeline.token_cache import TokenStateCache
     from pipeline.train.driver import check_overlap
@@ -86,32 +86,22 @@ def reroute(run_dir: Path, members: int | None) -> dict[str, dict[str, float | s
         )
     heads = run.model.heads
     seed = config.train.seed
+    rcfg = rcfg.model_copy(update={"private": private_cfg})
     out: dict[str, dict[str, float | str]] = {}
     for i, t in enumerate(tasks):
         start = time.monotonic()
         x, xd = (torch.from_numpy(pooled(run, t.splits[s], cache)) for s in ("train", "dev"))
         y = torch.as_tensor(np.asarray(t.splits["train"].labels))
         yd = torch.as_tensor(np.asarray(t.splits["dev"].labels))
-        torch.manual_seed(seed * 1000 + i)
-        head = private_head(
+        torch.manual_seed(seed * 1000 + i)  # the new head's initialization
+        heads.private[t.name] = private_head(
             x.shape[1],
             len(run.labels[t.name]),
             private_cfg.hidden_sizes,
             private_cfg.dropout,
             private_cfg.members,
         )
-        _, logits = fit_private_head(
-            head,
-            heads.standardize(x),
-            y,
-            private_cfg,
-            seed * 1000 + i,
-            dev=(heads.standardize(xd), yd),
-        )
-        with torch.no_grad():
-            heads.eval()
-            shared = (heads(xd, t.name, path="shared")[0].argmax(-1) == yd).numpy()
-        d = decide(shared, correct(logits, yd.numpy()), rcfg.margin_se, seed, prefer=rcfg.prefer)
+        d, _ = route_task(heads, t.name, (x, y), (xd, yd), rcfg, seed, i)
         stored = run.record.routing[t.name]
         out[t.name] = {
             "shared": d.shared_accuracy,

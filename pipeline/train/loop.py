@@ -598,7 +598,7 @@ def run_routing_stage(
     """Fit each task's private head on the selected model's features, then choose each task's
     path on dev with pipeline.routing's rule. Returns `best` with the private heads added; the
     decisions go to `state.routing`."""
-    from pipeline.routing import correct, decide, fit_private_head, format_route
+    from pipeline.routing import format_route, route_task
 
     module.load_state_dict(best)
     heads = module.heads
@@ -609,28 +609,16 @@ def run_routing_stage(
         train, dev = pooled_features(module, ctx, train), pooled_features(module, ctx, dev)
     start = time.monotonic()
     for i, task in enumerate(ctx.tasks):
-        x, y = _features_and_labels(train[task])
-        xd, yd = _features_and_labels(dev[task])
-        fit, private_logits = fit_private_head(
-            heads.private[task],
-            heads.standardize(x),
-            y,
-            rcfg.private,
-            ctx.cfg.train.seed * 1000 + i,
-            dev=(heads.standardize(xd), yd),
-        )
-        with torch.no_grad():
-            heads.eval()
-            shared = heads(xd, task, path="shared")[0].argmax(-1) == yd
-        decision = decide(
-            shared.cpu().numpy(),
-            correct(private_logits, yd.cpu().numpy()),
-            rcfg.margin_se,
+        decision, fit = route_task(
+            heads,
+            task,
+            _features_and_labels(train[task]),
+            _features_and_labels(dev[task]),
+            rcfg,
             ctx.cfg.train.seed,
-            prefer=rcfg.prefer,
+            i,
         )
         state.routing[task] = {**decision.model_dump(), "private_fit": fit}
-        heads.routes[task] = decision.path
         if ctx.rank == 0:
             logger.info("route %s: %s", task, format_route(decision))
     if ctx.rank == 0:
