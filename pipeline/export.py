@@ -679,6 +679,29 @@ INT8_VARIANTS = (
 )
 
 
+def head_nodes(proto: Any) -> set[str]:
+    """Names of the nodes that compute the task heads: every node downstream of one that
+    reads a `heads.*` initializer (the standardization of the pooled features comes first).
+    By position, not by weight name: the exporter folds some head weights into constants of
+    its own naming (a private ensemble's `[K*h, C]` last layer, `div_3`), which a name test
+    would take for encoder weights."""
+    consumers: dict[str, list[Any]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inits = {i.name for i in proto.graph.initializer if i.name.startswith("heads.")}
+    todo = [n for n in proto.graph.node if any(i in inits for i in n.input)]
+    seen: set[str] = set()
+    while todo:
+        node = todo.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        for out in node.output:
+            todo.extend(consumers.get(out, []))
+    return seen
+
+
 def int8_nodes(proto: Any, variant: Int8Variant) -> list[str]:
     """Names of the weight MatMul/Gemm nodes `variant` quantizes (attention's activation x
     activation MatMuls never: they have no weights; a private ensemble's stacked [K, in, out]
@@ -686,6 +709,7 @@ def int8_nodes(proto: Any, variant: Int8Variant) -> list[str]:
     quantized node at run time)."""
     weights = {i.name for i in proto.graph.initializer if len(i.dims) == 2}
     producers = {out: node.op_type for node in proto.graph.node for out in node.output}
+    heads = head_nodes(proto)
     names = []
     for node in proto.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
@@ -693,7 +717,7 @@ def int8_nodes(proto: Any, variant: Int8Variant) -> list[str]:
         weight = node.input[1]
         if weight not in weights:
             continue
-        if weight.startswith("heads.") and not variant.heads:
+        if node.name in heads and not variant.heads:
             continue
         if not variant.ffn_out and producers.get(node.input[0]) == "Gelu":
             continue

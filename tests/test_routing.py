@@ -232,6 +232,20 @@ def test_private_ensemble_answers_with_the_mean_of_its_members_each_an_mlp():
         PrivateEnsemble(16, 3, [8], 0.1, members=1)
 
 
+@pytest.mark.parametrize("hidden", [[], [8], [8, 4], [8, 6, 4]])
+def test_private_ensemble_forward_is_the_mean_of_member_logits_for_every_layout(hidden):
+    """forward() computes the mean without member_logits' broadcast (first and last layers as
+    single 2-D matmuls): the same numbers, for a linear head and for 1-3 hidden layers."""
+    from pipeline.model import private_head
+
+    torch.manual_seed(1)
+    ens = private_head(16, 3, hidden, dropout=0.3, members=4).eval()
+    x = torch.randn(7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), ens.member_logits(x).mean(0))
+        assert ens(x[:1]).shape == (1, 3)
+
+
 def test_private_ensemble_members_learn_apart_and_the_fit_is_deterministic():
     """Trained together, the members start and stay different (their own initialization and
     batch order), the mean learns the task, and a seed gives the same fit twice."""
