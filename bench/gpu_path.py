@@ -294,7 +294,7 @@ def run_training(data, cfg, device, work: Path) -> dict[str, Any]:
 
     from pipeline.train.checkpoint import load_checkpoint
     from pipeline.train.device import select_precision
-    from pipeline.train.loop import Context, build_train_module, evaluate, run_stages, to_split
+    from pipeline.train.loop import build_context, build_train_module, evaluate, run_stages
 
     torch.manual_seed(cfg.train.seed)
     module = build_train_module(data, cfg).to(device)
@@ -310,18 +310,7 @@ def run_training(data, cfg, device, work: Path) -> dict[str, Any]:
             shutil.rmtree(final_ckpt, ignore_errors=True)
             shutil.copytree(checkpoint_dir, final_ckpt)
 
-    ctx = Context(
-        tasks=list(data.tasks),
-        weights=dict(data.weights),
-        train={t: to_split(s, device) for t, s in data.train.items()},
-        dev={t: to_split(s, device) for t, s in data.dev.items()},
-        cfg=cfg,
-        rank=0,
-        world_size=1,
-        device=device,
-        precision=precision,
-        report=report,
-    )
+    ctx = build_context(data, cfg, device, precision, report)
     sync(device)
     start = time.perf_counter()
     run_stages(module, ctx, None)
@@ -350,18 +339,7 @@ def run_training(data, cfg, device, work: Path) -> dict[str, Any]:
     cpu_module.load_state_dict(model_sd)
     for task, route in out["routes"].items():
         cpu_module.heads.routes[task] = route
-    cpu_ctx = Context(
-        tasks=list(data.tasks),
-        weights=dict(data.weights),
-        train={},
-        dev={t: to_split(s, cpu) for t, s in data.dev.items()},
-        cfg=cfg,
-        rank=0,
-        world_size=1,
-        device=cpu,
-        precision="fp32",
-        report=lambda m, c: None,
-    )
+    cpu_ctx = build_context(data, cfg, cpu, "fp32", lambda m, c: None, splits=("dev",))
     cpu_dev = evaluate(cpu_module, cpu_ctx)
     out["cpu_fp32_dev_accuracy"] = {t: cpu_dev[t]["accuracy"] for t in data.tasks}
     out["cpu_minus_device_max_abs"] = round(

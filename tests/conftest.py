@@ -127,6 +127,20 @@ def train_tiny_run(tmp: Path, data_dir: Path, encoder_dir: Path, **train: object
     return Path(out.getvalue().split("run directory: ")[-1].strip())
 
 
+def load_repo_script(relative: str):
+    """A script of the repository that is not a package module (bench/, scripts/), imported by
+    path and registered under its file name."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def reset_bentoml_store() -> None:
     """BentoML resolves BENTOML_HOME once per process and memoizes the store paths
     (simple_di SingletonFactory): drop overrides *and* the memoized values, so that the next

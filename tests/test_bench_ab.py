@@ -3,23 +3,16 @@ two artifacts and reports the ratio of their medians (with fake runtimes: no mod
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_repo_script
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("ab_runtime", ROOT / "bench" / "ab_runtime.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ab_runtime"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_script("bench/ab_runtime.py")
 
 
 class FakeRuntime:

@@ -3,23 +3,14 @@ fallback end to end on the tiny encoder and data, so a broken check is found bef
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import yaml
-from conftest import tiny_config_dict
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_repo_script, tiny_config_dict
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_path", ROOT / "bench" / "gpu_path.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_path"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_script("bench/gpu_path.py")
 
 
 def test_gpu_path_runs_every_check_on_the_cpu(tmp_path, tiny_data_dir, tiny_encoder_dir, capsys):

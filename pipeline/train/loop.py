@@ -285,11 +285,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    ctx = Context(
+    ctx = build_context(data, cfg, device, precision, report, rank, world_size)
+    run_stages(module, ctx, ray.train.get_checkpoint())
+
+
+def build_context(
+    data: WorkerData,
+    cfg: LoopConfig,
+    device: torch.device,
+    precision: str,
+    report: Callable[[dict[str, Any], Path | None], None],
+    rank: int = 0,
+    world_size: int = 1,
+    splits: tuple[str, ...] = ("train", "dev"),
+) -> Context:
+    """A worker's Context: the prepared `splits` moved to `device` (bench/gpu_path.py builds one
+    without Ray; a split left out stays empty)."""
+    return Context(
         tasks=list(data.tasks),
         weights=dict(data.weights),
-        train={t: to_split(s, device) for t, s in data.train.items()},
-        dev={t: to_split(s, device) for t, s in data.dev.items()},
+        train={t: to_split(s, device) for t, s in data.train.items()} if "train" in splits else {},
+        dev={t: to_split(s, device) for t, s in data.dev.items()} if "dev" in splits else {},
         cfg=cfg,
         rank=rank,
         world_size=world_size,
@@ -297,7 +313,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         precision=precision,
         report=report,
     )
-    run_stages(module, ctx, ray.train.get_checkpoint())
 
 
 def _worker_logging() -> None:
