@@ -6,7 +6,8 @@ apart differed by up to 10% for the same model (docs/results.md, "Run 15"). Here
 are loaded in one process. `serving.runtime.Runtime.run` (what `/predict` calls) is driven by 4
 concurrent callers with 32 dev texts per call, as they come, for `--seconds` per round. The
 artifacts alternate round by round, and the order flips every round, so a slow minute of the
-machine slows both alike.
+machine slows both alike. Each artifact is loaded twice (A, B, B, A) and the rounds use both
+copies, because load order alone moved a runtime's speed by a few percent.
 
     python bench/ab_runtime.py A_ARTIFACT B_ARTIFACT [--rounds 8] [--seconds 8] [--data-dir DIR]
 
@@ -65,14 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     texts = dev_texts(args.data_dir)
     calls = [texts[i : i + 32] for i in range(0, len(texts), 32)]
-    runtimes = {"A": Runtime(args.a), "B": Runtime(args.b)}
-    for r in runtimes.values():
-        throughput(r, calls, 2.0)  # warm-up: threads, allocations
+    # Each artifact twice, loaded A, B, B, A: the runtime loaded first ran a few percent slower
+    # than the same artifact loaded later (session 11: five MLPs / one MLP measured 0.86-0.90
+    # with A loaded first, 0.96 with the order swapped), so each artifact gets an early and a
+    # late copy, and each round uses one pair.
+    copies = {"A": [Runtime(args.a)], "B": [Runtime(args.b)]}
+    copies["B"].append(Runtime(args.b))
+    copies["A"].append(Runtime(args.a))
+    for pair in copies.values():
+        for r in pair:
+            throughput(r, calls, 2.0)  # warm-up: threads, allocations
     rates: dict[str, list[float]] = {"A": [], "B": []}
     for i in range(args.rounds):
         order = ["A", "B"] if i % 2 == 0 else ["B", "A"]
         for name in order:
-            rates[name].append(throughput(runtimes[name], calls, args.seconds))
+            rates[name].append(throughput(copies[name][(i // 2) % 2], calls, args.seconds))
         print(f"round {i + 1}: A {rates['A'][-1]:.1f}, B {rates['B'][-1]:.1f} texts/s", flush=True)
     a, b = (float(np.median(rates[k])) for k in ("A", "B"))
     print(f"A {args.a}: median {a:.1f} texts/s")

@@ -18,12 +18,12 @@ def load_script():
 class FakeRuntime:
     """Runtime.run that takes `delay` seconds per call, and records what it was given."""
 
-    instances: dict[str, FakeRuntime] = {}
+    instances: dict[str, list[FakeRuntime]] = {}
 
     def __init__(self, artifact_dir) -> None:
         self.delay = 0.002 if Path(artifact_dir).name == "slow" else 0.001
         self.texts = 0
-        FakeRuntime.instances[Path(artifact_dir).name] = self
+        FakeRuntime.instances.setdefault(Path(artifact_dir).name, []).append(self)
 
     def run(self, texts: list[str]) -> None:
         time.sleep(self.delay)
@@ -33,6 +33,7 @@ class FakeRuntime:
 def test_throughput_counts_every_text_sent():
     ab = load_script()
     fake = FakeRuntime("fast")
+    FakeRuntime.instances.clear()
     calls = [["a"] * 32, ["b"] * 5]
     start = time.monotonic()
     rate = ab.throughput(fake, calls, seconds=0.3, clients=4)
@@ -52,8 +53,11 @@ def test_main_alternates_the_artifacts_and_reports_the_ratio(tmp_path, monkeypat
         rows = [json.dumps({"text": f"{task} text {i}", "label": "x"}) for i in range(40)]
         (data / task / "dev.jsonl").write_text("\n".join(rows) + "\n")
     monkeypatch.setattr(serving.runtime, "Runtime", FakeRuntime)
-    argv = [str(tmp_path / "slow"), str(tmp_path / "fast"), "--rounds", "2", "--seconds", "0.05"]
+    FakeRuntime.instances.clear()
+    argv = [str(tmp_path / "slow"), str(tmp_path / "fast"), "--rounds", "4", "--seconds", "0.05"]
     assert ab.main([*argv, "--data-dir", str(data)]) == 0
     out = capsys.readouterr().out
-    assert out.count("round ") == 2 and "A / B: " in out
-    assert FakeRuntime.instances["slow"].texts > 0 and FakeRuntime.instances["fast"].texts > 0
+    assert out.count("round ") == 4 and "A / B: " in out
+    # Each artifact loaded twice (A, B, B, A), and both copies measured.
+    assert [len(FakeRuntime.instances[n]) for n in ("slow", "fast")] == [2, 2]
+    assert all(r.texts > 0 for copies in FakeRuntime.instances.values() for r in copies)
