@@ -314,8 +314,9 @@ class PrivateEnsemble(nn.Module):
         """[B, d] -> [B, C], the members' mean logits, computed without `member_logits`'
         broadcast over the shared input: the first layer of all members is one [d, K*h1]
         matmul, and the last layer and the mean are one [K*h, C] matmul (the weights' reshapes
-        fold into constants in the exported graph). The same function; at 8-32 rows
-        onnxruntime ran it 1.3-1.7x faster than the broadcast form (docs/results.md, 'Run 15')."""
+        fold into constants in the exported graph). The same function; at 8-64 rows
+        onnxruntime ran four such heads 1.2-1.4x faster than the broadcast form, and the whole
+        served model 2% faster (docs/results.md, 'Run 15')."""
         k = self.members
         w, b = list(self.weights), list(self.biases)
         h = self.dropout(x) if self.linear else x
