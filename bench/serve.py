@@ -49,8 +49,10 @@ slower than the machine can go, which flatters every share: unset it for this co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -185,7 +187,7 @@ def bench_engines(run_dir: Path, artifact: Path, texts: list[str], threads: int,
     model = load_run(run_dir).model.eval()
     tasks = list(model.heads.tasks)
     tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
-    int8 = Path(tempfile.mkdtemp(prefix="bench-int8-")) / "model.int8.onnx"
+    int8 = scratch("bench-int8-") / "model.int8.onnx"
     quantize_int8(artifact / "model.onnx", int8)
 
     def session(path: Path):
@@ -225,6 +227,7 @@ class Server:
     """`polytask serve` on loopback with the artifact registered in a temporary store."""
 
     def __init__(self, artifact: Path, threads: int, env: dict[str, str] | None = None) -> None:
+        # Its own model store and log, removed on exit (100+ MB with the model registered).
         self.home = Path(tempfile.mkdtemp(prefix="bench-bentoml-"))
         self.artifact = artifact
         self.threads = threads
@@ -240,14 +243,19 @@ class Server:
             "import sys; from pipeline.export import register_artifact; "
             "print(register_artifact(sys.argv[1], 'polytask-bench'))"
         )
-        tag = subprocess.run(
+        registered = subprocess.run(
             [sys.executable, "-c", code, str(self.artifact)],
             env=env,
             cwd=REPO,
-            check=True,
             capture_output=True,
             text=True,
-        ).stdout.split()[-1]
+        )
+        if registered.returncode != 0:
+            shutil.rmtree(self.home, ignore_errors=True)
+            raise SystemExit(
+                f"{self.artifact}: could not register it:\n{registered.stderr[-3000:]}"
+            )
+        tag = registered.stdout.split()[-1]
         env.update(POLYTASK_MODEL=tag, POLYTASK_ORT_THREADS=str(self.threads), **self.env)
         self.log = (self.home / "serve.log").open("w")
         self.proc = subprocess.Popen(
@@ -267,16 +275,21 @@ class Server:
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start; see {self.home / 'serve.log'}")
+                # The log goes with the store: show its end here.
+                self.__exit__()
+                raise SystemExit(f"server did not start; the end of its log:\n{self.last_log}")
             time.sleep(0.5)
 
     def __exit__(self, *exc: object) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
+        self.last_log = (self.home / "serve.log").read_text(errors="replace")[-3000:]
+        shutil.rmtree(self.home, ignore_errors=True)
 
 
 def _closed_loop(
@@ -473,7 +486,7 @@ def bench_features(encoder_dir: Path, texts: list[str], threads: int, max_length
     torch.set_num_threads(threads)
     encoder = load_encoder(str(encoder_dir)).eval()
     tokenizer = load_tokenizer(str(encoder_dir))
-    onnx_path = Path(tempfile.mkdtemp(prefix="bench-features-")) / "encoder.onnx"
+    onnx_path = scratch("bench-features-") / "encoder.onnx"
     ort_encoder = OrtFeatureEncoder(encoder, onnx_path, max_length, threads=threads, parallel=False)
 
     def fixed_batches() -> None:  # the feature cache before length buckets
@@ -514,8 +527,6 @@ def bench_token_states(
     blocks for `texts` (tokenization and the fp16 memmap writes included: what a first
     fine-tuning run does), with PyTorch eager and with onnxruntime (sequential and
     data-parallel), in alternation (two rounds, the best of each)."""
-    import shutil
-
     import torch
 
     from pipeline.model import load_encoder
@@ -551,8 +562,29 @@ def bench_token_states(
     return best
 
 
+# --------------------------------------------------------------------------- scratch
+_SCRATCH: list[Path] = []
+
+
+def scratch(prefix: str) -> Path:
+    """A new temporary directory, removed when `main` returns (a store with a registered
+    model, an int8 graph or an exported artifact is 100+ MB; before this, every run left
+    its directories in /tmp)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    _SCRATCH.append(path)
+    return path
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        while _SCRATCH:
+            shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "run",
@@ -608,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     if artifact is None:
         from pipeline.export import export_run
 
-        out = Path(tempfile.mkdtemp(prefix="bench-artifact-")) / "artifact"
+        out = scratch("bench-artifact-") / "artifact"
         artifact = export_run(args.run, register=False, output_dir=out).artifact_dir
     print(f"run {args.run.resolve()}, artifact {artifact}")
     print(f"{len(texts)} dev texts; {threads} threads; {args.seconds:g} s per measurement\n")
