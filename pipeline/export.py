@@ -54,6 +54,7 @@ from serving.artifact import (
     TaskRoute,
     output_name,
 )
+from serving.graph import head_nodes
 from serving.runtime import TOKENIZER_FILE, Runtime, pad_batch
 
 logger = logging.getLogger(__name__)
@@ -677,29 +678,6 @@ INT8_VARIANTS = (
         "static QDQ, activations calibrated on training texts; encoder weight MatMuls, heads fp32",
     ),
 )
-
-
-def head_nodes(proto: Any) -> set[str]:
-    """Names of the nodes that compute the task heads: every node downstream of one that
-    reads a `heads.*` initializer (the standardization of the pooled features comes first).
-    By position, not by weight name: the exporter folds some head weights into constants of
-    its own naming (a private ensemble's `[K*h, C]` last layer, `div_3`), which a name test
-    would take for encoder weights."""
-    consumers: dict[str, list[Any]] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    inits = {i.name for i in proto.graph.initializer if i.name.startswith("heads.")}
-    todo = [n for n in proto.graph.node if any(i in inits for i in n.input)]
-    seen: set[str] = set()
-    while todo:
-        node = todo.pop()
-        if node.name in seen:
-            continue
-        seen.add(node.name)
-        for out in node.output:
-            todo.extend(consumers.get(out, []))
-    return seen
 
 
 def int8_nodes(proto: Any, variant: Int8Variant) -> list[str]:

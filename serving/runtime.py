@@ -23,6 +23,13 @@ long text dominates, still runs on the multi-threaded session when nothing else 
 which answers it sooner. $POLYTASK_ORT_PARALLEL=0 turns the parallel path off; on CUDA it is
 never used.
 
+On the data-parallel path the graph also runs **in two parts** (`serving.graph.split_heads`):
+the encoder part per bucket on the scheduler's threads, and the task heads once per call, on
+all of its texts, in the caller's thread. A bucket holds ~9 texts at saturation and each run of
+the whole graph reads every head's weights from memory again (~26 MB for five-member private
+paths), so per-bucket heads cost more than their arithmetic (docs/results.md, issue 11, "Run
+16"). $POLYTASK_ORT_SPLIT=0 runs the whole graph per bucket instead.
+
 The runtime is the only place that runs the model; the BentoML service and `polytask predict`
 both call it.
 """
@@ -49,6 +56,7 @@ THREADS_ENV = "POLYTASK_ORT_THREADS"
 DEVICE_ENV = "POLYTASK_ORT_DEVICE"
 SPINNING_ENV = "POLYTASK_ORT_SPINNING"
 PARALLEL_ENV = "POLYTASK_ORT_PARALLEL"
+SPLIT_ENV = "POLYTASK_ORT_SPLIT"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # Most texts per session.run: bounds memory for large inputs.
@@ -65,6 +73,9 @@ RUN_OVERHEAD_TOKENS = 16
 # overhead is ~20 positions. The multi-threaded and CUDA sessions take buckets of up to
 # CHUNK_SIZE texts regardless.
 RUN_MAX_TOKENS = 512
+# Most rows per run of the heads part when the graph is split (module docstring): a request
+# is one run; a private ensemble's hidden layer at this size is ~2.6 MB.
+HEADS_CHUNK = 256
 # Texts are cut to max_length x this many characters before tokenization, so the tokenizer
 # never sees a megabyte. A token spans at least one character, and English wordpieces ~4-5
 # with their space, so the cut leaves every token the model reads in all but texts of mostly
@@ -207,6 +218,17 @@ def ort_parallel(env: dict[str, str] | None = None) -> bool:
     raw = env.get(PARALLEL_ENV, "1").strip()
     if raw not in ("0", "1"):
         raise ValueError(f"{PARALLEL_ENV}={raw!r}: expected 0 or 1")
+    return raw == "1"
+
+
+def ort_split(env: dict[str, str] | None = None) -> bool:
+    """Whether the data-parallel path runs the graph in two parts, the encoder per bucket and
+    the heads once per call: $POLYTASK_ORT_SPLIT ("1" or "0", default "1"; see the module
+    docstring)."""
+    env = os.environ if env is None else env
+    raw = env.get(SPLIT_ENV, "1").strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"{SPLIT_ENV}={raw!r}: expected 0 or 1")
     return raw == "1"
 
 
@@ -399,7 +421,7 @@ class _Call:
     ids: list[list[int]]  # [n] token ids
     remaining: int
     done: threading.Event = field(default_factory=threading.Event)
-    # (row indices into this call, per output logits [rows, C]) of each bucket that held them
+    # (row indices into this call, per output [rows, ...]) of each bucket that held them
     results: list[tuple[np.ndarray, list[np.ndarray]]] = field(default_factory=list)
     runs: int = 0  # session.run calls that computed some of its texts
     positions: int = 0  # their padded positions that were this call's rows
@@ -422,7 +444,9 @@ class BucketScheduler:
     a model swap leaves no thread behind.
 
     Args:
-        run_bucket: Computes one bucket: (ids, mask), int64 [b, L] each -> logits per output.
+        run_bucket: Computes one bucket: (ids, mask), int64 [b, L] each -> one array per
+            output, rows in the bucket's order (every task's logits, or the encoder part's
+            outputs when the runtime runs the heads per call).
     """
 
     def __init__(
@@ -543,6 +567,21 @@ class BucketScheduler:
 
 
 # --------------------------------------------------------------------------- runtime
+def _split_or_none(path: Path) -> Any:
+    """`serving.graph.split_heads(path)`, or None (logged) where the graph cannot be cut or
+    the cut fails: the whole graph then runs per bucket, as before the split existed."""
+    from serving.graph import split_heads
+
+    try:
+        parts = split_heads(path)
+    except Exception as err:  # an odd graph costs speed, never the service
+        logger.warning("%s: running the whole graph per bucket (cut failed: %s)", path, err)
+        return None
+    if parts is None:
+        logger.info("%s: running the whole graph per bucket (no clean cut)", path)
+    return parts
+
+
 class Runtime:
     """A loaded artifact: tokenizer, onnxruntime session(s) and metadata.
 
@@ -560,6 +599,9 @@ class Runtime:
         parallel: whether calls with enough work run data-parallel on `threads`
             single-threaded calls (a second session, with one intra-op thread; CPU only);
             default `ort_parallel()`.
+        split: whether the data-parallel path runs the encoder part per bucket and the heads
+            once per call (`serving.graph.split_heads`); default `ort_split()`. A graph that
+            cannot be cut runs whole.
     """
 
     def __init__(
@@ -570,6 +612,7 @@ class Runtime:
         device: str | None = None,
         spinning: bool | None = None,
         parallel: bool | None = None,
+        split: bool | None = None,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -588,6 +631,8 @@ class Runtime:
         padding = self.tokenizer.padding
         self.pad_id = int(padding["pad_id"]) if padding else 0
         self.tokenizer.no_padding()
+        self.labels: dict[str, list[str]] = {t.name: list(t.labels) for t in self.metadata.tasks}
+        self.outputs: dict[str, str] = {t.name: t.output for t in self.metadata.tasks}
         options = session_options(threads, spinning)
         self.providers = choose_providers(
             device or os.environ.get(DEVICE_ENV, "auto"), ort.get_available_providers()
@@ -605,17 +650,29 @@ class Runtime:
         )
         self.single_session: Any = None
         self.scheduler: BucketScheduler | None = None
+        # With the graph split: the session of the heads part, and the tensors the encoder
+        # part hands it (what a bucket's run returns); else None and every task's output.
+        self.heads_session: Any = None
+        self._bucket_outputs: list[str] = [self.outputs[t] for t in self.labels]
         if self.workers > 1:
-            self.single_session = ort.InferenceSession(
-                str(self.artifact_dir / ONNX_FILE),
-                session_options(1, spinning),
-                providers=self.providers,
-            )
+            parts = None
+            if ort_split() if split is None else split:
+                parts = _split_or_none(self.artifact_dir / ONNX_FILE)
+            single = session_options(1, spinning)
+            if parts is not None:
+                encoder = ort.InferenceSession(parts.encoder, single, providers=self.providers)
+                heads = ort.InferenceSession(parts.heads, single, providers=self.providers)
+                if self._cut_holds(encoder, heads, parts.boundary):
+                    self.single_session, self.heads_session = encoder, heads
+                    self._bucket_outputs = parts.boundary
+                del parts, encoder, heads
+            if self.single_session is None:
+                self.single_session = ort.InferenceSession(
+                    str(self.artifact_dir / ONNX_FILE), single, providers=self.providers
+                )
             self.scheduler = BucketScheduler(self._run_single, self.workers, self.pad_id)
         # Held while a call runs on the multi-threaded session beside the scheduler.
         self._multi_lock = threading.Lock()
-        self.labels: dict[str, list[str]] = {t.name: list(t.labels) for t in self.metadata.tasks}
-        self.outputs: dict[str, str] = {t.name: t.output for t in self.metadata.tasks}
         # Temperature scaling per task head (metadata.json; 1.0 for artifacts without it).
         self.temperatures: dict[str, float] = {
             t.name: t.calibration.temperature if t.calibration is not None else 1.0
@@ -637,18 +694,57 @@ class Runtime:
             len(self.labels),
             options.intra_op_num_threads,
             self.providers[0],
-            f"{self.workers} data-parallel calls" if self.workers > 1 else "no data parallelism",
+            (
+                f"{self.workers} data-parallel calls"
+                + (", heads once per call" if self.heads_session is not None else "")
+                if self.workers > 1
+                else "no data parallelism"
+            ),
         )
+
+    def _cut_holds(self, encoder: Any, heads: Any, boundary: list[str]) -> bool:
+        """Whether the two parts compute what the whole graph does, row by row: probe texts
+        in batches of 1 and 3, each boundary tensor one row per text, the heads' logits
+        within float tolerance of the whole graph's. A graph the cut gets wrong (a boundary
+        tensor that is not per text, as an int8 graph's activation scale) runs whole."""
+        outputs = [self.outputs[t] for t in self.labels]
+        for texts in (CHECK_TEXTS[:1], CHECK_TEXTS[:3]):
+            ids, mask = pad_batch(
+                [e.ids for e in self.tokenizer.encode_batch(list(texts))], self.pad_id
+            )
+            feeds = {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask}
+            try:
+                middle = encoder.run(boundary, feeds)
+                if any(m.ndim == 0 or m.shape[0] != len(texts) for m in middle):
+                    raise ValueError("a boundary tensor is not one row per text")
+                split = heads.run(outputs, dict(zip(boundary, middle, strict=True)))
+            except Exception as err:
+                logger.warning(
+                    "%s: running the whole graph per bucket (%s)", self.artifact_dir, err
+                )
+                return False
+            whole = self.session.run(outputs, feeds)
+            if not all(
+                np.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(split, whole, strict=True)
+            ):
+                logger.warning(
+                    "%s: running the whole graph per bucket (its parts differ from it)",
+                    self.artifact_dir,
+                )
+                return False
+        return True
 
     @property
     def task_names(self) -> list[str]:
         return list(self.labels)
 
     def _run_single(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-        """Every task's logits for one bucket on the single-threaded session (the scheduler's
-        workers call this; a session looked up per call, so tests can replace it)."""
-        outputs = [self.outputs[t] for t in self.labels]
-        return self.single_session.run(outputs, {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask})
+        """One bucket on the single-threaded session: every task's logits, or with the graph
+        split the encoder part's outputs (the scheduler's workers call this; a session looked
+        up per call, so tests can replace it)."""
+        return self.single_session.run(
+            self._bucket_outputs, {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask}
+        )
 
     def check_tasks(self, tasks: list[str] | None) -> list[str]:
         """The tasks to answer: all when None; UnknownTaskError names any the model lacks."""
@@ -681,8 +777,8 @@ class Runtime:
         truncated = np.zeros(n, dtype=bool)
         if n == 0:
             return BatchOutput(probs, truncated, self.version, logits=raw)
-        # Every task's logits, in model order (the heads cost nothing next to the encoder, and
-        # the scheduler's buckets hold texts of calls that asked for other tasks).
+        # Every task's logits, in model order: the scheduler's buckets hold texts of calls
+        # that asked for other tasks, and a subset would save only a few heads' matmuls.
         outputs = [self.outputs[t] for t in self.labels]
         cut = self.metadata.encoder.max_length * CHARS_PER_TOKEN
         enc = self.tokenizer.encode_batch([t[:cut] for t in texts])
@@ -712,6 +808,8 @@ class Runtime:
         if scheduler is not None:
             done = scheduler.submit(lengths, [e.ids for e in enc])
             results = done.results
+            if self.heads_session is not None:
+                results = self._run_heads(results, n, outputs)
             runs, positions = done.runs, done.positions
         else:
             try:
@@ -743,6 +841,31 @@ class Runtime:
             runs=runs,
             logits=raw,
         )
+
+    def _run_heads(
+        self,
+        parts: list[tuple[np.ndarray, list[np.ndarray]]],
+        n: int,
+        outputs: list[str],
+    ) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """Every task's logits from the encoder part's outputs of a call's buckets (row
+        indices, arrays): gathered into input order, then the heads part on all `n` rows, in
+        chunks of HEADS_CHUNK (one run for a request; a 5,000-text evaluation stays bounded)."""
+        gathered: list[np.ndarray | None] = [None] * len(self._bucket_outputs)
+        for idx, arrays in parts:
+            for k, array in enumerate(arrays):
+                if gathered[k] is None:
+                    gathered[k] = np.empty((n, *array.shape[1:]), dtype=array.dtype)
+                gathered[k][idx] = array
+        results = []
+        for start in range(0, n, HEADS_CHUNK):
+            feeds = {
+                name: g[start : start + HEADS_CHUNK]
+                for name, g in zip(self._bucket_outputs, gathered, strict=True)
+            }
+            rows = np.arange(start, min(start + HEADS_CHUNK, n))
+            results.append((rows, self.heads_session.run(outputs, feeds)))
+        return results
 
     def _sequential(
         self,

@@ -40,6 +40,9 @@ Environment (read when the service module is imported / a worker starts):
     POLYTASK_ORT_PARALLEL      1: a call with enough work runs its length buckets on one
                                single-threaded session call per thread at once (default);
                                0: one bucket at a time on all threads (serving/runtime.py)
+    POLYTASK_ORT_SPLIT         1: on that path, the encoder part of the graph per bucket and
+                               the task heads once per request (default); 0: the whole
+                               graph per bucket
     POLYTASK_ORT_DEVICE        auto | cpu | cuda
 
 Run: `polytask serve` or `bentoml serve serving.service:Polytask`.
