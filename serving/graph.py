@@ -62,22 +62,32 @@ class SplitGraph:
 def split_heads(path: str | Path) -> SplitGraph | None:
     """`path`'s graph cut where the task heads begin, or None where it cannot be cut cleanly:
     no `heads.*` weights, a node with a subgraph (control flow), a head node that reads a graph
-    input, a graph output the encoder part computes, or a boundary tensor whose type shape
-    inference cannot tell."""
+    input, or a graph output the encoder part computes.
+
+    The boundary tensors are declared float32 (the pooled features of fp32 and int8 graphs
+    alike): onnxruntime checks that against its own type inference when it builds a session
+    of either part, and the runtime checks the parts' answers (`Runtime._cut_holds`), so a
+    graph this does not fit runs whole. No shape inference: on the ~90 MB protobuf it held
+    another copy of every weight in memory, for a type the session check gives anyway.
+
+    Memory: the heads part is built from copies of the few weights it reads; the encoder part
+    is the loaded graph edited in place, so loading holds about two copies of the encoder's
+    weights at once (the protobuf and its serialized bytes), not four.
+    """
     import onnx
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     proto = onnx.load(str(path))
+    graph = proto.graph
     if any(
         a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for n in proto.graph.node
+        for n in graph.node
         for a in n.attribute
     ):
         return None
     heads = head_nodes(proto)
     if not heads:
         return None
-    graph = proto.graph
     inputs = {i.name for i in graph.input}
     head_list = [n for n in graph.node if n.name in heads]
     # Constant nodes have no inputs, so none is downstream of a head weight: each goes to the
@@ -93,35 +103,40 @@ def split_heads(path: str | Path) -> SplitGraph | None:
     boundary = sorted(head_reads & produced)
     if not boundary:
         return None
+    # Batch and feature dimensions free (pooled features: [B, d]).
+    boundary_info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in boundary]
 
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    types = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    boundary_info = []
-    for name in boundary:
-        info = types.get(name)
-        if info is None or not info.type.tensor_type.elem_type:
-            return None
-        # Batch dimension free; the rest as inferred (pooled features: [B, d]).
-        boundary_info.append(
-            helper.make_tensor_value_info(name, info.type.tensor_type.elem_type, None)
-        )
-    del inferred
-
-    def part(nodes: list[Any], part_inputs: list[Any], part_outputs: list[Any], name: str) -> bytes:
-        reads = {i for n in nodes for i in n.input if i}
-        used_constants = [constants[r] for r in sorted(reads) if r in constants]
-        initializers = [t for t in graph.initializer if t.name in reads]
-        g = helper.make_graph(
-            used_constants + nodes, name, part_inputs, part_outputs, initializer=initializers
-        )
-        model = helper.make_model(
-            g, opset_imports=list(proto.opset_import), ir_version=proto.ir_version
-        )
-        model.functions.extend(proto.functions)
-        return model.SerializeToString()
-
-    return SplitGraph(  # the encoder part keeps every graph input: the runtime feeds them all
-        encoder=part(encoder_list, list(graph.input), boundary_info, f"{graph.name}-encoder"),
-        heads=part(head_list, boundary_info, list(graph.output), f"{graph.name}-heads"),
-        boundary=boundary,
+    # The heads part: copies of its nodes, the constants and weights they read.
+    used_constants = [constants[r] for r in sorted(head_reads) if r in constants]
+    heads_graph = helper.make_graph(
+        used_constants + head_list,
+        f"{graph.name}-heads",
+        boundary_info,
+        list(graph.output),
+        initializer=[t for t in graph.initializer if t.name in head_reads],
     )
+    heads_model = helper.make_model(
+        heads_graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version
+    )
+    heads_model.functions.extend(proto.functions)
+    heads_bytes = heads_model.SerializeToString()
+    del heads_model, heads_graph, used_constants, head_list
+
+    # The encoder part: the loaded graph minus the heads, in place. It keeps every graph
+    # input (the runtime feeds them all).
+    encoder_reads = {i for n in encoder_list for i in n.input if i}
+    del encoder_list
+    for i in reversed(range(len(graph.node))):
+        node = graph.node[i]
+        if node.name in heads or (
+            node.op_type == "Constant" and node.output[0] not in encoder_reads
+        ):
+            del graph.node[i]
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name not in encoder_reads:
+            del graph.initializer[i]
+    del graph.output[:]
+    graph.output.extend(boundary_info)
+    del graph.value_info[:]  # shapes of tensors the part may no longer compute
+    graph.name = f"{graph.name}-encoder"
+    return SplitGraph(encoder=proto.SerializeToString(), heads=heads_bytes, boundary=boundary)

@@ -660,12 +660,21 @@ class Runtime:
                 parts = _split_or_none(self.artifact_dir / ONNX_FILE)
             single = session_options(1, spinning)
             if parts is not None:
-                encoder = ort.InferenceSession(parts.encoder, single, providers=self.providers)
-                heads = ort.InferenceSession(parts.heads, single, providers=self.providers)
-                if self._cut_holds(encoder, heads, parts.boundary):
-                    self.single_session, self.heads_session = encoder, heads
-                    self._bucket_outputs = parts.boundary
-                del parts, encoder, heads
+                try:  # onnxruntime checks the parts' declared boundary types here
+                    encoder = ort.InferenceSession(parts.encoder, single, providers=self.providers)
+                    heads = ort.InferenceSession(parts.heads, single, providers=self.providers)
+                except Exception as err:  # noqa: BLE001 - a cut that does not load: run whole
+                    logger.warning(
+                        "%s: running the whole graph per bucket (a part does not load: %s)",
+                        self.artifact_dir,
+                        err,
+                    )
+                else:
+                    if self._cut_holds(encoder, heads, parts.boundary):
+                        self.single_session, self.heads_session = encoder, heads
+                        self._bucket_outputs = parts.boundary
+                    del encoder, heads
+                del parts
             if self.single_session is None:
                 self.single_session = ort.InferenceSession(
                     str(self.artifact_dir / ONNX_FILE), single, providers=self.providers

@@ -189,3 +189,31 @@ def test_heads_in_situ_bench_runs_on_an_artifact(artifact, tiny_data_dir, capsys
     out = capsys.readouterr().out
     assert "heads read ['" in out and "split/whole" in out
     assert "rt split: busy" in out and "rt whole: busy" in out
+
+
+def test_a_cut_whose_boundary_type_is_wrong_does_not_load_and_runs_whole(
+    artifact, monkeypatch, caplog
+):
+    """The boundary is declared float32 without shape inference; onnxruntime refuses a part
+    whose declared type differs from what its node computes, and the runtime runs the whole
+    graph rather than fail to load the model."""
+    import onnx
+
+    import serving.graph as graph
+    from serving.runtime import Runtime
+
+    real = graph.split_heads
+
+    def as_double(path):
+        parts = real(path)
+        encoder = onnx.load_from_string(parts.encoder)
+        for out in encoder.graph.output:
+            out.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+        return graph.SplitGraph(encoder.SerializeToString(), parts.heads, parts.boundary)
+
+    monkeypatch.setattr(graph, "split_heads", as_double)
+    with caplog.at_level(logging.WARNING, logger="serving.runtime"):
+        runtime = Runtime(artifact, threads=2, parallel=True)
+    assert runtime.heads_session is None and runtime.single_session is not None
+    assert "a part does not load" in caplog.text
+    assert runtime.run(_texts()).logits  # answers, from the whole graph per bucket
