@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "senteval"
 
 
-def throughput(runtime, calls: list[list[str]], seconds: float, clients: int = 4) -> float:
-    """Texts/s of `clients` threads calling `runtime.run` back to back for `seconds`."""
+def closed_loop(items: list, do, clients: int, seconds: float) -> float:
+    """Per second, the sum of `do(item)` (what each call counts: texts) over `clients` threads
+    taking the next of `items` round-robin, back to back, for `seconds`."""
     lock = threading.Lock()
     state = {"next": 0, "done": 0}
     stop = time.monotonic() + seconds
@@ -38,11 +39,11 @@ def throughput(runtime, calls: list[list[str]], seconds: float, clients: int = 4
     def client() -> None:
         while time.monotonic() < stop:
             with lock:
-                texts = calls[state["next"] % len(calls)]
+                item = items[state["next"] % len(items)]
                 state["next"] += 1
-            runtime.run(texts)
+            counted = do(item)
             with lock:
-                state["done"] += len(texts)
+                state["done"] += counted
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.monotonic()
@@ -51,6 +52,16 @@ def throughput(runtime, calls: list[list[str]], seconds: float, clients: int = 4
     for t in threads:
         t.join()
     return state["done"] / (time.monotonic() - start)
+
+
+def throughput(runtime, calls: list[list[str]], seconds: float, clients: int = 4) -> float:
+    """Texts/s of `clients` threads calling `runtime.run` back to back for `seconds`."""
+
+    def call(texts: list[str]) -> int:
+        runtime.run(texts)
+        return len(texts)
+
+    return closed_loop(calls, call, clients, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

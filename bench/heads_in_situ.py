@@ -40,26 +40,13 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sentev
 
 def parallel_rate(run_bucket, buckets: list, workers: int, seconds: float) -> float:
     """Texts/s of `workers` threads taking the next bucket round-robin for `seconds`."""
-    lock = threading.Lock()
-    state = {"next": 0, "texts": 0}
-    stop = time.monotonic() + seconds
+    from bench.ab_runtime import closed_loop
 
-    def work() -> None:
-        while time.monotonic() < stop:
-            with lock:
-                feeds = buckets[state["next"] % len(buckets)]
-                state["next"] += 1
-            run_bucket(feeds)
-            with lock:
-                state["texts"] += len(next(iter(feeds.values())))
+    def run(feeds: dict[str, np.ndarray]) -> int:
+        run_bucket(feeds)
+        return len(next(iter(feeds.values())))
 
-    threads = [threading.Thread(target=work) for _ in range(workers)]
-    start = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return state["texts"] / (time.monotonic() - start)
+    return closed_loop(buckets, run, workers, seconds)
 
 
 def runtime_rate(
@@ -69,9 +56,10 @@ def runtime_rate(
     and how the scheduler's workers spent it: the share of the workers' time inside
     `session.run` (`busy`), texts per `session.run` (`bucket`) and the padded share of the
     positions computed (`padding`)."""
+    from bench.ab_runtime import closed_loop
+
     lock = threading.Lock()
-    state = {"next": 0, "texts": 0, "tokens": 0, "padded": 0, "runs": 0, "in_run": 0.0}
-    stop = time.monotonic() + seconds
+    state = {"texts": 0, "tokens": 0, "padded": 0, "runs": 0, "in_run": 0.0}
     inner = runtime._run_single
 
     def timed(ids, mask):
@@ -84,32 +72,26 @@ def runtime_rate(
                 state["runs"] += 1
                 state["padded"] += ids.size
 
+    def call(texts: list[str]) -> int:
+        out = runtime.run(texts)
+        with lock:
+            state["texts"] += len(texts)
+            state["tokens"] += out.tokens
+        return len(texts)
+
     runtime.scheduler._run_bucket = timed
-
-    def client() -> None:
-        while time.monotonic() < stop:
-            with lock:
-                texts = calls[state["next"] % len(calls)]
-                state["next"] += 1
-            out = runtime.run(texts)
-            with lock:
-                state["texts"] += len(texts)
-                state["tokens"] += out.tokens
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        rate = closed_loop(calls, call, clients, seconds)
+    finally:
+        runtime.scheduler._run_bucket = inner
     wall = time.monotonic() - start
-    runtime.scheduler._run_bucket = inner
     detail = {
         "busy": state["in_run"] / (runtime.workers * wall),
         "bucket": state["texts"] / max(state["runs"], 1),
         "padding": 1 - state["tokens"] / max(state["padded"], 1),
     }
-    return state["texts"] / wall, detail
+    return rate, detail
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,6 +127,27 @@ def train_tiny_run(tmp: Path, data_dir: Path, encoder_dir: Path, **train: object
     return Path(out.getvalue().split("run directory: ")[-1].strip())
 
 
+def tiny_texts(n: int, seed: int = 0) -> list[str]:
+    """`n` texts of 1-19 words from the tiny data's vocabulary, of varied lengths (so several
+    length buckets), the same for a seed."""
+    import numpy as np
+
+    words = "good bad film pizza team coach match soup dull great awful nice league".split()
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 20)))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_data_dir, tiny_encoder_dir) -> Path:
+    """A tiny run exported to an artifact (fp32, not registered), shared by the tests that
+    only read it: do not modify it."""
+    from pipeline.export import export_run
+
+    tmp = tmp_path_factory.mktemp("tiny-artifact")
+    run_dir = train_tiny_run(tmp, tiny_data_dir, tiny_encoder_dir)
+    return export_run(run_dir, register=False, output_dir=tmp / "artifact").artifact_dir
+
+
 def load_repo_script(relative: str):
     """A script of the repository that is not a package module (bench/, scripts/), imported by
     path and registered under its file name."""

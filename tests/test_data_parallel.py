@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import train_tiny_run
+from conftest import tiny_texts
 
 from serving.runtime import (
     CPU,
@@ -90,18 +90,12 @@ def test_one_bucket_is_split_in_two_and_uneven_calls_stay_sequential():
 
 # --------------------------------------------------------------------------- runtime
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory, tiny_data_dir, tiny_encoder_dir):
-    from pipeline.export import export_run
-
-    tmp = tmp_path_factory.mktemp("parallel-run")
-    run_dir = train_tiny_run(tmp, tiny_data_dir, tiny_encoder_dir)
-    return export_run(run_dir, register=False, output_dir=tmp / "artifact").artifact_dir
+def artifact(tiny_artifact):
+    return tiny_artifact
 
 
 def _texts() -> list[str]:
-    words = "good bad film pizza team coach match soup dull great awful nice league".split()
-    rng = np.random.default_rng(0)
-    return [" ".join(rng.choice(words, size=int(rng.integers(1, 20)))) for _ in range(48)]
+    return tiny_texts(48, seed=0)
 
 
 class _Spy:

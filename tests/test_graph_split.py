@@ -11,24 +11,13 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import train_tiny_run
+from conftest import tiny_texts
 
 from serving.runtime import SPLIT_ENV, ort_split
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory, tiny_data_dir, tiny_encoder_dir):
-    from pipeline.export import export_run
-
-    tmp = tmp_path_factory.mktemp("split-run")
-    run_dir = train_tiny_run(tmp, tiny_data_dir, tiny_encoder_dir)
-    return export_run(run_dir, register=False, output_dir=tmp / "artifact").artifact_dir
-
-
 def _texts() -> list[str]:
-    words = "good bad film pizza team coach match soup dull great awful nice league".split()
-    rng = np.random.default_rng(1)
-    return [" ".join(rng.choice(words, size=int(rng.integers(1, 20)))) for _ in range(40)]
+    return tiny_texts(40, seed=1)
 
 
 def _feeds(runtime, texts):
@@ -45,18 +34,18 @@ def test_split_env_var():
         ort_split({SPLIT_ENV: "no"})
 
 
-def test_the_two_parts_compute_the_whole_graph(artifact):
+def test_the_two_parts_compute_the_whole_graph(tiny_artifact):
     import onnx
     import onnxruntime as ort
 
     from serving.graph import head_nodes, split_heads
     from serving.runtime import Runtime
 
-    parts = split_heads(artifact / "model.onnx")
+    parts = split_heads(tiny_artifact / "model.onnx")
     assert parts is not None and len(parts.boundary) == 1
     encoder = onnx.load_from_string(parts.encoder)
     heads = onnx.load_from_string(parts.heads)
-    whole = onnx.load(str(artifact / "model.onnx"))
+    whole = onnx.load(str(tiny_artifact / "model.onnx"))
     # Every node of the whole graph is in exactly one part (Constant nodes may be in both),
     # every heads.* weight in the heads part only.
     names = lambda g: {n.name for n in g.graph.node if n.op_type != "Constant"}  # noqa: E731
@@ -66,7 +55,7 @@ def test_the_two_parts_compute_the_whole_graph(artifact):
     assert all(not i.name.startswith("heads.") for i in encoder.graph.initializer)
     assert [i.name for i in heads.graph.input] == parts.boundary
 
-    runtime = Runtime(artifact, threads=1)
+    runtime = Runtime(tiny_artifact, threads=1)
     feeds = _feeds(runtime, _texts())
     outputs = [o.name for o in whole.graph.output]
     options = ort.SessionOptions()
@@ -79,12 +68,12 @@ def test_the_two_parts_compute_the_whole_graph(artifact):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_a_graph_without_heads_is_not_cut(tmp_path, artifact):
+def test_a_graph_without_heads_is_not_cut(tmp_path, tiny_artifact):
     import onnx
 
     from serving.graph import split_heads
 
-    whole = onnx.load(str(artifact / "model.onnx"))
+    whole = onnx.load(str(tiny_artifact / "model.onnx"))
     for init in whole.graph.initializer:  # no weight named as a head's: nothing to cut at
         init.name = init.name.replace("heads.", "other.")
     for node in whole.graph.node:
@@ -105,10 +94,10 @@ class _Spy:
         return self.session.run(outputs, feeds)
 
 
-def test_parallel_path_runs_the_heads_once_per_call(artifact, monkeypatch):
+def test_parallel_path_runs_the_heads_once_per_call(tiny_artifact, monkeypatch):
     import serving.runtime as rt
 
-    runtime = rt.Runtime(artifact, threads=2, parallel=True)
+    runtime = rt.Runtime(tiny_artifact, threads=2, parallel=True)
     assert runtime.heads_session is not None
     assert runtime._bucket_outputs != [runtime.outputs[t] for t in runtime.labels]
     encoder, heads = _Spy(runtime.single_session), _Spy(runtime.heads_session)
@@ -131,24 +120,24 @@ def test_parallel_path_runs_the_heads_once_per_call(artifact, monkeypatch):
         np.testing.assert_allclose(chunked.logits[task], want.logits[task], atol=1e-5)
 
 
-def test_split_off_by_env_and_the_whole_graph_per_bucket(artifact, monkeypatch):
+def test_split_off_by_env_and_the_whole_graph_per_bucket(tiny_artifact, monkeypatch):
     from serving.runtime import Runtime
 
     monkeypatch.setenv(SPLIT_ENV, "0")
-    whole = Runtime(artifact, threads=2, parallel=True)
+    whole = Runtime(tiny_artifact, threads=2, parallel=True)
     assert whole.heads_session is None and whole.workers == 2
     assert whole._bucket_outputs == [whole.outputs[t] for t in whole.labels]
     monkeypatch.delenv(SPLIT_ENV)
-    split = Runtime(artifact, threads=2, parallel=True)
+    split = Runtime(tiny_artifact, threads=2, parallel=True)
     texts = _texts()
     a, b = whole.run(texts), split.run(texts)
     for task in a.logits:
         np.testing.assert_allclose(a.logits[task], b.logits[task], atol=1e-5)
     # No data parallelism, no second session and no cut.
-    assert Runtime(artifact, threads=1).heads_session is None
+    assert Runtime(tiny_artifact, threads=1).heads_session is None
 
 
-def test_a_cut_that_computes_something_else_is_refused(artifact, monkeypatch, caplog):
+def test_a_cut_that_computes_something_else_is_refused(tiny_artifact, monkeypatch, caplog):
     """If the parts disagree with the whole graph on the probe texts, the runtime says so and
     runs the whole graph per bucket: a wrong cut costs speed, never answers."""
     import onnx
@@ -169,7 +158,7 @@ def test_a_cut_that_computes_something_else_is_refused(artifact, monkeypatch, ca
 
     monkeypatch.setattr(graph, "split_heads", wrong)
     with caplog.at_level(logging.WARNING, logger="serving.runtime"):
-        runtime = Runtime(artifact, threads=2, parallel=True)
+        runtime = Runtime(tiny_artifact, threads=2, parallel=True)
     assert runtime.heads_session is None
     assert "parts differ" in caplog.text
     want = runtime.run(_texts(), parallel=False)
@@ -178,13 +167,21 @@ def test_a_cut_that_computes_something_else_is_refused(artifact, monkeypatch, ca
         np.testing.assert_allclose(got.logits[task], want.logits[task], atol=1e-5)
 
 
-def test_heads_in_situ_bench_runs_on_an_artifact(artifact, tiny_data_dir, capsys):
+def test_heads_in_situ_bench_runs_on_an_artifact(tiny_artifact, tiny_data_dir, capsys):
     """bench/heads_in_situ.py end to end on the tiny artifact (a smoke test: its figures are
     read by people, not asserted)."""
     from conftest import load_repo_script
 
     bench = load_repo_script("bench/heads_in_situ.py")
-    argv = [str(artifact), "--rounds", "1", "--seconds", "0.2", "--data-dir", str(tiny_data_dir)]
+    argv = [
+        str(tiny_artifact),
+        "--rounds",
+        "1",
+        "--seconds",
+        "0.2",
+        "--data-dir",
+        str(tiny_data_dir),
+    ]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     assert "heads read ['" in out and "split/whole" in out
@@ -192,7 +189,7 @@ def test_heads_in_situ_bench_runs_on_an_artifact(artifact, tiny_data_dir, capsys
 
 
 def test_a_cut_whose_boundary_type_is_wrong_does_not_load_and_runs_whole(
-    artifact, monkeypatch, caplog
+    tiny_artifact, monkeypatch, caplog
 ):
     """The boundary is declared float32 without shape inference; onnxruntime refuses a part
     whose declared type differs from what its node computes, and the runtime runs the whole
@@ -213,7 +210,7 @@ def test_a_cut_whose_boundary_type_is_wrong_does_not_load_and_runs_whole(
 
     monkeypatch.setattr(graph, "split_heads", as_double)
     with caplog.at_level(logging.WARNING, logger="serving.runtime"):
-        runtime = Runtime(artifact, threads=2, parallel=True)
+        runtime = Runtime(tiny_artifact, threads=2, parallel=True)
     assert runtime.heads_session is None and runtime.single_session is not None
     assert "a part does not load" in caplog.text
     assert runtime.run(_texts()).logits  # answers, from the whole graph per bucket
