@@ -64,6 +64,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -389,11 +390,12 @@ def bench_split(artifact: Path, singles: dict[str, Path], texts, threads, args):
 
 def fixed_rate(
     url: str, texts: list[str], per_second: float, seconds: float, warmup: float = WARMUP_S
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Latency (ms) of 1-text requests sent every 1/per_second s (open loop: latency counts
     from the scheduled send time, so queueing behind slow requests is included): p50, p99 and
-    max over the `seconds` after a `warmup` at the same rate, and `first`, the first warm-up
-    request, which meets a server that sat idle (see `_closed_loop` on idle memory).
+    max over the `seconds` after a `warmup` at the same rate, `slowest` (the three slowest, ms,
+    with when they were sent, s into the window), and `first`, the first warm-up request,
+    which meets a server that sat idle (see `_closed_loop` on idle memory).
 
     The HTTP clients are made and connected before the clock starts (making one costs more
     CPU than a request), and reused: one per sender thread."""
@@ -402,6 +404,7 @@ def fixed_rate(
     import httpx
 
     latencies: list[float] = []
+    when: list[float] = []  # each measured request's send time, s into the window
     first: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -431,12 +434,14 @@ def fixed_rate(
                 first.append(ms)
             elif i >= skip:
                 latencies.append(ms)
+                when.append((i - skip) / per_second)
 
     with ThreadPoolExecutor(max_workers=senders) as pool:
         list(pool.map(send, range(n)))
     while not clients.empty():
         clients.get().close()
     q = statistics.quantiles(latencies, n=100)
+    slowest = sorted(zip(latencies, when, strict=True), reverse=True)[:3]
     return {
         "p50": q[49],
         "p99": q[98],
@@ -444,6 +449,8 @@ def fixed_rate(
         "n": len(latencies),
         "first": first[0] if first else float("nan"),
         "errors": errors[0],
+        # When the slowest were sent: together (one stall) or spread out (a slow tail).
+        "slowest": slowest,
     }
 
 
@@ -779,7 +786,8 @@ def _main(argv: list[str] | None = None) -> int:
             f"{lat['p99'] / lat['p50']:.2f}), max {lat['max']:.1f} ms, {lat['n']:.0f} requests, "
             f"{lat['errors']:.0f} failed; one request alone (sequential, median): "
             f"{alone[servers[mode].url]:.1f} ms; first request after the server sat idle: "
-            f"{lat['first']:.1f} ms"
+            f"{lat['first']:.1f} ms; slowest three: "
+            + ", ".join(f"{ms:.0f} ms sent at {at:.1f} s" for ms, at in lat["slowest"])
         )
     for mode in modes:
         summary += [
