@@ -2,7 +2,7 @@
 
 Why: on the data-parallel path a session.run computes one length bucket, about 9 dev texts at
 saturation, and every run of the whole graph also reads all task heads' weights. Five-member
-private paths hold ~26 MB of them, which the encoder has pushed out of the core's caches by
+private paths hold ~29 MB of them, which the encoder has pushed out of the core's caches by
 then, so the heads cost several times what they cost alone (docs/results.md, issue 11, "Run
 16"). Cut in two, the encoder part runs per bucket and the heads part once per call, on all of
 the call's texts at once. Same nodes, same weights: the function is the graph's.

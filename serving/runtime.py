@@ -26,7 +26,7 @@ never used.
 On the data-parallel path the graph also runs **in two parts** (`serving.graph.split_heads`):
 the encoder part per bucket on the scheduler's threads, and the task heads once per call, on
 all of its texts, in the caller's thread. A bucket holds ~9 texts at saturation and each run of
-the whole graph reads every head's weights from memory again (~26 MB for five-member private
+the whole graph reads every head's weights from memory again (~29 MB for five-member private
 paths), so per-bucket heads cost more than their arithmetic (docs/results.md, issue 11, "Run
 16"). $POLYTASK_ORT_SPLIT=0 runs the whole graph per bucket instead.
 
