@@ -30,9 +30,10 @@ was written on, an idle process's memory is slow to touch again for a while
     (e) frozen feature extraction on training texts (`--features N` of them, every task's train
         split interleaved): PyTorch eager in fixed length-sorted batches (how the feature cache
         ran first) vs PyTorch and onnxruntime in length buckets, onnxruntime sequential and
-        data-parallel (how it runs now); (e') the fine-tuning cache's token states of the
-        bottom layers (all but the top 2), same texts, PyTorch eager vs onnxruntime,
-        sequential and data-parallel
+        data-parallel, and data-parallel in buckets of at most 512 padded positions (how it
+        runs now); (e') the fine-tuning cache's token states of the bottom layers (all but
+        the top 2), same texts, PyTorch eager vs onnxruntime, sequential and data-parallel
+        (buckets of at most 512 positions)
 
 Usage: with no argument it measures the latest run (`runs/latest`, its `artifact/` when
 exported, else exported to a temporary directory); (a) runs only with one exported
@@ -504,6 +505,7 @@ def bench_features(encoder_dir: Path, texts: list[str], threads: int, max_length
                 encoder(torch.from_numpy(ids), torch.from_numpy(mask))
 
     from pipeline.features import run_buckets
+    from serving.runtime import RUN_MAX_TOKENS
 
     parallel = OrtFeatureEncoder(encoder, onnx_path, max_length, threads=threads, parallel=True)
     ways = {
@@ -514,8 +516,18 @@ def bench_features(encoder_dir: Path, texts: list[str], threads: int, max_length
         "onnxruntime, length buckets, sequential": lambda: run_buckets(
             ort_encoder, tokenizer, texts, max_length, encoder.dim
         ),
-        "onnxruntime, length buckets, data-parallel (now)": lambda: run_buckets(
+        "onnxruntime, length buckets, data-parallel": lambda: run_buckets(
             parallel, tokenizer, texts, max_length, encoder.dim, workers=parallel.workers
+        ),
+        # the cache since session 13: buckets of at most RUN_MAX_TOKENS padded positions
+        "onnxruntime, data-parallel, <= 512 positions (now)": lambda: run_buckets(
+            parallel,
+            tokenizer,
+            texts,
+            max_length,
+            encoder.dim,
+            workers=parallel.workers,
+            max_tokens=RUN_MAX_TOKENS,
         ),
     }
     best = dict.fromkeys(ways, 0.0)

@@ -273,9 +273,10 @@ def similarity_before_after(
         config, splits=["train", split] if split != "train" else ["train"], labels=labels
     )
     cache = FeatureCache(config.resolved_cache_dir(), encoder_path, enc.max_length, enc.pooling)
-    features = {
-        t.name: cache.get(t.splits[split].texts, desc=f"features {t.name}/{split}") for t in tasks
-    }
+    computed = cache.get_many(
+        [(t.splits[split].texts, f"features {t.name}/{split}") for t in tasks]
+    )
+    features = {t.name: f for t, f in zip(tasks, computed, strict=True)}
     names = list(features)
     if alignment is None or stats is None:  # no run: the encoder's features as they are
         return names, similarity_matrix(features), None, "encoder features"

@@ -32,7 +32,7 @@ from typing import Literal, TypeVar
 import numpy as np
 
 from pipeline.data import texts_fingerprint
-from serving.runtime import plan_buckets
+from serving.runtime import RUN_MAX_TOKENS, plan_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -114,19 +114,31 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, 
 
 class TextProgress:
     """Progress of a pass over texts: count, percentage, rate and ETA, logged about every
-    `every` seconds and once at the end (the feature and token-state caches share it)."""
+    `every` seconds and once at the end (the feature and token-state caches share it).
 
-    def __init__(self, desc: str, total: int, every: float = 10.0):
+    With `work` (the texts' total tokens) the ETA follows the tokens done, not the texts: the
+    caches compute their longest texts first, and an ETA from texts/s would start several
+    times too long."""
+
+    def __init__(self, desc: str, total: int, every: float = 10.0, work: int | None = None):
         self.desc, self.total, self.every = desc, total, every
+        self.work = work
         self.done = 0
+        self.done_work = 0
         self.start = self.last = time.monotonic()
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, work: int = 0) -> None:
         self.done += n
+        self.done_work += work
         now = time.monotonic()
         if now - self.last < self.every and self.done < self.total:
             return
-        rate = self.done / max(now - self.start, 1e-9)
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        if self.work and self.done_work:
+            eta = elapsed * max(self.work - self.done_work, 0) / self.done_work
+        else:
+            eta = (self.total - self.done) / rate if rate else 0.0
         logger.info(
             "%s: %d/%d texts (%.0f%%), %.0f texts/s, ETA %.0fs",
             self.desc,
@@ -134,35 +146,58 @@ class TextProgress:
             self.total,
             100 * self.done / max(self.total, 1),
             rate,
-            (self.total - self.done) / rate if rate else 0.0,
+            eta,
         )
         self.last = now
 
 
-def length_buckets(
-    tokenizer, texts: list[str], max_length: int, max_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Texts tokenized (truncated to `max_length`), sorted by token count, longest first, and
-    split into length buckets of at most `max_size` texts (`plan_buckets`).
+class LengthBuckets:
+    """Texts tokenized (truncated to `max_length`), sorted by token count and split into
+    length buckets of at most `max_size` texts and, when given, `max_tokens` padded positions
+    (`plan_buckets`). Iterating yields them longest first (the memory peak shows early).
+
+    Attributes:
+        lengths: int64 [n], each text's token count.
+        buckets: [start, end) into the texts sorted by length, ascending.
 
     Yields:
         Per bucket: the texts' indices int64 [b], input_ids and attention_mask int64 [b, L]
         padded to the bucket's longest text.
     """
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)
-    order = np.argsort(lengths, kind="stable")
-    pad = tokenizer.pad_token_id or 0
-    buckets = plan_buckets(lengths[order], max_size=max_size)
-    for start, end in reversed(buckets):  # longest first: the memory peak shows early
-        idx = order[start:end]
-        width = max(int(lengths[idx[-1]]), 1)
-        batch = np.full((len(idx), width), pad, dtype=np.int64)
-        mask = np.zeros((len(idx), width), dtype=np.int64)
-        for row, i in enumerate(idx):
-            batch[row, : lengths[i]] = ids[i]
-            mask[row, : lengths[i]] = 1
-        yield idx, batch, mask
+
+    def __init__(
+        self,
+        tokenizer,
+        texts: list[str],
+        max_length: int,
+        max_size: int,
+        max_tokens: int | None = None,
+    ) -> None:
+        self.ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
+        self.order = np.argsort(self.lengths, kind="stable")
+        self.pad = tokenizer.pad_token_id or 0
+        self.buckets = plan_buckets(
+            self.lengths[self.order], max_size=max_size, max_tokens=max_tokens
+        )
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for start, end in reversed(self.buckets):
+            idx = self.order[start:end]
+            width = max(int(self.lengths[idx[-1]]), 1)
+            batch = np.full((len(idx), width), self.pad, dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=np.int64)
+            for row, i in enumerate(idx):
+                batch[row, : self.lengths[i]] = self.ids[i]
+                mask[row, : self.lengths[i]] = 1
+            yield idx, batch, mask
+
+
+def length_buckets(
+    tokenizer, texts: list[str], max_length: int, max_size: int, max_tokens: int | None = None
+) -> LengthBuckets:
+    """`texts` in length buckets, longest first (`LengthBuckets`)."""
+    return LengthBuckets(tokenizer, texts, max_length, max_size, max_tokens)
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
@@ -195,19 +230,21 @@ def run_buckets(
     batch_size: int = 128,
     desc: str = "encoding",
     workers: int = 1,
+    max_tokens: int | None = None,
 ) -> np.ndarray:
-    """`run(input_ids, attention_mask) -> float [b, dim]` over `texts` in length buckets:
-    float32 [n, dim] in input order, `workers` buckets at once (`parallel_map`). Progress with
-    rate and ETA is logged every ~10 seconds."""
+    """`run(input_ids, attention_mask) -> float [b, dim]` over `texts` in length buckets of at
+    most `batch_size` texts (and `max_tokens` padded positions, when given): float32 [n, dim]
+    in input order, `workers` buckets at once (`parallel_map`). Progress with rate and ETA is
+    logged every ~10 seconds."""
     n = len(texts)
     out = np.zeros((n, dim), dtype=np.float32)
     if n == 0:
         return out
-    progress = TextProgress(desc, n)
-    buckets = length_buckets(tokenizer, texts, max_length, batch_size)
-    for (idx, _, _), feats in parallel_map(lambda b: run(b[1], b[2]), buckets, workers):
+    buckets = length_buckets(tokenizer, texts, max_length, batch_size, max_tokens)
+    progress = TextProgress(desc, n, work=int(buckets.lengths.sum()))
+    for (idx, _, mask), feats in parallel_map(lambda b: run(b[1], b[2]), buckets, workers):
         out[idx] = feats
-        progress.add(len(idx))
+        progress.add(len(idx), int(mask.sum()))
     return out
 
 
@@ -345,30 +382,71 @@ class FeatureCache:
 
     def get(self, texts: list[str], desc: str = "encoding", batch_size: int = 128) -> np.ndarray:
         """Features of `texts`, computed and stored on the first call."""
-        path = self.path_for(texts)
-        if path.is_file():
-            feats = np.load(path)
-            if feats.shape[0] == len(texts):
-                logger.info("%s: %d cached features from %s", desc, len(texts), path)
-                return feats
-            logger.warning("%s: ignoring a cache file of the wrong size: %s", desc, path)
-        run = self._runner()
-        feats = run_buckets(
-            run,
-            self._tokenizer,
-            texts,
-            self.max_length,
-            self._encoder.dim,
-            batch_size,
-            desc,
-            self._workers,
-        )
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # Write then rename: a crash mid-write never leaves a truncated cache entry.
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, feats)
-        tmp.replace(path)
-        return feats
+        return self.get_many([(texts, desc)], batch_size)[0]
+
+    def get_many(
+        self, requests: list[tuple[list[str], str]], batch_size: int = 128
+    ) -> list[np.ndarray]:
+        """Features of several text lists (texts, description), one array per list: those in
+        the cache are loaded, the others computed in one pass over their distinct texts and
+        stored per list.
+
+        One pass because the lists overlap: senteval6's splits hold 44,774 texts but 36,076
+        distinct ones (MR, SST-2 and SUBJ share sentences), 19% of the tokens; and one pass
+        buckets all texts by length together, where a pass per list ends each list with
+        buckets too few to keep every core busy.
+        """
+        out: list[np.ndarray | None] = [None] * len(requests)
+        missing: list[int] = []
+        for k, (texts, desc) in enumerate(requests):
+            path = self.path_for(texts)
+            if path.is_file():
+                feats = np.load(path)
+                if feats.shape[0] == len(texts):
+                    logger.info("%s: %d cached features from %s", desc, len(texts), path)
+                    out[k] = feats
+                    continue
+                logger.warning("%s: ignoring a cache file of the wrong size: %s", desc, path)
+            missing.append(k)
+        if missing:
+            # dict: distinct texts in first-seen order, each with its row in `distinct`
+            rows: dict[str, int] = {}
+            for k in missing:
+                for text in requests[k][0]:
+                    rows.setdefault(text, len(rows))
+            total = sum(len(requests[k][0]) for k in missing)
+            # The progress counts the texts computed: say so where that is fewer than given.
+            notes = [f"{len(missing)} splits"] if len(missing) > 1 else []
+            if len(rows) < total:
+                notes.append(f"{len(rows)} distinct of {total} texts")
+            name = requests[missing[0]][1] if len(missing) == 1 else "features"
+            desc = f"{name} ({', '.join(notes)})" if notes else name
+            run = self._runner()
+            distinct = run_buckets(
+                run,
+                self._tokenizer,
+                list(rows),
+                self.max_length,
+                self._encoder.dim,
+                batch_size,
+                desc,
+                self._workers,
+                # Single-threaded calls side by side compute fastest on buckets of a few
+                # hundred positions (the serving runtime's bound, RUN_MAX_TOKENS): on the
+                # 2-core machine 1.2x the unbounded 128-text buckets (docs/results.md, Run 17).
+                RUN_MAX_TOKENS if self._workers > 1 else None,
+            )
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for k in missing:
+                texts = requests[k][0]
+                feats = distinct[np.fromiter((rows[t] for t in texts), np.int64, len(texts))]
+                path = self.path_for(texts)
+                # Write then rename: a crash mid-write never leaves a truncated cache entry.
+                tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+                np.save(tmp, feats)
+                tmp.replace(path)
+                out[k] = feats
+        return [f for f in out if f is not None]
 
     def _runner(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         """What computes a bucket's features: onnxruntime when its graph matches PyTorch

@@ -22,18 +22,19 @@ crash never leaves a truncated one.
 What computes the states is a `StateProducer`; `TorchStateProducer` runs the PyTorch encoder
 (eager), `OrtStateProducer` the same layers exported to onnxruntime. One can replace the other
 without changing the cache, since the producer is not part of the key: two producers must agree
-to well within fp16 precision. By default the cache runs PyTorch eager; `engine="onnxruntime"`
-uses onnxruntime (the lower layers exported once per key under `<cache>/onnx/`, checked against
-PyTorch on padded and unpadded batches before use, PyTorch when the export fails or differs).
+to well within fp16 precision. By default the cache runs onnxruntime (the lower layers
+exported once per key under `<cache>/onnx/`, checked against PyTorch on padded and unpadded
+batches before use; PyTorch eager when the export fails or differs); `engine="torch"` runs
+PyTorch eager.
 States are computed in length buckets (`serving.runtime.plan_buckets`, longest first), and a
 producer with `workers` > 1 gets that many buckets at once (`parallel_map`): onnxruntime's
-producer runs them data-parallel, one single-threaded call per core ($POLYTASK_ORT_PARALLEL=0:
-one call at a time on all cores).
-Why PyTorch by default: on the idle 2-core machine (`bench/serve.py` (e'), issue 11 run 6)
-onnxruntime data-parallel computed these states only 1.12x as fast (929 vs 830 texts/s), and
-its first use exports the lower layers (19 s, measured under load, session 4) while the states
-of a text list are computed once: on the 46,000 training texts the export costs more than the
-gain (docs/results.md, "Training caches on onnxruntime").
+producer runs them data-parallel, one single-threaded call per core, in buckets of at most
+RUN_MAX_TOKENS padded positions ($POLYTASK_ORT_PARALLEL=0: one call at a time on all cores).
+Why onnxruntime by default (since session 13; PyTorch before): data-parallel it computed these
+states 1.12x as fast as PyTorch on session 5's idle machine (sgemm 318-363 GFLOP/s) and 1.56x
+on session 13's (AVX2 only, 156 GFLOP/s; `bench/serve.py` (e'): 47% of the fp32 ceiling for
+PyTorch there, 73% for onnxruntime), and its first use now costs seconds, not the 19 s of the dynamo export that made
+PyTorch the default (the TorchScript exporter: 1.6 s for layers 1-3; docs/results.md, Run 17).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import numpy as np
 
 from pipeline.data import texts_fingerprint
 from pipeline.features import TextProgress, encoder_fingerprint, load_tokenizer, parallel_map
-from serving.runtime import plan_buckets
+from serving.runtime import RUN_MAX_TOKENS, plan_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ class TokenStateCache:
         max_length: int,
         batch_size: int = 128,
         producer: StateProducer | None = None,
-        engine: Literal["onnxruntime", "torch"] = "torch",
+        engine: Literal["onnxruntime", "torch"] = "onnxruntime",
         encoder: Any = None,
     ):
         """`producer` computes the states when given; otherwise the cache builds one on the
@@ -355,13 +356,16 @@ class TokenStateCache:
             total,
             path,
         )
-        progress = TextProgress(desc, n)
+        progress = TextProgress(desc, n, work=total)
 
         # Length buckets (`plan_buckets`, as the feature cache and the service split), longest
-        # first, at least one per worker so that a short list still uses every core.
+        # first, at least one per worker so that a short list still uses every core; for
+        # single-threaded calls side by side also at most RUN_MAX_TOKENS padded positions, as
+        # the feature cache (pipeline/features.py).
         size = min(self.batch_size, max(1, -(-n // producer.workers)))
         ascending = np.argsort(lengths, kind="stable")
-        buckets = plan_buckets(lengths[ascending], max_size=size)
+        max_tokens = RUN_MAX_TOKENS if producer.workers > 1 else None
+        buckets = plan_buckets(lengths[ascending], max_size=size, max_tokens=max_tokens)
 
         def batches():
             for start, end in reversed(buckets):
@@ -380,7 +384,7 @@ class TokenStateCache:
             for j, row in enumerate(rows):
                 states[offsets[row] : offsets[row] + lengths[row]] = out[j, : lengths[row]]
             self.computed += len(rows)
-            progress.add(len(rows))
+            progress.add(len(rows), int(lengths[rows].sum()))
         states.flush()
         del states
         np.savez(tmp / INDEX_FILE, offsets=offsets, lengths=lengths)

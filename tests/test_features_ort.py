@@ -70,6 +70,59 @@ def test_length_buckets_pad_less_than_sorted_batches(tiny_encoder_dir):
             assert ids[row, : len(want)].tolist() == want and mask[row].sum() == len(want)
 
 
+def test_length_buckets_bound_padded_positions(tiny_encoder_dir):
+    """`max_tokens` caps a bucket's padded positions (texts x its longest), every text still
+    in exactly one bucket; without it only `max_size` bounds a bucket."""
+    from pipeline.features import length_buckets, load_tokenizer
+
+    texts = _texts()
+    tokenizer = load_tokenizer(str(tiny_encoder_dir))
+    bounded = list(length_buckets(tokenizer, texts, MAX_LENGTH, max_size=64, max_tokens=40))
+    free = list(length_buckets(tokenizer, texts, MAX_LENGTH, max_size=64))
+    assert all(ids.size <= 40 for _, ids, _ in bounded)
+    assert max(ids.size for _, ids, _ in free) > 40
+    for buckets in (bounded, free):
+        rows = np.concatenate([idx for idx, _, _ in buckets])
+        assert sorted(rows.tolist()) == list(range(len(texts)))
+
+
+def test_get_many_encodes_shared_texts_once(tiny_encoder_dir, tmp_path, monkeypatch):
+    """Several lists in one pass: each distinct text is encoded once, each list gets its own
+    rows in its own order (equal to encoding it alone) and its own cache entry, and cached
+    lists are loaded, not computed again."""
+    from pipeline.features import FeatureCache
+
+    texts = _texts()
+    a, b = texts[:20], texts[10:] + texts[:3]  # 13 texts in both, and duplicates within b
+    alone = FeatureCache(tmp_path / "alone", str(tiny_encoder_dir), MAX_LENGTH, "mean")
+    want_a, want_b = alone.get(a, batch_size=4), alone.get(b, batch_size=4)
+
+    cache = FeatureCache(tmp_path / "many", str(tiny_encoder_dir), MAX_LENGTH, "mean")
+    cache.get(a, batch_size=4)  # `a` cached before
+    seen: list[int] = []
+    run = cache._runner()
+
+    def counting(ids, mask):
+        seen.append(len(ids))
+        return run(ids, mask)
+
+    monkeypatch.setattr(cache, "_run", counting)
+    c = ["a text only c has", *b[:4]]
+    got_a, got_b, got_c = cache.get_many([(a, "a"), (b, "b"), (c, "c")], batch_size=4)
+    assert sum(seen) == len(set(b) | set(c))  # `a` loaded; b and c's shared texts once
+    assert got_a.shape == want_a.shape and np.abs(got_a - want_a).max() <= ORT_FEATURE_TOLERANCE
+    assert np.abs(got_b - want_b).max() <= ORT_FEATURE_TOLERANCE
+    np.testing.assert_array_equal(got_c[1:], got_b[:4])
+    for texts_, got in ((b, got_b), (c, got_c)):
+        assert cache.path_for(texts_).is_file()
+        np.testing.assert_array_equal(np.load(cache.path_for(texts_)), got)
+    seen.clear()
+    again = cache.get_many([(b, "b"), (c, "c")])
+    assert seen == [] and all(
+        np.array_equal(x, y) for x, y in zip(again, (got_b, got_c), strict=True)
+    )
+
+
 def test_failed_export_falls_back_to_pytorch(
     tiny_encoder_dir, encoder, tmp_path, monkeypatch, caplog
 ):
@@ -113,27 +166,21 @@ def test_ort_state_producer_equals_pytorch_and_fills_the_same_cache(
 def test_token_state_cache_engines_and_fallback(
     tiny_encoder_dir, encoder, tmp_path, monkeypatch, caplog
 ):
-    """The cache builds its own producer from the encoder: PyTorch by default; with
-    engine="onnxruntime", onnxruntime when it matches PyTorch (the graph stored once under
-    <cache>/onnx/) and PyTorch when it differs by more than the tolerance; every way fills an
-    entry with the same states within fp16 precision."""
+    """The cache builds its own producer from the encoder: onnxruntime by default when it
+    matches PyTorch (the graph stored once under <cache>/onnx/), PyTorch when it differs by
+    more than the tolerance or with engine="torch"; every way fills an entry with the same
+    states within fp16 precision."""
     import pipeline.token_cache as token_cache
 
     texts = _texts()
-    default = token_cache.TokenStateCache(
-        tmp_path / "d", str(tiny_encoder_dir), 1, MAX_LENGTH, 8, encoder=encoder
+    eager = token_cache.TokenStateCache(
+        tmp_path / "d", str(tiny_encoder_dir), 1, MAX_LENGTH, 8, engine="torch", encoder=encoder
     )
-    default_states = default.get(texts)
-    assert isinstance(default._producer, token_cache.TorchStateProducer)
-    assert not default.onnx_path.exists()
+    eager_states = eager.get(texts)
+    assert isinstance(eager._producer, token_cache.TorchStateProducer)
+    assert not eager.onnx_path.exists()
     ort_cache = token_cache.TokenStateCache(
-        tmp_path / "a",
-        str(tiny_encoder_dir),
-        1,
-        MAX_LENGTH,
-        8,
-        engine="onnxruntime",
-        encoder=encoder,
+        tmp_path / "a", str(tiny_encoder_dir), 1, MAX_LENGTH, 8, encoder=encoder
     )
     ort_states = ort_cache.get(texts)
     assert isinstance(ort_cache._producer, token_cache.OrtStateProducer)
@@ -155,7 +202,7 @@ def test_token_state_cache_engines_and_fallback(
     assert "using PyTorch" in caplog.text
     diff = np.abs(ort_states.states.astype(np.float32) - torch_states.states.astype(np.float32))
     assert (ort_states.lengths == torch_states.lengths).all() and diff.max() <= 1e-2
-    assert np.array_equal(default_states.states, torch_states.states)  # both PyTorch
+    assert np.array_equal(eager_states.states, torch_states.states)  # both PyTorch
 
 
 def test_graphs_are_traced_with_torchscript_and_fall_back_to_dynamo(
@@ -191,3 +238,19 @@ def test_graphs_are_traced_with_torchscript_and_fall_back_to_dynamo(
         assert onnx_graph.export_graph(encoder, tmp_path / "b.onnx", ["f"], MAX_LENGTH) == "dynamo"
     assert "using the dynamo exporter" in caplog.text
     check(tmp_path / "b.onnx")
+
+
+def test_progress_eta_follows_tokens_not_texts(monkeypatch, caplog):
+    """Longest texts first: after 10 s, one text of ten done but half the tokens, the ETA is
+    the 10 s the other half takes, not the 90 s a texts/s rate would say."""
+    import pipeline.features as features
+
+    clock = iter([0.0, 10.0, 20.0])
+    monkeypatch.setattr(features.time, "monotonic", lambda: next(clock))
+    progress = features.TextProgress("features x", 10, every=0.0, work=100)
+    with caplog.at_level(logging.INFO, logger="pipeline.features"):
+        progress.add(1, 50)
+        progress.add(9, 50)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].endswith("1/10 texts (10%), 0 texts/s, ETA 10s"), lines
+    assert lines[1].endswith("10/10 texts (100%), 0 texts/s, ETA 0s"), lines

@@ -133,14 +133,18 @@ def prepare_inputs(
     features: dict[str, dict[str, np.ndarray]] = {}
     if not enc.fine_tuned or config.weighting.method == "svd":
         cache = FeatureCache(config.resolved_cache_dir(), encoder_path, enc.max_length, enc.pooling)
-        for t in tasks:
-            features[t.name] = {}
-            for split in t.splits if not enc.fine_tuned else ["train"]:
-                src, rows = source(t, split)
-                feats = cache.get(
-                    src.texts, desc=f"features {t.name}/{split}", batch_size=enc.batch_size
-                )
-                features[t.name][split] = feats if rows is None else feats[rows]
+        wanted = [
+            (t, split, *source(t, split))
+            for t in tasks
+            for split in (t.splits if not enc.fine_tuned else ["train"])
+        ]
+        # One pass over every split's texts: the splits share sentences (FeatureCache.get_many).
+        computed = cache.get_many(
+            [(src.texts, f"features {t.name}/{split}") for t, split, src, _ in wanted],
+            batch_size=enc.batch_size,
+        )
+        for (t, split, _, rows), feats in zip(wanted, computed, strict=True):
+            features.setdefault(t.name, {})[split] = feats if rows is None else feats[rows]
     train_features = {t: f["train"] for t, f in features.items()}
     out: dict[str, dict[str, SplitData]] = {"train": {}, "dev": {}}
     if not enc.fine_tuned:
@@ -170,7 +174,7 @@ def prepare_inputs(
             n_cached,
             enc.max_length,
             enc.batch_size,
-            encoder=encoder,  # PyTorch eager, the default: why in token_cache.py
+            encoder=encoder,  # exported to onnxruntime, the default: why in token_cache.py
         )
         texts = {(t.name, split): source(t, split)[0].texts for t in tasks for split in SPLITS}
         if not all(states.has(x) for x in texts.values()):
