@@ -13,7 +13,9 @@ that check fails, and computes the features of a fine-tuned encoder.
 
 On CPU the onnxruntime encoder runs its buckets data-parallel: one single-threaded
 session.run per core at once (`parallel_map`), as the serving runtime does for large calls
-(`serving.runtime`; $POLYTASK_ORT_PARALLEL=0 turns it off).
+(`serving.runtime`; $POLYTASK_ORT_PARALLEL=0 turns it off), in buckets of at most
+RUN_MAX_TOKENS padded positions. `FeatureCache.get_many` computes several text lists (a run's
+splits) in one pass over their distinct texts, and still stores one entry per list.
 """
 
 from __future__ import annotations
