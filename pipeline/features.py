@@ -448,7 +448,8 @@ class FeatureCache:
                 np.save(tmp, feats)
                 tmp.replace(path)
                 out[k] = feats
-        return [f for f in out if f is not None]
+        assert all(f is not None for f in out)  # each list was loaded or computed above
+        return out  # type: ignore[return-value]
 
     def _runner(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         """What computes a bucket's features: onnxruntime when its graph matches PyTorch

@@ -33,8 +33,9 @@ RUN_MAX_TOKENS padded positions ($POLYTASK_ORT_PARALLEL=0: one call at a time on
 Why onnxruntime by default (since session 13; PyTorch before): data-parallel it computed these
 states 1.12x as fast as PyTorch on session 5's idle machine (sgemm 318-363 GFLOP/s) and 1.56x
 on session 13's (AVX2 only, 156 GFLOP/s; `bench/serve.py` (e'): 47% of the fp32 ceiling for
-PyTorch there, 73% for onnxruntime), and its first use now costs seconds, not the 19 s of the dynamo export that made
-PyTorch the default (the TorchScript exporter: 1.6 s for layers 1-3; docs/results.md, Run 17).
+PyTorch there, 73% for onnxruntime), and its first use now costs seconds, not the 19 s of the
+dynamo export that made PyTorch the default (the TorchScript exporter: 1.6 s for layers 1-3;
+docs/results.md, Run 17).
 """
 
 from __future__ import annotations
