@@ -67,6 +67,36 @@ def test_cached_states_equal_a_fresh_forward_of_the_lower_layers(tiny_encoder_di
     assert other.path_for(TEXTS) != cache.path_for(TEXTS)
 
 
+def test_get_many_computes_shared_texts_once_and_stores_each_list(tiny_encoder_dir, tmp_path):
+    """Lists that share texts (senteval6's splits do) are computed in one pass over their
+    distinct texts; each list gets its own entry, equal to the one it would get alone."""
+    a = TEXTS[:3]
+    b = [TEXTS[2], TEXTS[3], TEXTS[0], TEXTS[2]]  # shares two texts with a, one twice
+    cache = TokenStateCache(tmp_path / "many", str(tiny_encoder_dir), n_layers=1, max_length=16)
+    got = cache.get_many([(a, "a"), (b, "b")])
+    assert cache.computed == len(TEXTS)  # 4 distinct texts, not 3 + 4
+    alone = TokenStateCache(tmp_path / "alone", str(tiny_encoder_dir), n_layers=1, max_length=16)
+    for texts, entry in zip((a, b), got, strict=True):
+        assert entry.path == cache.path_for(texts) and len(entry) == len(texts)
+        ref = alone.get(texts)
+        assert np.array_equal(entry.lengths, ref.lengths)
+        for i in range(len(texts)):
+            mine = entry.states[entry.offsets[i] : entry.offsets[i] + entry.lengths[i]]
+            theirs = ref.states[ref.offsets[i] : ref.offsets[i] + ref.lengths[i]]
+            np.testing.assert_allclose(mine, theirs, atol=2e-3)
+        # The same layout as a list computed alone: rows stored longest first.
+        by_offset = np.argsort(entry.offsets)
+        assert list(entry.lengths[by_offset]) == sorted(entry.lengths, reverse=True)
+    # Only the lists' entries are left (the distinct texts' scratch entry is removed), and a
+    # new cache object reads both from disk.
+    assert sorted(p.name for p in cache.dir.iterdir()) == sorted(
+        cache.path_for(x).name for x in (a, b)
+    )
+    again = TokenStateCache(tmp_path / "many", str(tiny_encoder_dir), n_layers=1, max_length=16)
+    again.get_many([(b, "b"), (a, "a")])
+    assert again.computed == 0
+
+
 def test_top_layers_on_cached_states_equal_the_whole_forward(tiny_encoder_dir, tmp_path):
     encoder = load_encoder(tiny_encoder_dir).eval()
     tokenizer = load_tokenizer(str(tiny_encoder_dir))

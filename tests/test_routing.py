@@ -553,14 +553,22 @@ def test_routing_off_trains_and_loads_without_private_heads(
     assert len(load_run(run_dir).model.heads.private) == 0
 
 
-def test_finetuned_run_routes_on_the_final_encoder_features(
-    tmp_path, noisy_data_dir, tiny_encoder_dir
-):
+@pytest.fixture(scope="module")
+def finetuned_routed_run(tmp_path_factory, noisy_data_dir, tiny_encoder_dir) -> Path:
+    run_dir, _ = _train(
+        tmp_path_factory.mktemp("finetuned-routed"),
+        noisy_data_dir,
+        tiny_encoder_dir,
+        encoder__trainable_layers=1,
+        train__epochs=3,
+    )
+    return run_dir
+
+
+def test_finetuned_run_routes_on_the_final_encoder_features(finetuned_routed_run, noisy_data_dir):
     """With the top layer fine-tuned, the private heads read the final encoder's features: the
     recorded accuracies are reproduced by the saved (fine-tuned) encoder."""
-    run_dir, _ = _train(
-        tmp_path, noisy_data_dir, tiny_encoder_dir, encoder__trainable_layers=1, train__epochs=3
-    )
+    run_dir = finetuned_routed_run
     rec = json.loads((run_dir / "run.json").read_text())
     assert rec["encoder"]["trainable_layers"] == 1
     for task in TASKS:
@@ -569,6 +577,32 @@ def test_finetuned_run_routes_on_the_final_encoder_features(
             assert _dev_accuracy(run_dir, noisy_data_dir, task, path) == pytest.approx(
                 route[f"{path}_accuracy"], abs=1e-6
             )
+
+
+def test_private_layers_diagnostic_scores_the_stored_paths_and_trains_a_copy(
+    finetuned_routed_run, capsys
+):
+    """scripts/private_layers.py on a fine-tuned routed run: the shared and private paths it
+    compares against are the run's recorded ones (same cached states, same model), and the
+    private copy of the top block is trained for the epochs asked and scored per epoch."""
+    from conftest import load_repo_script
+
+    script = load_repo_script("scripts/private_layers.py")
+    rec = json.loads((finetuned_routed_run / "run.json").read_text())
+    for init in ("joint", "pretrained"):
+        out = script.measure(finetuned_routed_run, None, 1, init, epochs=2)
+        assert set(out) == set(TASKS)
+        for task, r in out.items():
+            route = rec["routing"][task]
+            assert r["shared"] == pytest.approx(route["shared_accuracy"], abs=1e-6)
+            assert r["stored_private"] == pytest.approx(route["private_accuracy"], abs=1e-6)
+            assert r["own_epoch"] in (1, 2) and 0.0 <= r["own"] <= 100.0
+            assert r["path"] in ("shared", "private")
+            assert r["routed"] == pytest.approx(r["own" if r["path"] == "private" else "shared"])
+    assert script.main([str(finetuned_routed_run), "--tasks", TASKS[0], "--epochs", "1"]) == 0
+    assert f"{TASKS[0]}: shared" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--layers"):
+        script.measure(finetuned_routed_run, None, 2, "joint", epochs=1)
 
 
 # ------------------------------------------------------------------------- the transfer suite

@@ -186,14 +186,16 @@ def prepare_inputs(
                 encoder.check_layerwise(torch.from_numpy(probe[0]), torch.from_numpy(probe[1]))
             except ValueError as err:
                 raise TrainingError(f"encoder.trainable_layers: {err}") from None
+        # One pass over every split's distinct texts, as the feature cache does.
+        keys = list(texts)
+        got = states.get_many([(texts[k], f"token states {k[0]}/{k[1]}") for k in keys])
+        by_name = {t.name: t for t in tasks}
         entries = {}
-        for t in tasks:
-            for split in SPLITS:
-                rows = source(t, split)[1]
-                entry = states.get(texts[t.name, split], desc=f"token states {t.name}/{split}")
-                entries[t.name, split] = (entry, rows)
-                labels = t.splits[split].labels
-                out[split][t.name] = CachedStateSplit(str(entry.path), rows, labels)
+        for (name, split), entry in zip(keys, got, strict=True):
+            t = by_name[name]
+            rows = source(t, split)[1]
+            entries[name, split] = (entry, rows)
+            out[split][name] = CachedStateSplit(str(entry.path), rows, t.splits[split].labels)
         if states.computed == 0:
             logger.info(
                 "token states: every split read from the cache %s; the lower %d layers were "
