@@ -9,7 +9,7 @@ fine-tuned run, what a task gains from its own copy of the top `--layers` blocks
 the task alone with a fresh private head:
 
     python scripts/private_layers.py RUN_DIR [--tasks subj,cr] [--layers 1]
-        [--init joint|pretrained] [--epochs N]
+        [--init joint|pretrained] [--epochs N] [--head private|single]
 
 Per task: the cached token states of the run's frozen bottom blocks (the token-state cache;
 computed once when missing), the run's own fine-tuned blocks up to the copy (fixed), then the
@@ -18,8 +18,10 @@ copy, mean pooling, the run's standardization and a private head of the run's
 `routing.private.lr`, warmup then cosine, batches of `train.batch_size` bucketed by length,
 label smoothing as the private head's; the epoch with the most dev items right is kept, as the
 private head's is. `--init joint` starts the copy from the run's jointly fine-tuned blocks,
-`pretrained` from the encoder's original ones (with `--layers` equal to the fine-tuned
-blocks, the layout of the task's single-task model).
+`pretrained` from the encoder's original ones. `--head single` trains the single-task
+model's head instead (a fresh B and tower of the run's `shared` and `towers` layout, plain
+cross-entropy, at `optim.lr`): with `--layers` equal to the fine-tuned blocks and `--init
+pretrained`, the layout of the task's single-task model.
 
 Printed per task: the run's shared and private paths (recomputed through the stored model),
 the copy's dev accuracy and epoch, the rule's choice between the copy and the shared path
@@ -46,14 +48,19 @@ def batches_in_length_order(lengths: np.ndarray, size: int):  # noqa: ANN201
 
 
 def measure(
-    run_dir: Path, task_names: list[str] | None, k: int, init: str, epochs: int | None
+    run_dir: Path,
+    task_names: list[str] | None,
+    k: int,
+    init: str,
+    epochs: int | None,
+    head_kind: str = "private",
 ) -> dict[str, dict[str, float | str | None]]:
     """Per task measured (see the module docstring): accuracies in percent."""
     import torch
     import torch.nn.functional as F
 
     from pipeline.data import load_tasks
-    from pipeline.model import load_encoder, private_head, transformer_layers
+    from pipeline.model import build_heads, load_encoder, private_head, transformer_layers
     from pipeline.routing import correct, decide, paired_difference
     from pipeline.runs import load_run
     from pipeline.token_cache import TokenStateCache
@@ -123,16 +130,37 @@ def measure(
         own = copy.deepcopy(encoder) if init == "joint" else load_encoder(enc.path, enc.pooling)
         own.set_trainable_layers(k)
         torch.manual_seed(seed * 1000 + index)
-        head = private_head(
-            encoder.dim, len(run.labels[t.name]), pcfg.hidden_sizes, pcfg.dropout, pcfg.members
-        )
+        n_classes = len(run.labels[t.name])
+        if head_kind == "private":
+            head = private_head(
+                encoder.dim, n_classes, pcfg.hidden_sizes, pcfg.dropout, pcfg.members
+            )
+            head_params, head_lr, decay = list(head.parameters()), pcfg.lr, pcfg.weight_decay
+            smoothing = pcfg.label_smoothing
+
+            def logits_of(pooled: torch.Tensor, members: bool = False, head=head) -> torch.Tensor:
+                x = heads.standardize(pooled)
+                return head.member_logits(x) if members else head(x)  # [K, B, C] or [B, C]
+
+        else:  # the single-task model's layout: B and the task's tower, plain cross-entropy
+            off = config.aux.model_copy(update={"enabled": False})
+            head = build_heads(encoder.dim, {t.name: n_classes}, config.shared, config.towers, off)
+            head.set_feature_stats(heads.feature_mean, heads.feature_std)
+            head_params = [*head.shared.parameters(), *head.towers[t.name].parameters()]
+            head_lr, decay, smoothing = config.optim.lr, config.optim.weight_decay, 0.0
+
+            def logits_of(
+                pooled: torch.Tensor, members: bool = False, head=head, task: str = t.name
+            ) -> torch.Tensor:
+                return head(pooled, task, path="shared")[0]
+
         layer_params = [p for p in own.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
             [
                 {"params": layer_params, "lr": config.optim.encoder_lr},
-                {"params": list(head.parameters()), "lr": pcfg.lr},
+                {"params": head_params, "lr": head_lr},
             ],
-            weight_decay=pcfg.weight_decay,
+            weight_decay=decay,
         )
         n_train = len(inputs["train"])
         lengths = np.array([r.shape[0] for r in inputs["train"]])
@@ -147,7 +175,7 @@ def measure(
             opt, lr_factor(config.optim.schedule, warmup, total)
         )
         batches = bucketed_batches(lengths, config.train.batch_size, seed, 0, index, 0, 1)
-        members = getattr(head, "members", 1)
+        members = getattr(head, "members", 1) if head_kind == "private" else 1
         per_epoch: list[np.ndarray] = []
         for epoch in range(epochs):
             own.train()
@@ -155,17 +183,15 @@ def measure(
             for _ in range(steps_per_epoch):
                 idx = next(batches)
                 x, mask = pad([inputs["train"][i] for i in idx])
-                feats = heads.standardize(own.pool(own.run_layers(x, mask, start_block), mask))
+                pooled = own.pool(own.run_layers(x, mask, start_block), mask)
                 y = labels["train"][idx]
                 if members > 1:  # every member on the same rows: one pass through the copy
-                    logits = head.member_logits(feats)  # [K, B, C]
+                    logits = logits_of(pooled, members=True)  # [K, B, C]
                     loss = F.cross_entropy(
-                        logits.flatten(0, 1),
-                        y.repeat(members),
-                        label_smoothing=pcfg.label_smoothing,
+                        logits.flatten(0, 1), y.repeat(members), label_smoothing=smoothing
                     )
                 else:
-                    loss = F.cross_entropy(head(feats), y, label_smoothing=pcfg.label_smoothing)
+                    loss = F.cross_entropy(logits_of(pooled), y, label_smoothing=smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -177,8 +203,8 @@ def measure(
                 dev_lengths = np.array([r.shape[0] for r in inputs["dev"]])
                 for rows in batches_in_length_order(dev_lengths, 256):
                     x, mask = pad([inputs["dev"][i] for i in rows])
-                    feats = heads.standardize(own.pool(own.run_layers(x, mask, start_block), mask))
-                    dev_logits[rows] = head(feats).numpy()
+                    pooled = own.pool(own.run_layers(x, mask, start_block), mask)
+                    dev_logits[rows] = logits_of(pooled).numpy()
             per_epoch.append(dev_logits)
             right = correct(dev_logits, labels["dev"].numpy())
             print(
@@ -207,7 +233,7 @@ def measure(
         r = out[t.name]
         print(
             f"{t.name}: shared {r['shared']:.2f}, private (stored) {r['stored_private']:.2f}, "
-            f"own {k} block(s) ({init}) {d.private_accuracy:.2f} at epoch {d.private_epoch}; "
+            f"own {k} block(s) ({init}, {head_kind} head) {d.private_accuracy:.2f} at epoch {d.private_epoch}; "
             f"rule vs shared: {d.path} (routed {d.chosen_accuracy:.2f}, cross-fitted "
             f"{d.crossfit_accuracy:.2f}; own blocks cross-fitted "
             f"{d.private_crossfit_accuracy:.2f}); own - stored private {diff:+.2f} "
@@ -224,10 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=1, help="top blocks copied (default 1)")
     parser.add_argument("--init", choices=("joint", "pretrained"), default="joint")
     parser.add_argument("--epochs", type=int, default=None, help="default: the run's")
+    parser.add_argument(
+        "--head",
+        choices=("private", "single"),
+        default="private",
+        help="the run's private head layout (default), or the single-task model's: B and a tower",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     names = [x for x in args.tasks.split(",") if x] or None
-    measure(args.run_dir, names, args.layers, args.init, args.epochs)
+    measure(args.run_dir, names, args.layers, args.init, args.epochs, args.head)
     return 0
 
 

@@ -584,13 +584,14 @@ def test_private_layers_diagnostic_scores_the_stored_paths_and_trains_a_copy(
 ):
     """scripts/private_layers.py on a fine-tuned routed run: the shared and private paths it
     compares against are the run's recorded ones (same cached states, same model), and the
-    private copy of the top block is trained for the epochs asked and scored per epoch."""
+    private copy of the top block is trained for the epochs asked, with either head, and
+    scored per epoch."""
     from conftest import load_repo_script
 
     script = load_repo_script("scripts/private_layers.py")
     rec = json.loads((finetuned_routed_run / "run.json").read_text())
-    for init in ("joint", "pretrained"):
-        out = script.measure(finetuned_routed_run, None, 1, init, epochs=2)
+    for init, head in (("joint", "private"), ("pretrained", "single")):
+        out = script.measure(finetuned_routed_run, None, 1, init, epochs=2, head_kind=head)
         assert set(out) == set(TASKS)
         for task, r in out.items():
             route = rec["routing"][task]
