@@ -328,6 +328,22 @@ class PrivateHeadConfig(StrictModel):
         lt=0.5,
         description="select=holdout: share of the train split held out to pick the epoch.",
     )
+    layers: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="Encoder blocks (1-based, below the last) whose mean-pooled output the "
+        "private heads also read, appended to the final features: e.g. [3, 4, 5] for a "
+        "6-block encoder with its top 3 fine-tuned (the cached bottom blocks' output and each "
+        "fine-tuned block's). Computed in the same encoder pass (serving still runs it once); "
+        "the shared path is unchanged. Needs a fine-tuned encoder (encoder.trainable_layers): "
+        "a frozen run reads cached final features only. [] = the final features alone.",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layers(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each block once: {v}")
+        return sorted(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -591,7 +607,17 @@ class RunConfig(StrictModel):
                     f"weighting.rank: {rank} must be below the number of tasks "
                     f"({len(self.tasks)}); r = k is plain norm weighting"
                 )
+        if self.pooled_layers and self.encoder.trainable_layers == 0:
+            raise ValueError(
+                "routing.private.layers: needs a fine-tuned encoder (encoder.trainable_layers "
+                "above 0); a frozen run reads cached final features only"
+            )
         return self
+
+    @property
+    def pooled_layers(self) -> list[int]:
+        """The encoder blocks whose pooled output the private heads also read (routing on)."""
+        return list(self.routing.private.layers) if self.routing.enabled else []
 
     @property
     def task_names(self) -> list[str]:

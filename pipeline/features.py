@@ -270,7 +270,7 @@ def encode_texts(
             feats = encoder(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
         return feats.float().cpu().numpy()
 
-    return run_buckets(run, tokenizer, texts, max_length, encoder.dim, batch_size, desc)
+    return run_buckets(run, tokenizer, texts, max_length, encoder.out_dim, batch_size, desc)
 
 
 class OrtFeatureEncoder:

@@ -40,6 +40,11 @@ class Encoder(nn.Module):
     halves for partial fine-tuning: `lower_states` (embeddings and the bottom layers, frozen,
     whose output is cached once per text) and `forward_from` (the top layers and pooling, which
     train). `check_layerwise` verifies that the halves compose to the whole forward pass.
+
+    `pooled_layers` (routing's `private.layers`, issue 13): the pooled states after these
+    blocks are appended to the final pooled features, [B, d] -> [B, d * (1 + len)], final
+    first, so the shared path reads the first d columns as before and only a task's private
+    head reads the rest. The blocks run anyway; only their pooling is added.
     """
 
     def __init__(
@@ -49,7 +54,24 @@ class Encoder(nn.Module):
         self.transformer = transformer
         self.pooling = pooling
         self.dim: int = transformer.config.hidden_size
+        self.pooled_layers: tuple[int, ...] = ()
         self.set_trainable_layers(trainable_layers)
+
+    @property
+    def out_dim(self) -> int:
+        """Width of what `forward` returns: d, times 1 + len(pooled_layers)."""
+        return self.dim * (1 + len(self.pooled_layers))
+
+    def set_pooled_layers(self, layers: Sequence[int]) -> None:
+        """Also return the pooled states after these blocks (1-based, below the last)."""
+        n = self.n_layers
+        bad = [x for x in layers if not 1 <= x < n]
+        if bad:
+            raise ValueError(
+                f"routing.private.layers: {bad} are not blocks below the last of this "
+                f"{n}-block encoder (1 to {n - 1})"
+            )
+        self.pooled_layers = tuple(sorted(set(layers)))
 
     @property
     def n_layers(self) -> int:
@@ -87,10 +109,19 @@ class Encoder(nn.Module):
             attention_mask: int64 [B, L], 1 for tokens, 0 for padding.
 
         Returns:
-            float [B, d].
+            float [B, out_dim]: [B, d] without `pooled_layers`.
         """
-        states = self.transformer(input_ids=input_ids, attention_mask=attention_mask)[0]  # [B,L,d]
-        return self.pool(states, attention_mask)
+        if not self.pooled_layers:
+            states = self.transformer(input_ids=input_ids, attention_mask=attention_mask)[0]
+            return self.pool(states, attention_mask)  # [B, L, d] -> [B, d]
+        out = self.transformer(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+        )  # hidden_states[i]: after block i, [B, L, d]; [0] the embeddings
+        return torch.cat(
+            [self.pool(out[0], attention_mask)]
+            + [self.pool(out.hidden_states[i], attention_mask) for i in self.pooled_layers],
+            dim=-1,
+        )
 
     def run_layers(
         self,
@@ -120,8 +151,22 @@ class Encoder(nn.Module):
     def forward_from(
         self, states: torch.Tensor, attention_mask: torch.Tensor, start: int
     ) -> torch.Tensor:
-        """Pooled features [B, d] from the token states [B, L, d] entering block `start`."""
-        return self.pool(self.run_layers(states, attention_mask, start), attention_mask)
+        """Pooled features [B, out_dim] from the token states [B, L, d] entering block `start`.
+        Each of `pooled_layers` must be `start` (the states given) or above."""
+        if not self.pooled_layers:
+            return self.pool(self.run_layers(states, attention_mask, start), attention_mask)
+        if self.pooled_layers[0] < start:
+            raise ValueError(
+                f"routing.private.layers: block {self.pooled_layers[0]} lies below the cached "
+                f"bottom blocks' output (block {start}); choose blocks from {start} up"
+            )
+        taps, at = [], start
+        for layer in self.pooled_layers:
+            states = self.run_layers(states, attention_mask, at, layer)
+            taps.append(self.pool(states, attention_mask))
+            at = layer
+        top = self.run_layers(states, attention_mask, at)
+        return torch.cat([self.pool(top, attention_mask), *taps], dim=-1)
 
     @torch.no_grad()
     def check_layerwise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
@@ -381,8 +426,15 @@ class MultiTaskHeads(nn.Module):
         private_hidden: Sequence[int] | None = None,
         private_dropout: float = 0.1,
         private_members: int = 1,
+        shared_dim: int | None = None,
     ):
         super().__init__()
+        # The shared path reads the first `shared_dim` feature columns (the final pooled
+        # features); the private heads read all `in_dim` (with the encoder's `pooled_layers`).
+        shared_dim = in_dim if shared_dim is None else shared_dim
+        if not 0 < shared_dim <= in_dim:
+            raise ValueError(f"shared_dim {shared_dim} must be in 1..in_dim ({in_dim})")
+        self.shared_dim = shared_dim
         self.tasks = list(num_classes)
         self.routes: dict[str, Route] = {t: "shared" for t in self.tasks}
         # A fixed standardization of the pooled features (training-set statistics, set by
@@ -391,8 +443,10 @@ class MultiTaskHeads(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
         # Identity init: before stage 2 the model is exactly the unaligned MTL model.
-        self.alignment = nn.ParameterDict({t: nn.Parameter(torch.eye(in_dim)) for t in self.tasks})
-        self.shared = SharedModule(in_dim, capacity, hidden_sizes, shared_dropout, activation)
+        self.alignment = nn.ParameterDict(
+            {t: nn.Parameter(torch.eye(shared_dim)) for t in self.tasks}
+        )
+        self.shared = SharedModule(shared_dim, capacity, hidden_sizes, shared_dropout, activation)
         self.towers = nn.ModuleDict(
             {
                 t: main_tower(capacity, c, tower_hidden, tower_dropout)
@@ -426,8 +480,11 @@ class MultiTaskHeads(nn.Module):
         return (x - self.feature_mean) / self.feature_std
 
     def align(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        """z_i = standardize(x) R_i. [B, d] -> [B, d]."""
-        return self.standardize(x) @ self.alignment[task]
+        """z_i = standardize(x)[:, :shared_dim] R_i. [B, in_dim] -> [B, shared_dim]."""
+        z = self.standardize(x)
+        if self.shared_dim < z.shape[-1]:
+            z = z[..., : self.shared_dim]
+        return z @ self.alignment[task]
 
     def forward(
         self, x: torch.Tensor, task: str, with_aux: bool = False, path: Route | None = None
@@ -435,7 +492,7 @@ class MultiTaskHeads(nn.Module):
         """One task's logits from pooled features.
 
         Args:
-            x: float [B, d] encoder features.
+            x: float [B, in_dim] encoder features (the shared path reads [:, :shared_dim]).
             task: Task name.
             with_aux: Also return the self-auxiliary logits (shared path only).
             path: "shared" or "private"; default the task's route.
@@ -479,9 +536,13 @@ def build_heads(
     aux: AuxConfig,
     private: PrivateHeadConfig | None = None,
 ) -> MultiTaskHeads:
-    """MultiTaskHeads from the config sections; with `private`, also the private heads."""
+    """MultiTaskHeads from the config sections; with `private`, also the private heads.
+
+    `in_dim` is the encoder's hidden size d: the heads read d * (1 + len(private.layers))
+    columns, the shared path the first d (Encoder.pooled_layers)."""
+    taps = len(private.layers) if private is not None else 0
     return MultiTaskHeads(
-        in_dim,
+        in_dim * (1 + taps),
         num_classes,
         capacity=shared.capacity,
         hidden_sizes=list(shared.hidden_sizes),
@@ -496,4 +557,5 @@ def build_heads(
         private_hidden=list(private.hidden_sizes) if private is not None else None,
         private_dropout=private.dropout if private is not None else 0.1,
         private_members=private.members if private is not None else 1,
+        shared_dim=in_dim,
     )

@@ -201,6 +201,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             "mismatch); evaluate with the encoder the run was trained on"
         )
     encoder = load_encoder(enc.path, enc.pooling)
+    if record.routing is not None:  # the private heads' extra pooled blocks, if any
+        encoder.set_pooled_layers(config.pooled_layers)
     heads = build_heads(
         enc.dim,
         {t: len(v.labels) for t, v in record.tasks.items()},

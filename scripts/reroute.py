@@ -8,14 +8,22 @@ choose, but for the random draws (the private heads' initialization) and without
 anything else. It is not a rerun of the suite: the report says so.
 
     python scripts/reroute.py runs/experiments/s9-routed-finetune [--members 5]
+        [--private-layers 3,4,5]
 
-For each seed's `runs/routed-s<seed>`: the pooled train and dev features of the run's encoder
-(a fine-tuned encoder's top layers run on the cached token states of its frozen bottom
+`--private-layers` refits the private heads on the final features plus the pooled output of
+these blocks (`routing.private.layers`; fine-tuned runs, blocks from the cached ones up), with
+the standardization a fresh run would use: the stored one for the final features, and for
+the added columns the statistics of the initial encoder on the run's stats sample
+(`pipeline.train.driver.feature_stats`).
+
+For each seed's `runs/routed-s<seed>`: the pooled train and dev features of the run's
+encoder (a fine-tuned encoder's top layers run on the cached token states of its frozen bottom
 layers, as training ran them), the private heads fitted as `pipeline.train.loop`'s routing
 stage fits them, and the path chosen by `pipeline.routing.decide`. Printed per task: the
 single-task model (the suite's `results/single-<task>-s<seed>.json`), the shared path, the
 stored private path, the refitted one, and the refitted routed answer minus the single-task
-model (mean ± std over seeds). Nothing is written.
+model (mean ± std over seeds). Given one run's directory instead of a suite, the same for
+that run alone, without the single-task column. Nothing is written.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import numpy as np
 
 
 def pooled(run, split, cache) -> np.ndarray:  # noqa: ANN001 (pipeline types, imported late)
-    """[n, d] pooled features of `split`'s texts under the run's encoder."""
+    """[n, out_dim] pooled features of `split`'s texts under the run's encoder."""
     import torch
 
     enc = run.record.encoder
@@ -42,7 +50,7 @@ def pooled(run, split, cache) -> np.ndarray:  # noqa: ANN001 (pipeline types, im
         return run_features(run, split.texts, "features")
     entry = cache.get(split.texts)
     order = np.argsort(entry.lengths, kind="stable")
-    out = np.zeros((len(entry), encoder.dim), np.float32)
+    out = np.zeros((len(entry), encoder.out_dim), np.float32)
     with torch.inference_mode():
         for i in range(0, len(order), 256):
             rows = order[i : i + 256]
@@ -54,7 +62,70 @@ def pooled(run, split, cache) -> np.ndarray:  # noqa: ANN001 (pipeline types, im
     return out
 
 
-def reroute(run_dir: Path, members: int | None) -> dict[str, dict[str, float | str]]:
+def widen_heads(run, tasks, cache, layers: list[int]):  # noqa: ANN001, ANN201
+    """The run's heads for private heads on [final | pooled `layers`]: every stored tensor
+    but the private heads, the standardization extended with the initial encoder's statistics
+    of the added columns on the stats sample training draws."""
+    import torch
+
+    from pipeline.model import build_heads, load_encoder
+    from pipeline.train.driver import sampled_cached_features, stats_sample
+
+    config, enc = run.config, run.record.encoder
+    if cache is None:
+        raise SystemExit("--private-layers: a partially fine-tuned run (cached token states)")
+    encoder = run.model.encoder
+    try:
+        encoder.set_pooled_layers(layers)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if encoder.pooled_layers[0] < enc.cached_layers:
+        raise SystemExit(f"--private-layers: blocks from {enc.cached_layers} up (the cached ones)")
+    initial = load_encoder(enc.path, enc.pooling).eval()
+    initial.set_pooled_layers(layers)
+    sample = stats_sample(tasks, config.train.seed)
+    x = np.concatenate(
+        [
+            sampled_cached_features(
+                initial,
+                (cache.get(t.splits["train"].texts), None),
+                sample[t.name],
+                enc.cached_layers,
+            )
+            for t in tasks
+        ]
+    )[:, enc.dim :]
+    old = run.model.heads
+    rcfg = config.routing.private.model_copy(update={"layers": list(layers)})
+    heads = build_heads(
+        enc.dim,
+        {t: len(v) for t, v in run.labels.items()},
+        config.shared,
+        config.towers,
+        config.aux,
+        rcfg,
+    )
+    kept = {
+        k: v
+        for k, v in old.state_dict().items()
+        if not k.startswith("private.") and k not in ("feature_mean", "feature_std")
+    }
+    heads.load_state_dict(kept, strict=False)
+    heads.set_feature_stats(
+        torch.cat([old.feature_mean[: enc.dim], torch.from_numpy(x.mean(0))]),
+        torch.cat([old.feature_std[: enc.dim], torch.from_numpy(x.std(0))]),
+    )
+    heads.routes = dict(old.routes)
+    run.model.heads = heads.eval()
+    return heads
+
+
+def reroute(
+    run_dir: Path,
+    members: int | None,
+    layers: list[int] | None = None,
+    only: list[str] | None = None,
+) -> dict[str, dict[str, float | str]]:
     """Per task: shared, stored private and refitted private dev accuracy, and the refitted
     path."""
     import torch
@@ -85,10 +156,15 @@ def reroute(run_dir: Path, members: int | None) -> dict[str, dict[str, float | s
             encoder=run.model.encoder,
         )
     heads = run.model.heads
+    if layers:
+        heads = widen_heads(run, tasks, cache, layers)
+        private_cfg = private_cfg.model_copy(update={"layers": list(layers)})
     seed = config.train.seed
     rcfg = rcfg.model_copy(update={"private": private_cfg})
     out: dict[str, dict[str, float | str]] = {}
     for i, t in enumerate(tasks):
+        if only and t.name not in only:
+            continue
         start = time.monotonic()
         x, xd = (torch.from_numpy(pooled(run, t.splits[s], cache)) for s in ("train", "dev"))
         y = torch.as_tensor(np.asarray(t.splits["train"].labels))
@@ -122,12 +198,49 @@ def reroute(run_dir: Path, members: int | None) -> dict[str, dict[str, float | s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("suite_dir", type=Path, help="a transfer suite run with --variants routed")
+    parser.add_argument(
+        "suite_dir",
+        type=Path,
+        help="a transfer suite run with --variants routed, or one routed run's directory",
+    )
     parser.add_argument(
         "--members", type=int, default=None, help="private ensemble size (default: the config's)"
     )
+    parser.add_argument(
+        "--private-layers",
+        default="",
+        help="comma-separated blocks whose pooled output the private heads also read "
+        "(routing.private.layers); default: the run's",
+    )
+    parser.add_argument(
+        "--tasks", default="", help="one run's directory: only these tasks (comma-separated)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    only = [x for x in args.tasks.split(",") if x.strip()] or None
+    try:
+        layers = [int(x) for x in args.private_layers.split(",") if x.strip()]
+    except ValueError:
+        print(
+            f"--private-layers: integers, e.g. 3,4,5 (got {args.private_layers!r})", file=sys.stderr
+        )
+        return 2
+    if (args.suite_dir / "run.json").is_file():  # one run: its paths, no single-task models
+        res = reroute(args.suite_dir, args.members, layers, only)
+        print(f"routing refitted on {args.suite_dir}")
+        print("| task | shared | private (stored) | private (refitted) | path | routed |")
+        print("|:---|---:|---:|---:|:---|---:|")
+        for t, r in res.items():
+            print(
+                f"| {t} | {r['shared']:.2f} | {r['stored_private']:.2f} | {r['private']:.2f} "
+                f"| {r['path']} | {r['routed']:.2f} |"
+            )
+        return 0
+    if only:
+        print(
+            "--tasks: for one run's directory (a suite's table needs every task)", file=sys.stderr
+        )
+        return 2
     runs = sorted((args.suite_dir / "runs").glob("routed-s*"))
     if not runs:
         print(f"{args.suite_dir}: no runs/routed-s* directories", file=sys.stderr)
@@ -135,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = {}
     for run_dir in runs:
         s = run_dir.name.removeprefix("routed-s")
-        per_seed[s] = reroute(run_dir, args.members)
+        per_seed[s] = reroute(run_dir, args.members, layers)
     tasks = list(next(iter(per_seed.values())))
     print(f"routing refitted on {len(runs)} stored run(s) of {args.suite_dir}")
     print(

@@ -606,6 +606,218 @@ def test_private_layers_diagnostic_scores_the_stored_paths_and_trains_a_copy(
         script.measure(finetuned_routed_run, None, 2, "joint", epochs=1)
 
 
+# ------------------------------------------------- private heads on pooled lower blocks too
+@pytest.fixture(scope="module")
+def pooled_layers_run(tmp_path_factory, noisy_data_dir, tiny_encoder_dir) -> Path:
+    """The tiny 2-block encoder with its top block fine-tuned; the private heads also read the
+    pooled output of block 1 (the cached states)."""
+    run_dir, _ = _train(
+        tmp_path_factory.mktemp("pooled-layers"),
+        noisy_data_dir,
+        tiny_encoder_dir,
+        encoder__trainable_layers=1,
+        train__epochs=2,
+        routing__private={"hidden_sizes": [8], "epochs": 10, "layers": [1]},
+    )
+    return run_dir
+
+
+def test_private_heads_also_read_pooled_lower_blocks_and_the_shared_path_does_not(
+    pooled_layers_run, noisy_data_dir
+):
+    """routing.private.layers: the encoder returns [final | block 1] pooled, the private heads
+    read both, the shared path the final columns only; the accuracies training recorded (from
+    the cached states, Encoder.forward_from) are reproduced by the whole forward pass (what is
+    exported)."""
+    from pipeline.features import load_tokenizer
+    from pipeline.runs import load_run
+
+    run = load_run(pooled_layers_run)
+    encoder, heads = run.model.encoder, run.model.heads
+    d = encoder.dim
+    assert encoder.pooled_layers == (1,) and encoder.out_dim == 2 * d
+    assert heads.feature_mean.shape == (2 * d,) and heads.shared_dim == d
+    for t in TASKS:
+        assert heads.alignment[t].shape == (d, d)
+        head = heads.private[t]  # a PrivateEnsemble: weights[0] is [K, in, h]
+        assert head.weights[0].shape[1] == 2 * d
+    rec = json.loads((pooled_layers_run / "run.json").read_text())
+    for t in TASKS:
+        for path in ("shared", "private"):
+            assert _dev_accuracy(pooled_layers_run, noisy_data_dir, t, path) == pytest.approx(
+                rec["routing"][t][f"{path}_accuracy"], abs=1e-6
+            )
+    texts = [r["text"] for r in make_task_rows("topic", 9, 7)]
+    enc = load_tokenizer(run.record.encoder.path)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        x = encoder(enc["input_ids"], enc["attention_mask"])  # [B, 2d]
+        lower = encoder.lower_states(enc["input_ids"], enc["attention_mask"], 1)
+        np.testing.assert_allclose(
+            encoder.forward_from(lower, enc["attention_mask"], 1).numpy(), x.numpy(), atol=1e-5
+        )
+        blank = x.clone()
+        blank[:, d:] = heads.feature_mean[d:]  # block 1's columns at their mean: 0 standardized
+        for t in TASKS:
+            shared = heads(x, t, path="shared")[0]
+            np.testing.assert_array_equal(heads(blank, t, path="shared")[0].numpy(), shared)
+            private = heads(x, t, path="private")[0]
+            assert (heads(blank, t, path="private")[0] - private).abs().max() > 1e-4
+
+
+def test_pooled_lower_blocks_export_serve_and_split(pooled_layers_run, tmp_path):
+    """The exported graph computes the wider features in its one encoder pass: onnxruntime
+    equals PyTorch for a private and a shared task, and the serving cut (encoder part, heads
+    part) composes to the whole graph."""
+    import shutil
+
+    import onnxruntime as ort
+
+    from pipeline.export import export_run
+    from pipeline.features import load_tokenizer
+    from pipeline.runs import load_run
+    from serving.graph import split_heads
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(pooled_layers_run, run_dir, symlinks=True)
+    rec = json.loads((run_dir / "run.json").read_text())
+    rec["routing"]["topic"]["path"] = "private"
+    rec["routing"]["sentiment"]["path"] = "shared"
+    (run_dir / "run.json").write_text(json.dumps(rec))
+    result = export_run(run_dir, register=False, output_dir=tmp_path / "artifact")
+    assert result.metadata.parity.passed
+
+    texts = [r["text"] for r in make_task_rows("topic", 7, 5)]
+    onnx = ort_logits(result.artifact_dir, texts, TASKS)
+    run = load_run(run_dir)
+    enc = load_tokenizer(run.record.encoder.path)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        x = run.model.encoder(enc["input_ids"], enc["attention_mask"])
+        for t in TASKS:
+            np.testing.assert_allclose(onnx[t], run.model.heads(x, t)[0].numpy(), atol=1e-4)
+
+    parts = split_heads(result.artifact_dir / "model.onnx")
+    assert parts is not None
+    feeds = {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()}
+    middle = ort.InferenceSession(parts.encoder).run(parts.boundary, feeds)
+    assert sum(m.shape[-1] for m in middle) >= 2 * run.model.encoder.dim
+    heads_part = ort.InferenceSession(parts.heads)
+    out = heads_part.run(None, dict(zip(parts.boundary, middle, strict=True)))
+    for t, got in zip(TASKS, out, strict=True):
+        np.testing.assert_allclose(got, onnx[t], atol=1e-4)
+
+
+def test_add_task_to_a_run_with_pooled_lower_blocks(pooled_layers_run, noisy_data_dir):
+    """add-task on such a parent: the new task trains on the parent's wider features (its
+    shared path reads the final columns), and the parent's tasks answer exactly as before."""
+    from pipeline.features import load_tokenizer
+    from pipeline.incremental import add_tasks, new_task_config
+    from pipeline.runs import load_run
+
+    child = add_tasks(
+        pooled_layers_run,
+        [
+            new_task_config(
+                "again",
+                train=noisy_data_dir / "topic" / "train.jsonl",
+                dev=noisy_data_dir / "topic" / "dev.jsonl",
+            )
+        ],
+        epochs=3,
+    )
+    run, parent = load_run(child.run_dir), load_run(pooled_layers_run)
+    assert run.model.encoder.pooled_layers == (1,)
+    texts = [r["text"] for r in make_task_rows("topic", 5, 3)]
+    enc = load_tokenizer(run.record.encoder.path)(texts, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        new = dict(zip(run.model.heads.tasks, run.model(ids, mask), strict=True))
+        old = dict(zip(parent.model.heads.tasks, parent.model(ids, mask), strict=True))
+    for t in TASKS:
+        assert torch.equal(new[t], old[t])
+    assert new["again"].shape == (5, len(run.labels["again"]))
+
+
+def test_reroute_refits_private_heads_on_pooled_lower_blocks(
+    finetuned_routed_run, pooled_layers_run, tmp_path, capsys
+):
+    """scripts/reroute.py --private-layers: on a run trained without them, the shared path is
+    the stored one and the refitted private heads read [final | block 1]; the standardization
+    it builds is the one training builds (checked on a run trained with the option)."""
+    import shutil
+
+    from conftest import load_repo_script
+
+    from pipeline.data import load_tasks
+    from pipeline.runs import load_run
+    from pipeline.token_cache import TokenStateCache
+
+    reroute = load_repo_script("scripts/reroute.py")
+    suite = tmp_path / "suite"
+    shutil.copytree(finetuned_routed_run, suite / "runs" / "routed-s0", symlinks=True)
+    (suite / "results").mkdir()
+    for task in TASKS:
+        (suite / "results" / f"single-{task}-s0.json").write_text(json.dumps({"dev": {task: 50.0}}))
+    record = json.loads((finetuned_routed_run / "run.json").read_text())
+    out = reroute.reroute(suite / "runs" / "routed-s0", members=1, layers=[1])
+    for task in TASKS:
+        assert out[task]["shared"] == pytest.approx(record["routing"][task]["shared_accuracy"])
+    assert reroute.main([str(suite), "--members", "1", "--private-layers", "1"]) == 0
+    assert "worst task" in capsys.readouterr().out
+    assert reroute.main([str(suite), "--private-layers", "x"]) == 2
+    assert reroute.main([str(finetuned_routed_run), "--members", "1", "--private-layers", "1"]) == 0
+    assert "| sentiment |" in capsys.readouterr().out
+    assert reroute.main([str(finetuned_routed_run), "--members", "1", "--tasks", "topic"]) == 0
+    printed = capsys.readouterr().out
+    assert "| topic |" in printed and "| sentiment |" not in printed
+    assert reroute.main([str(suite), "--tasks", "topic"]) == 2
+    with pytest.raises(SystemExit, match="routing.private.layers"):
+        reroute.reroute(suite / "runs" / "routed-s0", members=1, layers=[2])
+
+    run = load_run(pooled_layers_run)
+    stored = run.model.heads.feature_mean.clone(), run.model.heads.feature_std.clone()
+    tasks = load_tasks(run.config, labels=run.labels)
+    enc = run.record.encoder
+    cache = TokenStateCache(
+        run.config.resolved_cache_dir(),
+        enc.path,
+        enc.cached_layers,
+        enc.max_length,
+        encoder=run.model.encoder,
+    )
+    heads = reroute.widen_heads(run, tasks, cache, [1])
+    torch.testing.assert_close(heads.feature_mean, stored[0], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(heads.feature_std, stored[1], atol=1e-3, rtol=1e-3)
+
+
+def test_pooled_layers_need_a_fine_tuned_encoder_and_blocks_it_has(tmp_path, tiny_encoder_dir):
+    """A frozen run reads cached final features, so the config refuses the option there; the
+    encoder refuses blocks it does not have below its last, and blocks under the cached ones."""
+    from pipeline.model import load_encoder
+
+    raw = tiny_config_dict(tmp_path, tmp_path, tmp_path / "runs", tmp_path / "cache")
+    raw["routing"] = {"private": {"layers": [1]}}
+    raw["encoder"]["trainable_layers"] = 0
+    with pytest.raises(ConfigError, match=r"routing\.private\.layers.*fine-tuned encoder"):
+        parse_config(raw, "tiny.yaml")
+    raw["routing"] = {"enabled": False, "private": {"layers": [1]}}
+    assert parse_config(raw, "tiny.yaml").pooled_layers == []  # no private heads: no effect
+    raw["encoder"]["trainable_layers"] = 1
+    raw["routing"] = {"private": {"layers": [1, 1]}}
+    with pytest.raises(ConfigError, match=r"routing\.private\.layers"):
+        parse_config(raw, "tiny.yaml")
+
+    encoder = load_encoder(tiny_encoder_dir)
+    for bad in ([2], [0]):
+        with pytest.raises(ValueError, match="routing.private.layers"):
+            encoder.set_pooled_layers(bad)
+    encoder.set_pooled_layers([1])
+    states = torch.zeros(2, 3, encoder.dim)
+    mask = torch.ones(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="below the cached"):
+        encoder.forward_from(states, mask, 2)
+    assert encoder.forward_from(states, mask, 1).shape == (2, 2 * encoder.dim)
+
+
 # ------------------------------------------------------------------------- the transfer suite
 def _routed_result(dev: dict[str, float], routes: dict[str, tuple[str, float, float, float]]):
     """A run summary as the suite stores it: route = (path, shared, private, crossfit)."""

@@ -162,7 +162,19 @@ def prepare_inputs(
     except ValueError as err:
         raise TrainingError(str(err)) from None
     n_cached = cached_layers(enc.trainable_layers, encoder.n_layers)
-    spec = EncoderSpec(encoder_path, enc.pooling, enc.trainable_layers, n_cached)
+    try:
+        encoder.set_pooled_layers(config.pooled_layers)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    if encoder.pooled_layers and encoder.pooled_layers[0] < n_cached:
+        raise TrainingError(
+            f"routing.private.layers: block {encoder.pooled_layers[0]} lies inside the cached "
+            f"bottom blocks (1 to {n_cached}), whose states are stored only after block "
+            f"{n_cached}; choose blocks from {n_cached} up"
+        )
+    spec = EncoderSpec(
+        encoder_path, enc.pooling, enc.trainable_layers, n_cached, encoder.pooled_layers
+    )
     tokenizer = load_tokenizer(encoder_path)
     sample = stats_sample(tasks, config.train.seed)
     if n_cached:
@@ -259,7 +271,7 @@ def sampled_cached_features(
             states, mask = entry.batch(rows[i : i + 256])
             pooled = encoder.forward_from(torch.from_numpy(states), torch.from_numpy(mask), start)
             out.append(pooled.numpy())
-    return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, encoder.out_dim), np.float32)
 
 
 def sampled_token_features(encoder: Any, tokenizer: Any, texts: list[str], enc: Any) -> np.ndarray:
@@ -319,7 +331,7 @@ def feature_stats(config: RunConfig, inputs: PreparedInputs) -> tuple[np.ndarray
     """Mean and std of the pooled training features of all tasks together: of every row with
     a frozen encoder, of a sample of rows under the initial encoder when fine-tuning (identity
     when standardization is off)."""
-    dim = inputs.dim
+    dim = inputs.dim * (1 + len(config.pooled_layers))  # the private heads' extra columns
     if not config.encoder.standardize:
         return np.zeros(dim, np.float32), np.ones(dim, np.float32)
     if inputs.feature_mean is not None and inputs.feature_std is not None:

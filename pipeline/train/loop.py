@@ -342,6 +342,7 @@ def build_train_module(data: WorkerData, cfg: LoopConfig) -> TrainModule:
     if cfg.encoder is not None:
         enc = cfg.encoder
         encoder = load_encoder(enc.path, enc.pooling, enc.trainable_layers)
+        encoder.set_pooled_layers(enc.pooled_layers)
     heads.set_feature_stats(torch.tensor(data.feature_mean), torch.tensor(data.feature_std))
     start = cfg.encoder.cached_layers if cfg.encoder is not None else 0
     return TrainModule(heads, encoder, start_layer=start)
@@ -744,7 +745,7 @@ def pooled_features(
     done = 0
     out: dict[str, Split] = {}
     for task, split in splits.items():
-        feats = torch.zeros(len(split), encoder.dim, device=ctx.device)
+        feats = torch.zeros(len(split), encoder.out_dim, device=ctx.device)
         for idx in plan[task][ctx.rank :: ctx.world_size]:
             inputs, _ = split.batch(idx)
             with autocast_context(ctx.precision, ctx.device.type):

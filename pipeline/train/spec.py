@@ -59,6 +59,7 @@ class EncoderSpec:
     pooling: str
     trainable_layers: int | Literal["all"]
     cached_layers: int  # bottom blocks whose output the data holds; 0: the data is token ids
+    pooled_layers: tuple[int, ...] = ()  # routing.private.layers (Encoder.pooled_layers)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class WorkerData:
     tasks: list[str]
     num_classes: dict[str, int]
     weights: dict[str, float]
-    feature_mean: np.ndarray  # float32 [d]
-    feature_std: np.ndarray  # float32 [d]
+    feature_mean: np.ndarray  # float32 [d * (1 + len(pooled_layers))]
+    feature_std: np.ndarray  # float32 [d * (1 + len(pooled_layers))]
     train: dict[str, SplitData]
     dev: dict[str, SplitData]
