@@ -350,6 +350,37 @@ def test_config_errors_name_the_field(tmp_path, routing, field):
 
 
 # --------------------------------------------------------------------- a tiny run, end to end
+def _export_topic_private(src: Path, tmp_path: Path):  # noqa: ANN202
+    """A copy of the run with `topic` routed private and `sentiment` shared (as if the evidence
+    said so), exported: (run dir, its run.json, the export result); parity checked."""
+    import shutil
+
+    from pipeline.export import export_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir, symlinks=True)
+    rec = json.loads((run_dir / "run.json").read_text())
+    rec["routing"]["topic"]["path"] = "private"
+    rec["routing"]["sentiment"]["path"] = "shared"
+    (run_dir / "run.json").write_text(json.dumps(rec))
+    result = export_run(run_dir, register=False, output_dir=tmp_path / "artifact")
+    assert result.metadata.parity.passed
+    return run_dir, rec, result
+
+
+def _suite_with(run_dir: Path, tmp_path: Path) -> Path:
+    """A suite directory holding `run_dir` as its seed-0 routed run and single-task results
+    of 50% for every task."""
+    import shutil
+
+    suite = tmp_path / "suite"
+    shutil.copytree(run_dir, suite / "runs" / "routed-s0", symlinks=True)
+    (suite / "results").mkdir()
+    for task in TASKS:
+        (suite / "results" / f"single-{task}-s0.json").write_text(json.dumps({"dev": {task: 50.0}}))
+    return suite
+
+
 def _train(tmp: Path, data: Path, encoder: Path, **overrides) -> tuple[Path, str]:
     raw = tiny_config_dict(data, encoder, tmp / "runs", tmp / "cache")
     raw["routing"] = {"margin_se": 1.0, "private": {"hidden_sizes": [8], "epochs": 10}}
@@ -441,22 +472,12 @@ def test_export_answers_a_private_task_through_its_private_head(
 ):
     """Route `topic` privately (as if its evidence said so), export, and compare onnxruntime
     with PyTorch's private-path logits: equal, and unlike the shared path's."""
-    import shutil
 
-    from pipeline.export import export_run
     from pipeline.features import load_tokenizer
     from pipeline.runs import load_run
 
     src, _ = routed_run
-    run_dir = tmp_path / "run"
-    shutil.copytree(src, run_dir, symlinks=True)
-    rec = json.loads((run_dir / "run.json").read_text())
-    rec["routing"]["topic"]["path"] = "private"
-    rec["routing"]["sentiment"]["path"] = "shared"
-    (run_dir / "run.json").write_text(json.dumps(rec))
-
-    result = export_run(run_dir, register=False, output_dir=tmp_path / "artifact")
-    assert result.metadata.parity.passed
+    run_dir, rec, result = _export_topic_private(src, tmp_path)
     routes = {t.name: t.route for t in result.metadata.tasks}
     assert routes["topic"].path == "private" and routes["sentiment"].path == "shared"
     assert routes["topic"].private_accuracy == pytest.approx(
@@ -498,7 +519,6 @@ def test_reroute_refits_the_routing_stage_of_a_stored_run(routed_run, tmp_path, 
     path is refitted with the members asked for, and routed − single-task is printed against
     the suite's single-task results."""
     import importlib.util
-    import shutil
 
     spec = importlib.util.spec_from_file_location(
         "reroute", Path(__file__).parents[1] / "scripts" / "reroute.py"
@@ -507,11 +527,7 @@ def test_reroute_refits_the_routing_stage_of_a_stored_run(routed_run, tmp_path, 
     spec.loader.exec_module(reroute)
 
     src, _ = routed_run
-    suite = tmp_path / "suite"
-    shutil.copytree(src, suite / "runs" / "routed-s0", symlinks=True)
-    (suite / "results").mkdir()
-    for task in TASKS:
-        (suite / "results" / f"single-{task}-s0.json").write_text(json.dumps({"dev": {task: 50.0}}))
+    suite = _suite_with(src, tmp_path)
     record = json.loads((src / "run.json").read_text())
 
     out = reroute.reroute(suite / "runs" / "routed-s0", members=2)
@@ -668,23 +684,14 @@ def test_pooled_lower_blocks_export_serve_and_split(pooled_layers_run, tmp_path)
     """The exported graph computes the wider features in its one encoder pass: onnxruntime
     equals PyTorch for a private and a shared task, and the serving cut (encoder part, heads
     part) composes to the whole graph."""
-    import shutil
 
     import onnxruntime as ort
 
-    from pipeline.export import export_run
     from pipeline.features import load_tokenizer
     from pipeline.runs import load_run
     from serving.graph import split_heads
 
-    run_dir = tmp_path / "run"
-    shutil.copytree(pooled_layers_run, run_dir, symlinks=True)
-    rec = json.loads((run_dir / "run.json").read_text())
-    rec["routing"]["topic"]["path"] = "private"
-    rec["routing"]["sentiment"]["path"] = "shared"
-    (run_dir / "run.json").write_text(json.dumps(rec))
-    result = export_run(run_dir, register=False, output_dir=tmp_path / "artifact")
-    assert result.metadata.parity.passed
+    run_dir, _, result = _export_topic_private(pooled_layers_run, tmp_path)
 
     texts = [r["text"] for r in make_task_rows("topic", 7, 5)]
     onnx = ort_logits(result.artifact_dir, texts, TASKS)
@@ -743,7 +750,6 @@ def test_reroute_refits_private_heads_on_pooled_lower_blocks(
     """scripts/reroute.py --private-layers: on a run trained without them, the shared path is
     the stored one and the refitted private heads read [final | block 1]; the standardization
     it builds is the one training builds (checked on a run trained with the option)."""
-    import shutil
 
     from conftest import load_repo_script
 
@@ -752,11 +758,7 @@ def test_reroute_refits_private_heads_on_pooled_lower_blocks(
     from pipeline.token_cache import TokenStateCache
 
     reroute = load_repo_script("scripts/reroute.py")
-    suite = tmp_path / "suite"
-    shutil.copytree(finetuned_routed_run, suite / "runs" / "routed-s0", symlinks=True)
-    (suite / "results").mkdir()
-    for task in TASKS:
-        (suite / "results" / f"single-{task}-s0.json").write_text(json.dumps({"dev": {task: 50.0}}))
+    suite = _suite_with(finetuned_routed_run, tmp_path)
     record = json.loads((finetuned_routed_run / "run.json").read_text())
     out = reroute.reroute(suite / "runs" / "routed-s0", members=1, layers=[1])
     for task in TASKS:
