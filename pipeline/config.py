@@ -384,6 +384,31 @@ class RoutingConfig(StrictModel):
     private: PrivateHeadConfig = Field(default_factory=PrivateHeadConfig)
 
 
+class DistillConfig(StrictModel):
+    """Teacher distillation in stage 1 (issue 13; BAM!, Clark et al. 2019): a task learns from a
+    trained model's probabilities besides its gold labels, so the shared encoder keeps what a
+    single-task model of that task learned. Off while `teachers` is empty."""
+
+    teachers: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Task name -> a trained run directory (typically that task's single-task "
+        "run) whose answers for the task's training texts become soft targets. Relative paths "
+        "are taken from the directory `polytask` runs in, as `storage_path` is.",
+    )
+    anneal: bool = Field(
+        default=True,
+        description="Teacher annealing: the target moves linearly from the teacher's "
+        "probabilities (first step) to the gold label (last step of stage 1), so the model "
+        "starts from the teacher and can end beyond it. False: a fixed mix, `teacher_weight`.",
+    )
+    teacher_weight: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="The teacher's share of the target when `anneal` is off.",
+    )
+
+
 class WeightingConfig(StrictModel):
     """Per-task loss weights α_i, fixed before stage 1."""
 
@@ -577,6 +602,7 @@ class RunConfig(StrictModel):
     aux: AuxConfig = Field(default_factory=AuxConfig)
     alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -611,6 +637,12 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "routing.private.layers: needs a fine-tuned encoder (encoder.trainable_layers "
                 "above 0); a frozen run reads cached final features only"
+            )
+        unknown = sorted(set(self.distill.teachers) - set(names))
+        if unknown:
+            raise ValueError(
+                f"distill.teachers: {unknown} not among the run's tasks {names}; a teacher "
+                "is named by the task it teaches"
             )
         return self
 
@@ -783,6 +815,11 @@ def resolve_paths(config: RunConfig, base: Path, data_dir: str | Path | None = N
     update["storage_path"] = _resolve(config.storage_path, Path.cwd()).resolve()
     if config.cache_dir is not None:
         update["cache_dir"] = _resolve(config.cache_dir, Path.cwd()).resolve()
+    if config.distill.teachers:
+        teachers = {
+            t: _resolve(p, Path.cwd()).resolve() for t, p in config.distill.teachers.items()
+        }
+        update["distill"] = config.distill.model_copy(update={"teachers": teachers})
     if config.encoder.path is not None and not config.encoder.allow_download:
         enc = _resolve(Path(config.encoder.path), base)
         update["encoder"] = config.encoder.model_copy(update={"path": str(enc.resolve())})

@@ -47,3 +47,36 @@ def test_ray_suite_runs_in_parallel_and_matches_the_in_process_results(
         n: r["dev"] for n, r in local_runs.items()
     }
     assert on_ray.analysis == in_process.analysis
+
+
+def test_ray_suite_starts_a_distilled_run_after_its_teachers(
+    tmp_path, tiny_data_dir, tiny_encoder_dir
+):
+    """On a cluster with room for two runs, the distilled run waits for its teachers (the
+    single-task runs of its seed) instead of starting beside them and failing to load them."""
+    import json
+
+    import ray
+
+    from pipeline.experiments.options import ExperimentOptions
+
+    raw = tiny_config_dict(tiny_data_dir, tiny_encoder_dir, tmp_path / "runs", tmp_path / "cache")
+    raw["train"]["epochs"] = 3
+    base = resolve_paths(parse_config(raw), base=tmp_path)
+    ray.init(num_cpus=2, logging_level="WARNING")
+    try:
+        result = run_experiment(
+            base,
+            "transfer",
+            1,
+            ExperimentOptions(variants=("distil",)),
+            output=tmp_path / "ray",
+            executor="ray",
+            write=lambda _: None,
+        )
+    finally:
+        ray.shutdown()
+    assert not result.failed
+    runs = json.loads((result.suite_dir / "results.json").read_text())["runs"]
+    teachers_done = max(runs[f"single-{t}-s0"]["finished_at"] for t in ("sentiment", "topic"))
+    assert runs["distil-s0"]["started_at"] >= teachers_done

@@ -494,3 +494,48 @@ def test_features_are_encoded_once_before_the_runs(tiny_config, tmp_path):
         assert "cached features" in text and "texts/s" not in text, log.name
     rc, stdout, _ = experiment(tiny_config, "noise", tmp_path / "b", "--seeds", "1")
     assert rc == 0 and "encoding" not in stdout  # corrupted copies: same texts, cache hits
+
+
+def test_distil_variant_is_opt_in_and_taught_by_its_seeds_single_task_runs(tmp_path):
+    base = six_task_config(tmp_path)
+    assert not any(s.variant == "distil" for s in transfer.plan(base, [0], ExperimentOptions()))
+    specs = transfer.plan(base, [0, 1], ExperimentOptions(variants=("routed", "distil")))
+    names = [s.name for s in specs]
+    for seed in (0, 1):
+        spec = next(s for s in specs if s.name == f"distil-s{seed}")
+        assert spec.overrides == {"routing.enabled": True}
+        assert spec.teachers == {t: f"single-{t}-s{seed}" for t in base.task_names}
+        # Planned after its teachers: the runner submits (and the local executor trains) in
+        # plan order.
+        assert all(names.index(n) < names.index(spec.name) for n in spec.teachers.values())
+        config = build_config(base, spec, tmp_path / "suite")
+        assert (
+            config.distill.teachers["subj"] == tmp_path / "suite" / "runs" / f"single-subj-s{seed}"
+        )
+    assert all(not s.teachers for s in specs if s.variant != "distil")
+
+
+def test_distil_suite_reports_its_routing_beside_the_routed_run(tiny_config, tmp_path):
+    out = tmp_path / "distil"
+    rc, stdout, _ = experiment(
+        tiny_config, "transfer", out, "--seeds", "1", "--variants", "routed,distil"
+    )
+    assert rc == 0, stdout
+    numbers = read_results(out)
+    assert numbers["meta"]["n_failed"] == 0
+    run = numbers["runs"]["distil-s0"]
+    record = json.loads((Path(run["run_dir"]) / "run.json").read_text())
+    teachers = record["config"]["distill"]["teachers"]
+    assert teachers == {
+        t: numbers["runs"][f"single-{t}-s0"]["run_dir"] for t in ("sentiment", "topic")
+    }
+    log = (out / "logs" / "distil-s0.log").read_text()
+    assert "distill sentiment: teacher" in log and "distill topic: teacher" in log
+    analysis = numbers["analysis"]
+    assert set(analysis["routing_distil"]["tasks"]) == {"sentiment", "topic"}
+    # Same seed and settings as the routed run but the targets: stage 1 learned otherwise.
+    routed = json.loads((Path(numbers["runs"]["routed-s0"]["run_dir"]) / "run.json").read_text())
+    assert routed["history"][0]["train_loss"] != record["history"][0]["train_loss"]
+    report = (out / "report.md").read_text()
+    assert "## Routing: single-task vs shared vs routed\n" in report
+    assert "## Routing: single-task vs shared vs routed + distilled\n" in report

@@ -39,6 +39,8 @@ class RunSpec:
         params: Suite-specific values the analysis groups by, e.g. {"capacity": 50}.
         measure_alignment: Also score the covariance similarity of the run's tasks before and
             after its alignment R_i (the affinity suite).
+        teachers: Task -> the name of a run of this suite that teaches it (`distill.teachers`,
+            that run's directory); the run starts only after its teachers finished.
     """
 
     name: str
@@ -49,6 +51,7 @@ class RunSpec:
     data_dirs: dict[str, str] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     measure_alignment: bool = False
+    teachers: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +82,10 @@ def build_config(base: RunConfig, spec: RunSpec, suite_dir: Path) -> RunConfig:
     raw["train"]["seed"] = spec.seed
     raw["scaling"]["num_workers"] = 0
     raw["storage_path"] = str(suite_dir / "runs")
+    if spec.teachers:
+        raw["distill"]["teachers"] = {
+            t: str(suite_dir / "runs" / n) for t, n in spec.teachers.items()
+        }
     for task in raw["tasks"]:
         if task["name"] in spec.data_dirs:
             task.update(

@@ -76,9 +76,14 @@ def run_cost(config: RunConfig, n_train: Mapping[str, int]) -> float:
 
 # ------------------------------------------------------------------------------ one run
 def execute_run(
-    config_dict: dict[str, Any], run_name: str, log_path: str, measure_alignment: bool
+    config_dict: dict[str, Any],
+    run_name: str,
+    log_path: str,
+    measure_alignment: bool,
+    *after: Any,
 ) -> dict[str, Any]:
-    """Train one run (in a Ray task, or in this process) and summarize it.
+    """Train one run (in a Ray task, or in this process) and summarize it. `after`: the
+    results of runs it waits for (Ray starts the task once they are ready; unused here).
 
     The run's own log lines go to `log_path`, not to the console: a suite trains dozens of runs
     and prints one line per finished run instead.
@@ -267,7 +272,12 @@ def run_specs(
         num_gpus=resources["num_gpus"],
         max_retries=1,
     )
-    pending = {remote.remote(*args(s)): s.name for s in todo}
+    # In plan order, so a run's teachers (RunSpec.teachers, planned before it) are submitted
+    # first: their object references make Ray hold the run until they finished.
+    pending: dict[Any, str] = {}
+    for s in todo:
+        after = [ref for ref, name in pending.items() if name in s.teachers.values()]
+        pending[remote.remote(*args(s), *after)] = s.name
     last_note = time.monotonic()
     try:
         while pending:

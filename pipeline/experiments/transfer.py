@@ -52,7 +52,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "routed": ("routed (config as given)", {"routing.enabled": True}),
+    # The routed run again, each task's stage-1 target annealed from its single-task model's
+    # probabilities (same seed) to the gold label (distill.teachers); starts after them.
+    "distil": ("routed + distilled", {"routing.enabled": True}),
 }
+# Without --variants: every variant but "distil", which only some suites need (it doubles
+# the routed run's cost and waits for the single-task runs).
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "distil"]
 SINGLE_LABEL = "single-task"
 # The issue-13 targets, in points: routed at most this far below the better of single-task and
 # shared on average over tasks, and no task more than this far below its single-task model.
@@ -63,7 +69,7 @@ ROUTED_TASK_TOLERANCE = 0.5
 def chosen_variants(opts: ExperimentOptions) -> list[str]:
     """The multi-task variants to train (`--variants`), in VARIANTS order."""
     if opts.variants is None:
-        return list(VARIANTS)
+        return list(DEFAULT_VARIANTS)
     unknown = sorted(set(opts.variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; valid: {', '.join(VARIANTS)}")
@@ -83,7 +89,10 @@ def plan(base: RunConfig, seeds: Sequence[int], opts: ExperimentOptions) -> list
             specs.append(RunSpec(f"single-{task}-s{seed}", "single", seed, [task], dict(PLAIN)))
         for variant in chosen_variants(opts):
             overrides = VARIANTS[variant][1]
-            specs.append(RunSpec(f"{variant}-s{seed}", variant, seed, base.task_names, overrides))
+            spec = RunSpec(f"{variant}-s{seed}", variant, seed, base.task_names, overrides)
+            if variant == "distil":
+                spec.teachers = {t: f"single-{t}-s{seed}" for t in base.task_names}
+            specs.append(spec)
     return specs
 
 
@@ -154,6 +163,11 @@ def analyze(
         "routing": (
             routing_analysis(tasks, seeds, single, [multi.get(("routed", s)) for s in seeds])
             if "routed" in variants
+            else None
+        ),
+        "routing_distil": (
+            routing_analysis(tasks, seeds, single, [multi.get(("distil", s)) for s in seeds])
+            if "distil" in variants
             else None
         ),
     }
@@ -302,6 +316,8 @@ def write_report(
     lines += [md_table(header, rows), "", f"![change against single-task]({plot.name})", ""]
     if analysis.get("routing"):
         lines += routing_section(analysis["routing"], tasks)
+    if analysis.get("routing_distil"):
+        lines += routing_section(analysis["routing_distil"], tasks, labels["distil"])
     lines += [
         "## How the runs differ\n",
         "- single-task: one model per task, trained on that task alone.",
@@ -318,6 +334,10 @@ def write_report(
         "trained like its single-task model), and keeps the path `routing.prefer` names unless "
         "dev shows the other better by more than `routing.margin_se` standard errors "
         "(pipeline/routing.py).",
+        "- routed + distilled (only with `--variants distil`): the routed run, but in stage 1 "
+        "each task learns from its single-task model of the same seed: the target moves from "
+        "that model's probabilities to the gold label over training (`distill.teachers`, "
+        "teacher annealing as in BAM!, Clark et al. 2019).",
         "",
         f"Every run: encoder, shared module, towers, optimizer and epochs as in the config; "
         f"seeds {', '.join(map(str, analysis['seeds']))}; one Ray Train local-mode worker per "
@@ -330,8 +350,11 @@ def write_report(
     return [out_dir / "report.md", plot]
 
 
-def routing_section(routing: Mapping[str, Any], tasks: Sequence[str]) -> list[str]:
-    """The report's single-task vs shared vs routed table and the issue-13 targets."""
+def routing_section(
+    routing: Mapping[str, Any], tasks: Sequence[str], variant: str = "routed"
+) -> list[str]:
+    """The report's single-task vs shared vs routed table and the issue-13 targets, of the
+    routed run or another routed variant (`variant`, its label)."""
     rows = routing["tasks"]
 
     def fmt(row: Mapping[str, Any], key: str) -> str:
@@ -341,7 +364,7 @@ def routing_section(routing: Mapping[str, Any], tasks: Sequence[str]) -> list[st
         return f"{row[key]:+.2f}" if key in row else "-"
 
     lines = [
-        "## Routing: single-task vs shared vs routed\n",
+        f"## Routing: single-task vs shared vs {variant}\n",
         "Dev accuracy (%) of the routed run's two paths and of the chosen one, beside the "
         "single-task model of the same seed; mean ± std over seeds. *Routed* is scored on the "
         "dev set that chose the route; *cross-fitted* chooses on one half of dev and scores on "

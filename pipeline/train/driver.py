@@ -327,6 +327,61 @@ def task_weights(
     return out
 
 
+def teacher_probabilities(config: RunConfig, tasks: list[TaskData]) -> dict[str, np.ndarray]:
+    """`distill.teachers`: each teacher run's class probabilities for its task's training rows
+    (after decontamination, in the rows' order), float32 [n_train, num_classes].
+
+    The teacher answers as it would serve (its routed path, softmax of its logits), computed
+    here once, before any worker starts.
+
+    Raises:
+        TrainingError: a teacher that is not a finished run, lacks the task, or orders the
+            task's labels differently (names `distill.teachers.<task>`).
+    """
+    if not config.distill.teachers:
+        return {}
+    import torch
+
+    from pipeline.evaluate import run_features
+    from pipeline.runs import RunNotFoundError, load_run
+
+    by_name = {t.name: t for t in tasks}
+    out = {}
+    for task, path in config.distill.teachers.items():
+        where = f"distill.teachers.{task}"
+        try:
+            teacher = load_run(path)
+        except RunNotFoundError as err:
+            raise TrainingError(f"{where}: {err}") from None
+        if task not in teacher.record.tasks:
+            raise TrainingError(
+                f"{where}: run {path} has no task {task!r} (its tasks: "
+                f"{list(teacher.record.tasks)})"
+            )
+        data = by_name[task]
+        theirs = teacher.record.tasks[task].labels
+        if theirs != data.labels:
+            raise TrainingError(
+                f"{where}: the teacher's labels {theirs} are not the task's {data.labels} (in "
+                "output order); its probabilities would name other classes"
+            )
+        split = data.splits["train"]
+        feats = run_features(teacher, list(split.texts), desc=f"teacher {task}/train")
+        with torch.inference_mode():
+            logits, _ = teacher.model.heads(torch.from_numpy(feats), task)
+        probs = torch.softmax(logits.float(), dim=-1).numpy().astype(np.float32)
+        agree = 100.0 * float((probs.argmax(1) == np.asarray(split.labels)).mean())
+        logger.info(
+            "distill %s: teacher %s on %d training texts (agrees with the gold label on %.1f%%)",
+            task,
+            path,
+            len(probs),
+            agree,
+        )
+        out[task] = probs
+    return out
+
+
 def feature_stats(config: RunConfig, inputs: PreparedInputs) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of the pooled training features of all tasks together: of every row with
     a frozen encoder, of a sample of rows under the initial encoder when fine-tuning (identity
@@ -389,6 +444,7 @@ def loop_config(config: RunConfig, dim: int, encoder: EncoderSpec | None) -> Loo
         sampler=config.sampler,
         alignment=config.alignment,
         routing=config.routing,
+        distill=config.distill,
         cpus_per_worker=config.scaling.cpus_per_worker,
         local_mode=config.scaling.num_workers == 0,
         fault=FaultSpec.from_env(),
@@ -436,6 +492,7 @@ def train(
         feature_std=std,
         train=inputs.train,
         dev=inputs.dev,
+        teacher=teacher_probabilities(config, tasks),
     )
 
     sc = config.scaling

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import OptimConfig
+from pipeline.config import DistillConfig, OptimConfig
 from pipeline.metrics import classification_metrics, macro_average
 from pipeline.model import Encoder, MultiTaskHeads, build_heads, load_encoder, transformer_layers
 from pipeline.train import sampler
@@ -232,6 +232,7 @@ class Context:
     precision: str
     report: Callable[[dict[str, Any], Path | None], None]
     last_local_checkpoint: Path | None = None
+    teacher: dict[str, torch.Tensor] = field(default_factory=dict)  # WorkerData.teacher
 
     @property
     def sizes(self) -> list[int]:
@@ -312,6 +313,9 @@ def build_context(
         device=device,
         precision=precision,
         report=report,
+        teacher={t: torch.from_numpy(p).to(device) for t, p in data.teacher.items()}
+        if "train" in splits
+        else {},
     )
 
 
@@ -679,11 +683,32 @@ def sampled_batches(
             )
     stage = ("joint", "align")[stage_index]
     progress = Progress(ctx, f"{stage} epoch {epoch + 1}", steps)
+    distill = ctx.cfg.distill
     for step, ti in enumerate(schedule):
         task = ctx.tasks[ti]
-        inputs, labels = ctx.train[task].batch(next(batches[task]))
+        idx = next(batches[task])
+        inputs, labels = ctx.train[task].batch(idx)
+        teacher = ctx.teacher.get(task) if stage_index == 0 else None
+        if teacher is not None and distill is not None:
+            share = teacher_share(distill, epoch * steps + step, ctx.cfg.train.epochs * steps)
+            labels = soft_targets(labels, teacher[torch.from_numpy(idx).to(teacher.device)], share)
         yield task, inputs, labels
         progress.update(step + 1)
+
+
+def teacher_share(distill: DistillConfig, step: int, total_steps: int) -> float:
+    """The teacher's weight in stage 1's target at `step` of `total_steps`: annealed linearly
+    from 1 at the first step towards 0 at the last (BAM!'s teacher annealing), else fixed."""
+    if not distill.anneal:
+        return distill.teacher_weight
+    return 1.0 - step / max(1, total_steps)
+
+
+def soft_targets(labels: torch.Tensor, teacher: torch.Tensor, share: float) -> torch.Tensor:
+    """float [b, C] class probabilities: `share` of the teacher's [b, C], the rest the one-hot
+    gold labels [b] (F.cross_entropy takes such targets as they are)."""
+    gold = F.one_hot(labels, teacher.shape[1]).to(teacher.dtype)
+    return share * teacher + (1.0 - share) * gold
 
 
 class LossMeans:

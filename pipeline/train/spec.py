@@ -14,7 +14,7 @@ The data of one split of one task is one of three kinds:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -22,6 +22,7 @@ import numpy as np
 from pipeline.config import (
     AlignmentConfig,
     AuxConfig,
+    DistillConfig,
     OptimConfig,
     RoutingConfig,
     SamplerConfig,
@@ -76,6 +77,7 @@ class LoopConfig:
     sampler: SamplerConfig
     alignment: AlignmentConfig
     routing: RoutingConfig | None = None  # None: no private paths (runs before issue 13)
+    distill: DistillConfig | None = None  # None or no teachers: gold labels only
     cpus_per_worker: float = 1.0
     local_mode: bool = False
     fault: FaultSpec | None = None
@@ -115,3 +117,6 @@ class WorkerData:
     feature_std: np.ndarray  # float32 [d * (1 + len(pooled_layers))]
     train: dict[str, SplitData]
     dev: dict[str, SplitData]
+    # distill.teachers: a teacher's probabilities for each training row of its task,
+    # float32 [n_train, num_classes], rows in the order of `train[task]`
+    teacher: dict[str, np.ndarray] = field(default_factory=dict)
