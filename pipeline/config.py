@@ -837,6 +837,8 @@ def select_tasks(config: RunConfig, names: list[str]) -> RunConfig:
     raw = config_to_dict(config) | {"tasks": [t.model_dump(mode="json") for t in tasks]}
     if raw["weighting"]["method"] == "svd" and len(tasks) < 2:
         raw["weighting"] = {"method": "none", "rank": None}  # a lone task has nothing to weigh
+    teachers = raw["distill"]["teachers"]  # only the kept tasks' teachers still teach
+    raw["distill"]["teachers"] = {t: p for t, p in teachers.items() if t in names}
     return parse_config(raw, "--tasks")
 
 

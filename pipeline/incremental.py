@@ -636,9 +636,11 @@ def remove_tasks(
     drop = {k for t in names for k in task_keys(state, containers, t)}
     child_state = {k: v for k, v in state.items() if k not in drop}
     config = parent.config
+    raw = config_to_dict(config)
+    # A removed task's teacher (distill.teachers) goes with it.
+    raw["distill"]["teachers"] = {t: p for t, p in raw["distill"]["teachers"].items() if t in keep}
     child_config = parse_config(
-        config_to_dict(config)
-        | {"tasks": [t.model_dump(mode="json") for t in config.tasks if t.name in keep]},
+        raw | {"tasks": [t.model_dump(mode="json") for t in config.tasks if t.name in keep]},
         "remove-task",
     )
     dev = {t: parent_record.dev[t] for t in keep}

@@ -182,3 +182,20 @@ def test_a_teacher_steers_stage_one(tmp_path, tiny_data_dir, tiny_encoder_dir, f
     assert dev(taught)["topic"]["accuracy"] > 60
     record = json.loads((taught / "run.json").read_text())
     assert record["config"]["distill"]["teachers"] == {"sentiment": str(flipped_teacher)}
+    # Removing the taught task removes its teacher: the child's config stays valid.
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["remove-task", str(taught), "sentiment", "--run-name", "child"]) == 0
+    child = json.loads((taught.parent / "child" / "run.json").read_text())
+    assert child["config"]["distill"]["teachers"] == {}
+    assert [t["name"] for t in child["config"]["tasks"]] == ["topic"]
+
+
+def test_selecting_tasks_keeps_only_their_teachers(tiny_config_file):
+    from pipeline.config import select_tasks
+
+    config = load_config(
+        tiny_config_file,
+        overrides={"distill.teachers.sentiment": "/r/a", "distill.teachers.topic": "/r/b"},
+    )
+    assert select_tasks(config, ["topic"]).distill.teachers == {"topic": Path("/r/b")}
