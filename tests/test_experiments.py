@@ -539,3 +539,38 @@ def test_distil_suite_reports_its_routing_beside_the_routed_run(tiny_config, tmp
     report = (out / "report.md").read_text()
     assert "## Routing: single-task vs shared vs routed\n" in report
     assert "## Routing: single-task vs shared vs routed + distilled\n" in report
+
+
+def test_a_carried_suite_resumes_and_retrains_teachers_whose_runs_are_gone(tiny_config, tmp_path):
+    """A suite's plan.json and results/ copied elsewhere (another checkout or machine) resume
+    there; a distilled run still to train gets its teachers trained again, since their run
+    directories did not travel."""
+    import shutil
+
+    first = tmp_path / "first"
+    args = ("--seeds", "1", "--variants", "routed,distil")
+    assert experiment(tiny_config, "transfer", first, *args)[0] == 0
+    carried = tmp_path / "elsewhere" / "suite"
+    carried.mkdir(parents=True)
+    shutil.copy(first / "plan.json", carried)
+    shutil.copytree(first / "results", carried / "results")
+    (carried / "results" / "distil-s0.json").unlink()
+    # The other checkout stores its runs elsewhere: not a different suite.
+    moved = yaml.safe_load(tiny_config.read_text()) | {"storage_path": str(tmp_path / "other")}
+    config = tmp_path / "moved.yaml"
+    config.write_text(yaml.safe_dump(moved))
+    rc, stdout, err = run_cli(
+        ["experiment", str(config), "--suite", "transfer", "--in-process", *args,
+         "--resume", str(carried)]
+    )  # fmt: skip
+    assert rc == 0, stdout + err
+    assert "training again 2 teacher run(s) whose directories are gone" in stdout
+    assert "] routed-s0:" not in stdout  # finished, and teaches nothing: kept
+    numbers = read_results(carried)
+    assert numbers["meta"]["n_failed"] == 0
+    for name in ("single-sentiment-s0", "single-topic-s0", "distil-s0"):
+        assert (carried / "runs" / name / "run.json").is_file(), name
+    # Same code, same seed: the teachers trained again score what they scored before.
+    before = read_results(first)["runs"]
+    for name in ("single-sentiment-s0", "single-topic-s0", "distil-s0"):
+        assert numbers["runs"][name]["dev"] == before[name]["dev"], name

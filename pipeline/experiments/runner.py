@@ -230,6 +230,15 @@ def run_specs(
         ExperimentError: the Ray cluster cannot hold one run.
     """
     results = load_results(suite_dir)
+    # A teacher (RunSpec.teachers) that finished but whose run directory is gone (the suite's
+    # results carried to another machine) is trained again before the run it teaches.
+    needed = {n for s in specs if s.name not in results for n in s.teachers.values()}
+    lost = sorted(
+        n for n in needed if n in results and not (suite_dir / "runs" / n / "run.json").is_file()
+    )
+    if lost:
+        write(f"training again {len(lost)} teacher run(s) whose directories are gone: {lost}")
+        results = {n: r for n, r in results.items() if n not in lost}
     todo = [s for s in specs if s.name not in results]
     if results:
         write(f"resuming: {len(results)} of {len(specs)} runs already finished in {suite_dir}")

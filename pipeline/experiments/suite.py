@@ -110,11 +110,21 @@ def suite_directory(base: RunConfig, suite: str, output: Path | None, resume: Pa
     return base.storage_path / "experiments" / f"{base.name}-{suite}-{stamp}"
 
 
+MOVABLE = ("storage_path", "cache_dir")  # config fields a resumed suite may change
+
+
 def check_plan(suite_dir: Path, plan: dict[str, Any]) -> None:
     """On --resume, the new plan must be the saved one: otherwise old and new results mix."""
     saved = json.loads((suite_dir / PLAN_FILE).read_text())
+
+    # Where runs and caches are stored does not change what they measure (a suite's runs live
+    # in its own directory): a suite carried to another checkout or machine can resume.
+    def view(p: dict[str, Any]) -> dict[str, Any]:
+        config = {k: v for k, v in p.get("config", {}).items() if k not in MOVABLE}
+        return p | {"config": config}
+
     for key in ("suite", "config", "options", "specs"):
-        if saved.get(key) != plan[key]:
+        if view(saved).get(key) != view(plan)[key]:
             raise ExperimentError(
                 f"--resume {suite_dir}: the saved suite differs in its {key} (a different "
                 "config, suite, seeds or option); rerun with the same arguments, or start a new "
