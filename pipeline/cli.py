@@ -95,6 +95,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         resume=args.resume,
         executor="local" if args.in_process else "ray",
         address=args.address,
+        report_only=args.report_only,
     )
     report = result.suite_dir / "report.md"
     print(f"\n{summary_text(report)}\n")
@@ -392,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="continue an interrupted suite: train only the runs without a result",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="with --resume DIR: train nothing, report the runs finished so far (transfer, "
+        "capacity)",
     )
     p.add_argument("--address", help="Ray cluster to join (else RAY_ADDRESS, else local)")
     p.add_argument(

@@ -574,3 +574,31 @@ def test_a_carried_suite_resumes_and_retrains_teachers_whose_runs_are_gone(tiny_
     before = read_results(first)["runs"]
     for name in ("single-sentiment-s0", "single-topic-s0", "distil-s0"):
         assert numbers["runs"][name]["dev"] == before[name]["dev"], name
+
+
+def test_report_only_reports_the_finished_runs_and_trains_nothing(tiny_config, tmp_path):
+    out = tmp_path / "suite"
+    assert experiment(tiny_config, "transfer", out, "--seeds", "2", "--variants", "mtl")[0] == 0
+    full = read_results(out)
+    for name in ("mtl-s1", "single-topic-s1"):
+        (out / "results" / f"{name}.json").unlink()
+    argv = ["experiment", str(tiny_config), "--suite", "transfer", "--seeds", "2",
+            "--variants", "mtl", "--report-only", "--resume", str(out)]  # fmt: skip
+    rc, stdout, _ = run_cli(argv)
+    assert rc == 0, stdout
+    assert "report only: 4 runs finished, 2 not yet" in stdout
+    assert not (out / "results" / "mtl-s1.json").exists()  # nothing was trained
+    partial = read_results(out)
+    assert partial["meta"]["n_pending"] == 2 and partial["meta"]["n_failed"] == 0
+    assert set(partial["runs"]) == set(full["runs"]) - {"mtl-s1", "single-topic-s1"}
+    # Means over what finished: seed 0 alone where seed 1 is missing.
+    acc = partial["analysis"]["accuracy"]
+    assert acc["mtl"]["topic"]["n"] == 1
+    assert acc["mtl"]["topic"]["mean"] == full["runs"]["mtl-s0"]["dev"]["topic"]
+    assert acc["single"]["sentiment"]["n"] == 2
+    assert "**Partial report**" in (out / "report.md").read_text()
+    rc, _, err = run_cli(argv[:-2])
+    assert rc == 2 and "--report-only needs --resume" in err
+    rc, _, err = run_cli(["experiment", str(tiny_config), "--suite", "noise", "--report-only",
+                          "--resume", str(out)])  # fmt: skip
+    assert rc == 2 and "--report-only" in err

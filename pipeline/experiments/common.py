@@ -217,7 +217,14 @@ def header_section(title: str, meta: Mapping[str, Any], explain: str) -> str:
         f"- Seeds: {seeds}; {meta['n_runs']} training runs, {meta['n_failed']} failed; "
         f"wall time {format_duration(meta['duration_seconds'])} (first run's start to last "
         "run's end)\n"
-        f"- Code: polytask {meta['polytask_version']}, commit {meta['commit']}\n"
+        + (
+            f"- **Partial report** (`--report-only`): {meta['n_pending']} of the "
+            f"{meta['n_runs']} runs are not trained yet; means and deviations are over the "
+            "seeds whose runs finished.\n"
+            if meta.get("n_pending")
+            else ""
+        )
+        + f"- Code: polytask {meta['polytask_version']}, commit {meta['commit']}\n"
         f"- Accuracies are dev-set percentages of each run's selected model; ± is the standard "
         f"deviation over seeds.\n"
     )

@@ -26,7 +26,13 @@ from pipeline.config import RunConfig, config_to_dict
 from pipeline.experiments import affinity, capacity, incremental, noise, transfer
 from pipeline.experiments.common import RunSpec, build_config, seeds_from
 from pipeline.experiments.options import ExperimentOptions
-from pipeline.experiments.runner import Executor, ExperimentError, run_cost, run_specs
+from pipeline.experiments.runner import (
+    Executor,
+    ExperimentError,
+    load_results,
+    run_cost,
+    run_specs,
+)
 
 Suite = Literal["transfer", "capacity", "noise", "affinity", "incremental"]
 
@@ -110,6 +116,7 @@ def suite_directory(base: RunConfig, suite: str, output: Path | None, resume: Pa
     return base.storage_path / "experiments" / f"{base.name}-{suite}-{stamp}"
 
 
+PARTIAL_REPORTS = ("transfer", "capacity")  # suites whose analysis takes missing runs
 MOVABLE = ("storage_path", "cache_dir")  # config fields a resumed suite may change
 
 
@@ -145,8 +152,10 @@ def run_experiment(
     executor: Executor = "ray",
     address: str | None = None,
     write: Callable[[str], None] = print,
+    report_only: bool = False,
 ) -> ExperimentResult:
     """Plan, train (skipping runs already finished on --resume), analyze and report a suite.
+    `report_only`: train nothing; report the runs of `resume` that finished so far.
 
     Raises:
         ValueError: the suite does not fit the config (e.g. one task, unknown --noise-task).
@@ -161,6 +170,13 @@ def run_experiment(
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
     module = SUITES[suite]
+    if report_only and resume is None:
+        raise ExperimentError("--report-only needs --resume DIR: the suite to report on")
+    if report_only and suite not in PARTIAL_REPORTS:
+        raise ExperimentError(
+            f"--report-only: the {suite} suite needs all its runs to report; it works for "
+            f"{', '.join(PARTIAL_REPORTS)}"
+        )
     opts = opts or ExperimentOptions()
     start = time.monotonic()
     commit = code_version()  # the code that trains the runs, not whatever is checked out later
@@ -182,22 +198,29 @@ def run_experiment(
     suite_dir.mkdir(parents=True, exist_ok=True)
     (suite_dir / PLAN_FILE).write_text(json.dumps(plan | {"seeds": seed_list}, indent=1))
     write(f"{suite} suite: {len(specs)} runs ({len(seed_list)} seed(s)) -> {suite_dir}")
-    if needs_features(base, specs):
-        warm_feature_cache(base, write)
-    if base.encoder.fine_tuned:
-        warm_token_states(base, write)
-    # A suite's own inputs (noise: corrupted copies; affinity: encoder-feature similarity).
-    prepare = getattr(module, "prepare", None)
-    prepared = (prepare(base, specs, suite_dir) if prepare is not None else None) or {}
-    costs = {s.name: run_cost(configs[s.name], n_train) for s in specs}
-    address = address or base.scaling.address
-    results = run_specs(
-        specs, configs, suite_dir, costs, executor, address, write, stamp={"commit": commit}
-    )
+    pending: list[str] = []
+    if report_only:
+        results = load_results(suite_dir)
+        pending = [s.name for s in specs if s.name not in results]
+        write(f"report only: {len(specs) - len(pending)} runs finished, {len(pending)} not yet")
+        prepared: dict[str, Any] = {}
+    else:
+        if needs_features(base, specs):
+            warm_feature_cache(base, write)
+        if base.encoder.fine_tuned:
+            warm_token_states(base, write)
+        # A suite's own inputs (noise: corrupted copies; affinity: encoder-feature similarity).
+        prepare = getattr(module, "prepare", None)
+        prepared = (prepare(base, specs, suite_dir) if prepare is not None else None) or {}
+        costs = {s.name: run_cost(configs[s.name], n_train) for s in specs}
+        address = address or base.scaling.address
+        results = run_specs(
+            specs, configs, suite_dir, costs, executor, address, write, stamp={"commit": commit}
+        )
 
-    finish = getattr(module, "finish", None)
-    if finish is not None:
-        prepared = prepared | (finish(base, specs, results, suite_dir) or {})
+        finish = getattr(module, "finish", None)
+        if finish is not None:
+            prepared = prepared | (finish(base, specs, results, suite_dir) or {})
     failed = sorted(n for n, r in results.items() if r.get("status") != "ok")
     analysis = module.analyze(specs, results, opts, **prepared)
     meta = {
@@ -210,6 +233,7 @@ def run_experiment(
         "decontaminate": base.decontaminate,
         "n_runs": len(specs),
         "n_failed": len(failed),
+        "n_pending": len(pending),
         "duration_seconds": wall_seconds(results, time.monotonic() - start),
         "train_seconds_total": round(
             sum(r.get("duration_seconds", 0.0) for r in results.values()), 1
