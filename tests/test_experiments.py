@@ -36,6 +36,7 @@ from pipeline.experiments.runner import (
     Progress,
     parallel_runs,
     run_resources,
+    startable,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -602,3 +603,21 @@ def test_report_only_reports_the_finished_runs_and_trains_nothing(tiny_config, t
     rc, _, err = run_cli(["experiment", str(tiny_config), "--suite", "noise", "--report-only",
                           "--resume", str(out)])  # fmt: skip
     assert rc == 2 and "--report-only" in err
+
+
+def test_free_slots_go_to_the_first_runs_in_plan_order_whose_teachers_finished(tmp_path):
+    base = six_task_config(tmp_path)
+    specs = transfer.plan(base, [0, 1], ExperimentOptions(variants=("distil",)))
+    names = [s.name for s in specs]
+    assert names[6] == "distil-s0" and names[7] == "single-mr-s1"
+    remaining = specs[6:]  # seed 0's single-task runs are done or running
+
+    def pick(finished: list[str], room: int) -> list[str]:
+        return [s.name for s in startable(remaining, dict.fromkeys(finished), room)]
+
+    seed0 = names[:6]
+    # A teacher still training: the next seed's runs take the slots.
+    assert pick(seed0[:5], 2) == ["single-mr-s1", "single-cr-s1"]
+    # Its teachers done: the distilled run goes first, ahead of every later run.
+    assert pick(seed0, 2) == ["distil-s0", "single-mr-s1"]
+    assert pick(seed0, 0) == []

@@ -76,14 +76,9 @@ def run_cost(config: RunConfig, n_train: Mapping[str, int]) -> float:
 
 # ------------------------------------------------------------------------------ one run
 def execute_run(
-    config_dict: dict[str, Any],
-    run_name: str,
-    log_path: str,
-    measure_alignment: bool,
-    *after: Any,
+    config_dict: dict[str, Any], run_name: str, log_path: str, measure_alignment: bool
 ) -> dict[str, Any]:
-    """Train one run (in a Ray task, or in this process) and summarize it. `after`: the
-    results of runs it waits for (Ray starts the task once they are ready; unused here).
+    """Train one run (in a Ray task, or in this process) and summarize it.
 
     The run's own log lines go to `log_path`, not to the console: a suite trains dozens of runs
     and prints one line per finished run instead.
@@ -213,6 +208,14 @@ def load_results(suite_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def startable(
+    remaining: Sequence[RunSpec], finished: Mapping[str, Any], room: int
+) -> list[RunSpec]:
+    """The first `room` runs of `remaining` (plan order) whose teachers have all `finished`."""
+    ready = [s for s in remaining if all(t in finished for t in s.teachers.values())]
+    return ready[: max(0, room)]
+
+
 def run_specs(
     specs: Sequence[RunSpec],
     configs: Mapping[str, RunConfig],
@@ -281,19 +284,32 @@ def run_specs(
         num_gpus=resources["num_gpus"],
         max_retries=1,
     )
-    # In plan order, so a run's teachers (RunSpec.teachers, planned before it) are submitted
-    # first: their object references make Ray hold the run until they finished.
+    remaining = list(todo)
     pending: dict[Any, str] = {}
-    for s in todo:
-        after = [ref for ref, name in pending.items() if name in s.teachers.values()]
-        pending[remote.remote(*args(s), *after)] = s.name
+
+    def submit() -> None:
+        """Fill the free slots in plan order with runs whose teachers (RunSpec.teachers) have
+        finished. Submitting only what can start keeps the plan's order: Ray would run a task
+        whose arguments became ready late after every task queued before that, so a seed's
+        distilled run would wait for all later seeds' runs."""
+        try:
+            room = parallel_runs(ray.cluster_resources(), resources) - len(pending)
+        except ExperimentError:  # the cluster lost its nodes: wait while runs are in flight
+            if not pending:
+                raise
+            return
+        for spec in startable(remaining, results, room):
+            pending[remote.remote(*args(spec))] = spec.name
+            remaining.remove(spec)
+
+    submit()
     last_note = time.monotonic()
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=30)
             if not ready:
                 if time.monotonic() - last_note > 120:
-                    write(f"... {len(pending)} runs still queued or running")
+                    write(f"... {len(pending) + len(remaining)} runs still queued or running")
                     last_note = time.monotonic()
                 continue
             ref = ready[0]
@@ -307,6 +323,7 @@ def run_specs(
                     "log": str(suite_dir / "logs" / f"{name}.log"),
                 }
             record(name, result)
+            submit()
             last_note = time.monotonic()
     except KeyboardInterrupt:
         for ref in pending:
@@ -316,4 +333,6 @@ def run_specs(
             f"continue with --resume {suite_dir}"
         )
         raise
+    for spec in remaining:  # unreachable while every teacher is a run of the plan
+        record(spec.name, {"status": "failed", "error": "its teachers never finished"})
     return results
