@@ -605,6 +605,32 @@ def test_report_only_reports_the_finished_runs_and_trains_nothing(tiny_config, t
     assert rc == 2 and "--report-only" in err
 
 
+def test_routing_analysis_pairs_the_seeds_whose_routed_run_finished():
+    # Seed 1's single-task models finished, its routed run did not (a partial suite): the
+    # routing comparison must not set seed 0's routed model against both seeds' single-task
+    # models, and the report must say it covers one seed of two.
+    def routed_run(acc: float) -> dict:
+        route = {"path": "private", "shared_accuracy": acc - 1, "private_accuracy": acc,
+                 "crossfit_accuracy": acc - 0.5, "private_crossfit_accuracy": acc - 0.5}  # fmt: skip
+        return {"status": "ok", "dev": {"a": acc, "b": acc},
+                "stages": {"a": {"route": route}, "b": {"route": route}}}  # fmt: skip
+
+    single = {("a", 0): 80.0, ("b", 0): 80.0, ("a", 1): 90.0, ("b", 1): 90.0}
+    out = transfer.routing_analysis(["a", "b"], [0, 1], single, [routed_run(80.2), None])
+    assert out["seeds"] == [0]
+    row = out["tasks"]["a"]
+    assert row["seeds"] == 1 and row["private_chosen"] == 1
+    assert row["single"]["n"] == 1 and row["single"]["mean"] == 80.0
+    assert row["routed_minus_single"] == pytest.approx(0.2)  # not 80.2 - 85.0
+    text = "\n".join(transfer.routing_section(out, ["a", "b"], planned=2))
+    assert "**Over 1 of 2 seeds**" in text and "1/1" in text
+    full = transfer.routing_analysis(
+        ["a", "b"], [0, 1], single, [routed_run(80.2), routed_run(90.2)]
+    )
+    assert full["tasks"]["a"]["seeds"] == 2 and full["tasks"]["a"]["single"]["mean"] == 85.0
+    assert "Over " not in "\n".join(transfer.routing_section(full, ["a", "b"], planned=2))
+
+
 def test_free_slots_go_to_the_first_runs_in_plan_order_whose_teachers_finished(tmp_path):
     base = six_task_config(tmp_path)
     specs = transfer.plan(base, [0, 1], ExperimentOptions(variants=("distil",)))

@@ -183,13 +183,20 @@ def routing_analysis(
     routed accuracy, how often the private path was chosen, and the issue-13 targets: routed
     against the better of (single-task, shared) and against single-task, on seed means."""
     rows: dict[str, dict[str, Any]] = {}
+    # Paired: only the seeds whose routed run finished, so that a partial suite (or a failed
+    # run) never sets a routed mean over some seeds against a single-task mean over others.
+    done = [
+        (seed, run)
+        for seed, run in zip(seeds, routed, strict=True)
+        if run and run.get("status") == "ok"
+    ]
     for t in tasks:
         cols: dict[str, list[float | None]] = {
             k: [] for k in ("single", "shared", "private", "routed", "crossfit", "private_crossfit")
         }
         private_chosen = 0
-        for seed, run in zip(seeds, routed, strict=True):
-            route = run["stages"][t].get("route") if run and run.get("status") == "ok" else None
+        for seed, run in done:
+            route = run["stages"][t].get("route")
             cols["single"].append(single[(t, seed)])
             cols["shared"].append(route["shared_accuracy"] if route else None)
             cols["private"].append(route["private_accuracy"] if route else None)
@@ -202,7 +209,7 @@ def routing_analysis(
         stats = {k: stat(v) for k, v in cols.items()}
         row: dict[str, Any] = {k: x.to_json() for k, x in stats.items()}
         row["private_chosen"] = private_chosen
-        row["seeds"] = len(seeds)
+        row["seeds"] = len(done)
         if all(stats[k].n for k in ("single", "shared", "routed", "crossfit")):
             best = max(stats["single"].mean, stats["shared"].mean)
             row["routed_minus_best"] = stats["routed"].mean - best
@@ -233,7 +240,7 @@ def routing_analysis(
         ]
         if len(own) == len(complete):
             targets["crossfit_vs_own"] = {"mean": sum(own) / len(own), "worst": min(own)}
-    return {"tasks": rows, "targets": targets}
+    return {"tasks": rows, "targets": targets, "seeds": [seed for seed, _ in done]}
 
 
 def write_report(
@@ -315,9 +322,11 @@ def write_report(
     )
     lines += [md_table(header, rows), "", f"![change against single-task]({plot.name})", ""]
     if analysis.get("routing"):
-        lines += routing_section(analysis["routing"], tasks)
+        lines += routing_section(analysis["routing"], tasks, planned=len(analysis["seeds"]))
     if analysis.get("routing_distil"):
-        lines += routing_section(analysis["routing_distil"], tasks, labels["distil"])
+        lines += routing_section(
+            analysis["routing_distil"], tasks, labels["distil"], planned=len(analysis["seeds"])
+        )
     lines += [
         "## How the runs differ\n",
         "- single-task: one model per task, trained on that task alone.",
@@ -351,10 +360,11 @@ def write_report(
 
 
 def routing_section(
-    routing: Mapping[str, Any], tasks: Sequence[str], variant: str = "routed"
+    routing: Mapping[str, Any], tasks: Sequence[str], variant: str = "routed", planned: int = 0
 ) -> list[str]:
     """The report's single-task vs shared vs routed table and the issue-13 targets, of the
-    routed run or another routed variant (`variant`, its label)."""
+    routed run or another routed variant (`variant`, its label), over the seeds whose run
+    finished; `planned` seeds in the suite (more than finished: the report says so)."""
     rows = routing["tasks"]
 
     def fmt(row: Mapping[str, Any], key: str) -> str:
@@ -407,6 +417,13 @@ def routing_section(
         for t in tasks
     ]
     lines += [md_table(header, body), ""]
+    seeds = routing.get("seeds")
+    if seeds is not None and len(seeds) < planned:
+        lines.append(
+            f"- **Over {len(seeds)} of {planned} seeds** (the seeds whose {variant} run "
+            f"finished: {', '.join(map(str, seeds)) or 'none'}; every column pairs them): the "
+            "targets below say where those seeds stand, not the suite's verdict."
+        )
     for kind, label in (("routed", "Routed"), ("crossfit", "Cross-fitted routed")):
         target = routing["targets"].get(kind)
         if target is None:
