@@ -311,6 +311,8 @@ def read_results(suite_dir: Path) -> dict:
     return json.loads(text)
 
 
+# The plot of two tasks is narrow: a title or legend wider than it collapsed its axes.
+@pytest.mark.filterwarnings("error:constrained_layout not applied")
 def test_transfer_suite_end_to_end_reports_the_runs_own_numbers(tiny_config, tmp_path):
     out = tmp_path / "transfer"
     rc, stdout, _ = experiment(tiny_config, "transfer", out, "--seeds", "2")

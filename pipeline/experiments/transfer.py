@@ -468,6 +468,8 @@ def plot_deltas(path: Path, analysis: Mapping[str, Any]) -> Path:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(tasks)), labels=tasks)
     ax.set_ylabel("dev accuracy change vs single-task (points)")
-    ax.set_title("Multi-task variants against single-task models (mean ± std over seeds)")
-    ax.legend(fontsize=8, ncols=len(variants))
+    # Two lines and at most three legend columns: on a narrow figure (few tasks) a one-line
+    # title or legend wider than the figure collapses the constrained layout's axes.
+    ax.set_title("Multi-task variants against single-task models\n(mean ± std over seeds)")
+    ax.legend(fontsize=8, ncols=min(3, len(variants)))
     return save_figure(fig, path)
