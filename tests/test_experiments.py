@@ -25,6 +25,9 @@ from pipeline.experiments.common import (
     RunSpec,
     Stat,
     build_config,
+    cpu_model,
+    machines,
+    machines_line,
     seeds_from,
     spearman,
     stat,
@@ -194,6 +197,38 @@ def test_transfer_verdict_needs_margin_and_seed_spread():
     assert transfer_verdict(Stat(float("nan"), float("nan"), 0), margin=0.5) == "n/a"
 
 
+INTEL = (
+    "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse2 avx2 avx512f\n"
+)
+AMD = (
+    "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2\n\nprocessor\t: 1\n"
+)
+
+
+def test_cpu_model_names_the_cpu_and_its_vector_width():
+    assert cpu_model(INTEL) == "Intel(R) Xeon(R) Processor (AVX-512)"
+    assert cpu_model(AMD + "model name\t: another\n") == "AMD EPYC 7B13 (AVX2)"  # the first
+    assert cpu_model("model name\t: Plain CPU\n") == "Plain CPU"
+    assert cpu_model("") != ""  # no /proc/cpuinfo: the platform's own answer, or "unknown"
+
+
+def test_report_says_when_a_suites_runs_trained_on_different_cpus():
+    one = machines({"a": {"status": "ok", "cpu": "X"}, "b": {"status": "failed"}})
+    assert one == {"X": ["a"]}
+    assert machines_line(one) == "- Machine: every run on one CPU model (X)\n"
+    mixed = machines(
+        {
+            "s0": {"status": "ok", "cpu": "X"},
+            "s1": {"status": "ok", "cpu": "X"},
+            "old": {"status": "ok"},
+        }  # fmt: skip
+    )
+    assert mixed == {"X": ["s0", "s1"], "not recorded": ["old"]}
+    line = machines_line(mixed)
+    assert "trained on 2 CPU models** (X: 2 runs, not recorded: 1 run;" in line
+    assert machines_line({}) == ""
+
+
 def test_spearman_matches_known_values():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -322,6 +357,11 @@ def test_transfer_suite_end_to_end_reports_the_runs_own_numbers(tiny_config, tmp
     numbers = read_results(out)
     assert numbers["meta"]["n_runs"] == 16 and numbers["meta"]["n_failed"] == 0
     assert {r["commit"] for r in numbers["runs"].values()} == {numbers["meta"]["commit"]}
+    assert {r["cpu"] for r in numbers["runs"].values()} == {cpu_model()}
+    assert numbers["meta"]["machines"] == {cpu_model(): sorted(numbers["runs"])}
+    assert (
+        f"- Machine: every run on one CPU model ({cpu_model()})" in (out / "report.md").read_text()
+    )
     # Every number traces back to a run's own record.
     run = numbers["runs"]["mtl-s1"]
     record = json.loads((Path(run["run_dir"]) / "run.json").read_text())

@@ -225,8 +225,66 @@ def header_section(title: str, meta: Mapping[str, Any], explain: str) -> str:
             else ""
         )
         + f"- Code: polytask {meta['polytask_version']}, commit {meta['commit']}\n"
-        f"- Accuracies are dev-set percentages of each run's selected model; ± is the standard "
-        f"deviation over seeds.\n"
+        + machines_line(meta.get("machines") or {})
+        + "- Accuracies are dev-set percentages of each run's selected model; ± is the standard "
+        "deviation over seeds.\n"
+    )
+
+
+NOT_RECORDED = "not recorded"  # a result written before runs recorded their CPU
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU a run trained on, e.g. "Intel(R) Xeon(R) Processor (AVX-512)".
+
+    Recorded per run because the same run specification gives different numbers on different
+    CPUs: onnxruntime and torch pick float kernels by vector width, and fine-tuning amplifies
+    the differences (a seed's single-task CR moved 1.06 points between two machines,
+    docs/results.md). `cpuinfo`: the text of /proc/cpuinfo (read when None; other systems fall
+    back to `platform`).
+    """
+    import platform
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    width = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return f"{name} ({width})" if width else name
+
+
+def machines(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """CPU model -> the names of the runs that trained on it (runs with a result only)."""
+    out: dict[str, list[str]] = {}
+    for name, r in sorted(results.items()):
+        if r.get("status") == "ok":
+            out.setdefault(str(r.get("cpu") or NOT_RECORDED), []).append(name)
+    return out
+
+
+def machines_line(by_cpu: Mapping[str, Sequence[str]]) -> str:
+    """The report's machine line; loud when a suite's runs trained on different CPUs."""
+    if not by_cpu:
+        return ""
+    if len(by_cpu) == 1:
+        return f"- Machine: every run on one CPU model ({next(iter(by_cpu))})\n"
+    parts = ", ".join(
+        f"{cpu}: {len(names)} run{'s' if len(names) != 1 else ''}"
+        for cpu, names in sorted(by_cpu.items(), key=lambda kv: -len(kv[1]))
+    )
+    return (
+        f"- **Machines: the runs trained on {len(by_cpu)} CPU models** ({parts}; which runs: "
+        "`results.json`, `meta.machines`). The same run gives somewhat different numbers on "
+        "another CPU, so a seed whose runs trained on different CPUs carries that difference "
+        "too.\n"
     )
 
 

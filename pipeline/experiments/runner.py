@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.config import RunConfig, ScalingConfig, config_to_dict, parse_config
-from pipeline.experiments.common import RunSpec, format_duration
+from pipeline.experiments.common import RunSpec, cpu_model, format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def execute_run(
     Returns:
         {"status": "ok", "dev": {task: accuracy}, "dev_macro", "stages", "task_weights",
         "data_overlap", "duration_seconds", "started_at", "finished_at" (Unix time), "run_dir",
-        "node", "similarity"} or
+        "node", "cpu" (`cpu_model`), "similarity"} or
         {"status": "failed", "error", "log"}.
     """
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +132,7 @@ def execute_run(
             "finished_at": time.time(),
             "run_dir": str(result.run_dir),
             "node": socket.gethostname(),
+            "cpu": cpu_model(),
             "similarity": similarity,
         }
     except Exception as err:  # one failed run must not end the suite; the report lists it

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 from pipeline import __version__
 from pipeline.config import RunConfig, config_to_dict
 from pipeline.experiments import affinity, capacity, incremental, noise, transfer
-from pipeline.experiments.common import RunSpec, build_config, seeds_from
+from pipeline.experiments.common import RunSpec, build_config, machines, seeds_from
 from pipeline.experiments.options import ExperimentOptions
 from pipeline.experiments.runner import (
     Executor,
@@ -240,6 +240,7 @@ def run_experiment(
         ),
         "polytask_version": __version__,
         "commit": ", ".join(sorted({str(r.get("commit", "unknown")) for r in results.values()})),
+        "machines": machines(results),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "executor": executor,
     }
