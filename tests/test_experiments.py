@@ -227,6 +227,7 @@ def test_report_says_when_a_suites_runs_trained_on_different_cpus():
     line = machines_line(mixed)
     assert "trained on 2 CPU models** (X: 2 runs, not recorded: 1 run;" in line
     assert machines_line({}) == ""
+    assert "not recorded" in machines_line(machines({"old": {"status": "ok"}}))
 
 
 def test_spearman_matches_known_values():

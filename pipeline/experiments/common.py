@@ -275,7 +275,10 @@ def machines_line(by_cpu: Mapping[str, Sequence[str]]) -> str:
     if not by_cpu:
         return ""
     if len(by_cpu) == 1:
-        return f"- Machine: every run on one CPU model ({next(iter(by_cpu))})\n"
+        cpu = next(iter(by_cpu))
+        if cpu == NOT_RECORDED:  # every result predates the record: say nothing false
+            return "- Machine: not recorded (these runs' results predate it)\n"
+        return f"- Machine: every run on one CPU model ({cpu})\n"
     parts = ", ".join(
         f"{cpu}: {len(names)} run{'s' if len(names) != 1 else ''}"
         for cpu, names in sorted(by_cpu.items(), key=lambda kv: -len(kv[1]))
