@@ -361,6 +361,42 @@ class PrivateHeadConfig(StrictModel):
         return data
 
 
+class OwnPathConfig(StrictModel):
+    """A task's own copy of the encoder's top blocks (issue 13's third path, opt-in).
+
+    With a fine-tuned encoder a task's private head still reads the jointly fine-tuned
+    features, so it is protected from the shared module B but not from the shared encoder; on
+    senteval6-finetune SUBJ stayed 0.6-0.9 points below its own fine-tuned model on every seed
+    with either path (docs/results.md, *Routing*). The own path is that task's own model: a copy
+    of the top `layers` blocks, started from the pretrained weights, and a private head of
+    `routing.private`'s layout, trained together on the task alone after the run (on the cached
+    token states below the copy). A task takes it only when its dev accuracy beats the task's
+    cheaper route by more than `margin_se` standard errors. Cost at serving: the copy's blocks
+    run once per call for each task that takes it (3 of 6 blocks: half an encoder pass), in
+    the same graph; a task that does not take it costs nothing."""
+
+    layers: int = Field(
+        default=3,
+        ge=1,
+        description="Top encoder blocks each own path copies; at most the fine-tuned blocks "
+        "(encoder.trainable_layers), since the copy trains on the cached states below them.",
+    )
+    margin_se: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Standard errors of the paired per-item dev difference by which the own "
+        "path must beat the task's shared-or-private route to be chosen.",
+    )
+    tasks: list[str] | None = Field(
+        default=None,
+        description="Tasks that may get an own path (each costs its training time, about what "
+        "the task's single-task run takes). None: every task.",
+    )
+    epochs: int | None = Field(
+        default=None, ge=1, description="Epochs of each own path; None: train.epochs."
+    )
+
+
 class RoutingConfig(StrictModel):
     """Per-task routing (issue 13): answer each task through the shared path (R_i -> B -> A_i)
     or its private path, whichever dev evidence supports (pipeline/routing.py has the rule)."""
@@ -382,6 +418,11 @@ class RoutingConfig(StrictModel):
         "path must win by; 0 picks whichever is higher on dev (noisy).",
     )
     private: PrivateHeadConfig = Field(default_factory=PrivateHeadConfig)
+    own: OwnPathConfig | None = Field(
+        default=None,
+        description="Also train each task an own copy of the fine-tuned top blocks and route "
+        "the task to it on clear dev evidence (OwnPathConfig). None: off.",
+    )
 
 
 class DistillConfig(StrictModel):
@@ -638,6 +679,25 @@ class RunConfig(StrictModel):
                 "routing.private.layers: needs a fine-tuned encoder (encoder.trainable_layers "
                 "above 0); a frozen run reads cached final features only"
             )
+        own = self.routing.own if self.routing.enabled else None
+        if own is not None:
+            tl = self.encoder.trainable_layers
+            if not isinstance(tl, int) or tl == 0:
+                raise ValueError(
+                    "routing.own: needs a partially fine-tuned encoder (encoder.trainable_layers "
+                    f"a number of top blocks, not {tl!r}): the own copies train on the cached "
+                    "token states below the fine-tuned blocks"
+                )
+            if own.layers > tl:
+                raise ValueError(
+                    f"routing.own.layers: {own.layers} is more than the {tl} fine-tuned "
+                    "block(s) (encoder.trainable_layers)"
+                )
+            unknown_own = sorted(set(own.tasks or []) - set(names))
+            if unknown_own:
+                raise ValueError(
+                    f"routing.own.tasks: {unknown_own} not among the run's tasks {names}"
+                )
         unknown = sorted(set(self.distill.teachers) - set(names))
         if unknown:
             raise ValueError(
@@ -650,6 +710,11 @@ class RunConfig(StrictModel):
     def pooled_layers(self) -> list[int]:
         """The encoder blocks whose pooled output the private heads also read (routing on)."""
         return list(self.routing.private.layers) if self.routing.enabled else []
+
+    @property
+    def own_path(self) -> OwnPathConfig | None:
+        """routing.own when routing is on, else None."""
+        return self.routing.own if self.routing.enabled else None
 
     @property
     def task_names(self) -> list[str]:

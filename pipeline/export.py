@@ -51,6 +51,7 @@ from serving.artifact import (
     QuantizedVariant,
     TaskInfo,
     TaskMetrics,
+    TaskOwnRoute,
     TaskRoute,
     output_name,
 )
@@ -375,7 +376,12 @@ def _task_route(record: Any, task: str) -> TaskRoute | None:
     decision = (record.routing or {}).get(task)
     if decision is None:
         return None
-    return TaskRoute(**decision.model_dump(include=set(TaskRoute.model_fields)))
+    fields = decision.model_dump(include=set(TaskRoute.model_fields) - {"own"})
+    if decision.own is not None:
+        fields["own"] = TaskOwnRoute(
+            **decision.own.model_dump(include=set(TaskOwnRoute.model_fields))
+        )
+    return TaskRoute(**fields)
 
 
 def _check_replaceable(out_dir: Path) -> None:

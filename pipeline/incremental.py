@@ -238,6 +238,7 @@ def add_tasks(
             + ("given twice" if dupes else f"already in run {parent_record.run_name}")
             + f" (it has {', '.join(parent_record.tasks)}); use remove-task first to replace one"
         )
+    refuse_own_paths(parent_record, "add-task")
     parent = load_run(parent_dir)
     config = parent.config
     child_config = parse_config(
@@ -630,6 +631,7 @@ def remove_tasks(
     keep = [t for t in parent_record.tasks if t not in names]
     if not keep:
         raise IncrementalError("remove-task: a run needs at least one task; nothing would remain")
+    refuse_own_paths(parent_record, "remove-task")
     parent = load_run(parent_dir)
     containers = per_task_containers(parent.model.heads)
     state = load_tensors(model_path(parent_dir))
@@ -744,6 +746,18 @@ def probe_features(dim: int, mean: Any, std: Any, n: int = 64, seed: int = 0) ->
 
     g = torch.Generator().manual_seed(seed)
     return mean + std * torch.randn(n, dim, generator=g)
+
+
+def refuse_own_paths(record: Any, verb: str) -> None:
+    """add-task and remove-task copy a parent's per-task head modules; a task's own path
+    (routing.own) also holds encoder blocks, which they do not carry yet: refuse, naming it."""
+    own = [t for t, d in (getattr(record, "routing", None) or {}).items() if d.path == "own"]
+    if own:
+        raise IncrementalError(
+            f"{verb}: run {record.run_name} answers {', '.join(own)} through an own path "
+            "(routing.own: the task's own copy of the encoder's top blocks), which "
+            f"{verb} cannot carry to a child run yet; train a new run with the tasks you want"
+        )
 
 
 def check_child(parent: LoadedRun, run_dir: Path) -> None:

@@ -7,6 +7,9 @@
                       aux_i = a_i(h_i)       self-auxiliary tower (training only, not exported)
     or, for a task routed private (issue 13; the choice is pipeline/routing.py's):
                       logits_i = P_i(standardize(x))   a small head of its own, no R_i, no B
+    or, for a task routed to its own path (routing.own, fine-tuned encoders only):
+                      x_i = pool(T_i(states entering the top k blocks))   its own top blocks
+                      logits_i = O_i(standardize(x_i))                    and its own head
 
 R_i sits on the pooled encoder output rather than on token embeddings so that serving runs the
 heavy encoder once for every task; the per-task path (R_i -> B -> A_i) is a few small matmuls.
@@ -45,6 +48,11 @@ class Encoder(nn.Module):
     blocks are appended to the final pooled features, [B, d] -> [B, d * (1 + len)], final
     first, so the shared path reads the first d columns as before and only a task's private
     head reads the rest. The blocks run anyway; only their pooling is added.
+
+    `own_blocks` (routing's `own`, issue 13): task -> its own copy of the top k blocks. They
+    read the token states entering block n - k (the same pass's), and each copy's pooled
+    output is appended after the columns above, in `own_blocks` order: [B, d] per own task.
+    Each costs k blocks per call; the blocks below them still run once.
     """
 
     def __init__(
@@ -55,12 +63,48 @@ class Encoder(nn.Module):
         self.pooling = pooling
         self.dim: int = transformer.config.hidden_size
         self.pooled_layers: tuple[int, ...] = ()
+        self.own_blocks = nn.ModuleDict()
         self.set_trainable_layers(trainable_layers)
 
     @property
     def out_dim(self) -> int:
-        """Width of what `forward` returns: d, times 1 + len(pooled_layers)."""
-        return self.dim * (1 + len(self.pooled_layers))
+        """Width of what `forward` returns: d, times 1 + len(pooled_layers) + len(own_blocks)."""
+        return self.dim * (1 + len(self.pooled_layers) + len(self.own_blocks))
+
+    @property
+    def own_start(self) -> int | None:
+        """The first block the own copies replace (n - k), or None without any."""
+        if not self.own_blocks:
+            return None
+        return self.n_layers - len(next(iter(self.own_blocks.values())))
+
+    def add_own_blocks(self, task: str, blocks: nn.ModuleList) -> None:
+        """Give `task` its own copy of the top len(blocks) blocks (appended to the features'
+        columns after the ones before it). The blocks are used as given (not copied); their
+        attention modules are pointed at this encoder's config, so a switch of attention
+        implementation (export's eager attention) reaches them too."""
+        k = len(blocks)
+        if not 1 <= k <= self.n_layers:
+            raise ValueError(f"an own path copies 1 to {self.n_layers} blocks, got {k}")
+        if self.own_blocks and k != self.n_layers - (self.own_start or 0):
+            raise ValueError(
+                f"own paths must all copy the same blocks: {task} has {k}, others "
+                f"{self.n_layers - (self.own_start or 0)}"
+            )
+        if task in self.own_blocks:
+            raise ValueError(f"task {task!r} already has its own blocks")
+        config = self.transformer.config
+        for module in blocks.modules():
+            if hasattr(module, "config") and type(module.config) is type(config):
+                module.config = config
+        self.own_blocks[task] = blocks
+
+    def pretrained_top_blocks(self, k: int) -> nn.ModuleList:
+        """A copy of this encoder's top k blocks (what an own path starts from when this
+        encoder holds the pretrained weights)."""
+        import copy
+
+        return copy.deepcopy(transformer_layers(self.transformer)[self.n_layers - k :])
 
     def set_pooled_layers(self, layers: Sequence[int]) -> None:
         """Also return the pooled states after these blocks (1-based, below the last)."""
@@ -111,7 +155,7 @@ class Encoder(nn.Module):
         Returns:
             float [B, out_dim]: [B, d] without `pooled_layers`.
         """
-        if not self.pooled_layers:
+        if not self.pooled_layers and not self.own_blocks:
             states = self.transformer(input_ids=input_ids, attention_mask=attention_mask)[0]
             return self.pool(states, attention_mask)  # [B, L, d] -> [B, d]
         out = self.transformer(
@@ -119,9 +163,17 @@ class Encoder(nn.Module):
         )  # hidden_states[i]: after block i, [B, L, d]; [0] the embeddings
         return torch.cat(
             [self.pool(out[0], attention_mask)]
-            + [self.pool(out.hidden_states[i], attention_mask) for i in self.pooled_layers],
+            + [self.pool(out.hidden_states[i], attention_mask) for i in self.pooled_layers]
+            + self._own_features(out.hidden_states[self.own_start or 0], attention_mask),
             dim=-1,
         )
+
+    def _own_features(self, entering: torch.Tensor, attention_mask: torch.Tensor) -> list:
+        """Each own copy's pooled output [B, d] from the states entering its first block."""
+        return [
+            self.pool(self.run_blocks(entering, attention_mask, blocks), attention_mask)
+            for blocks in self.own_blocks.values()
+        ]
 
     def run_layers(
         self,
@@ -131,12 +183,20 @@ class Encoder(nn.Module):
         stop: int | None = None,
     ) -> torch.Tensor:
         """Transformer blocks `start:stop` on token states [B, L, d] -> [B, L, d]."""
+        return self.run_blocks(
+            hidden, attention_mask, transformer_layers(self.transformer)[start:stop]
+        )
+
+    def run_blocks(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, blocks: Sequence[nn.Module]
+    ) -> torch.Tensor:
+        """`blocks` (this encoder's or an own copy) on token states [B, L, d] -> [B, L, d]."""
         from transformers.masking_utils import create_bidirectional_mask  # deferred: slow import
 
         mask = create_bidirectional_mask(
             config=self.transformer.config, inputs_embeds=hidden, attention_mask=attention_mask
         )
-        for layer in transformer_layers(self.transformer)[start:stop]:
+        for layer in blocks:
             out = layer(hidden, mask)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
@@ -153,6 +213,27 @@ class Encoder(nn.Module):
     ) -> torch.Tensor:
         """Pooled features [B, out_dim] from the token states [B, L, d] entering block `start`.
         Each of `pooled_layers` must be `start` (the states given) or above."""
+        if self.own_blocks:
+            own_start = self.own_start or 0
+            if own_start < start:
+                raise ValueError(
+                    f"the own paths' blocks start at block {own_start}, below the states "
+                    f"given (entering block {start})"
+                )
+            # The blocks between `start` and the copies run twice when the copies are fewer
+            # than the blocks above the states given (never in the shipped layout, where they
+            # are the same blocks); taps below the copies stay right either way.
+            entering = self.run_layers(states, attention_mask, start, own_start)
+            own = self._own_features(entering, attention_mask)
+            return torch.cat(
+                [self._forward_from_shared(states, attention_mask, start), *own], dim=-1
+            )
+        return self._forward_from_shared(states, attention_mask, start)
+
+    def _forward_from_shared(
+        self, states: torch.Tensor, attention_mask: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """forward_from's columns before the own paths': [B, d * (1 + len(pooled_layers))]."""
         if not self.pooled_layers:
             return self.pool(self.run_layers(states, attention_mask, start), attention_mask)
         if self.pooled_layers[0] < start:
@@ -407,6 +488,11 @@ class MultiTaskHeads(nn.Module):
     """Everything after the encoder: R_i, B, A_i and a_i for every task, and the private
     heads P_i when routing is on. `routes` says which path answers each task (all shared
     until the routing stage chooses; a plain attribute: run.json records it, not the weights).
+
+    `own` (routing.own): task -> the head of its own path, reading that task's own columns of
+    the features (after the `in_dim` ones, d = `shared_dim` each, in `own` order, the order of
+    the encoder's `own_blocks`), standardized with the final features' statistics (the own
+    copy starts from the pretrained blocks, whose output those statistics describe).
     """
 
     def __init__(
@@ -469,6 +555,22 @@ class MultiTaskHeads(nn.Module):
                 for t, c in num_classes.items()
             }
         )
+        self.own = nn.ModuleDict()
+
+    def add_own_head(self, task: str, head: nn.Module) -> None:
+        """The head of `task`'s own path, [B, shared_dim] -> [B, C]; its columns come after
+        those of the own heads added before it."""
+        if task not in self.tasks:
+            raise ValueError(f"unknown task {task!r}")
+        if task in self.own:
+            raise ValueError(f"task {task!r} already has an own head")
+        self.own[task] = head
+
+    def own_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        """`task`'s own path's standardized features: [B, in_dim + k*d] -> [B, d]."""
+        d = self.shared_dim
+        start = int(self.feature_mean.shape[0]) + d * list(self.own).index(task)
+        return (x[..., start : start + d] - self.feature_mean[:d]) / self.feature_std[:d]
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardize inputs with these [d] statistics (std is floored to avoid blow-ups)."""
@@ -476,7 +578,11 @@ class MultiTaskHeads(nn.Module):
         self.feature_std.copy_(std.clamp(min=1e-6))
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        """(x - mean) / std with the training-set statistics. [B, d] -> [B, d]."""
+        """(x - mean) / std with the training-set statistics. [B, >= in_dim] -> [B, in_dim]
+        (the own paths' columns, if any, are not read)."""
+        width = int(self.feature_mean.shape[0])
+        if x.shape[-1] != width:
+            x = x[..., :width]
         return (x - self.feature_mean) / self.feature_std
 
     def align(self, x: torch.Tensor, task: str) -> torch.Tensor:
@@ -495,14 +601,17 @@ class MultiTaskHeads(nn.Module):
             x: float [B, in_dim] encoder features (the shared path reads [:, :shared_dim]).
             task: Task name.
             with_aux: Also return the self-auxiliary logits (shared path only).
-            path: "shared" or "private"; default the task's route.
+            path: "shared", "private" or "own"; default the task's route.
 
         Returns:
             main logits [B, C] and aux logits [B, C] (None unless `with_aux` and aux towers exist
             and the path is shared).
         """
-        if (path or self.routes[task]) == "private":
+        route = path or self.routes[task]
+        if route == "private":
             return self.private[task](self.standardize(x)), None
+        if route == "own":
+            return self.own[task](self.own_features(x, task)), None
         h = self.shared(self.align(x, task))  # [B, r]
         logits = self.towers[task](h)
         aux = self.aux[task](h) if with_aux and task in self.aux else None

@@ -33,6 +33,11 @@ of the routed model is optimistic. The record therefore also carries a cross-fit
 dev split in halves many times, the private epoch and the rule applied on one half and the
 chosen path scored on the other.
 
+**The own path** (`routing.own`, opt-in, fine-tuned encoders): after the run, a task may also
+get its own copy of the encoder's top blocks with a private head (pipeline/own_path.py), and
+takes it only when it beats the route chosen above by more than `routing.own.margin_se`
+standard errors (`decide_own`): it costs serving time, so it has to earn its place.
+
 Pure numpy here except `fit_private_head` and `route_task` (torch imported when they run).
 """
 
@@ -50,8 +55,37 @@ if TYPE_CHECKING:
 
     from pipeline.config import PrivateHeadConfig, RoutingConfig
 
-Route = Literal["shared", "private"]
+Route = Literal["shared", "private", "own"]
+BaseRoute = Literal["shared", "private"]
 CROSSFIT_REPEATS = 50
+
+
+class OwnEvidence(BaseModel):
+    """A task's own path (its own copy of the top encoder blocks and a private head, trained on
+    the task alone) against the route the shared/private rule chose: the own path is taken
+    only when it leads by more than `margin_se` standard errors (it costs serving time)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    against: BaseRoute = Field(description="The shared-or-private route it was compared with.")
+    accuracy: float = Field(description="Dev accuracy of the own path, percent.")
+    difference: float = Field(description="own - that route, points.")
+    standard_error: float = Field(description="Of the paired difference, points.")
+    p_value: float = Field(description="One-sided: P(own leading by this much | paths equal).")
+    margin_se: float = Field(description="Standard errors the own path had to lead by.")
+    epoch: int | None = Field(default=None, description="Its epoch, picked on dev (1-based).")
+    layers: int = Field(description="Top encoder blocks it copies.")
+    crossfit_accuracy: float | None = Field(
+        default=None,
+        description="The own path alone, its epoch picked on one half of dev and scored on the "
+        "other (mean over random halvings).",
+    )
+    routed_crossfit_accuracy: float | None = Field(
+        default=None,
+        description="Own-or-route, the own epoch and the choice made on one half of dev and "
+        "the chosen path scored on the other (the route itself as chosen on all of dev).",
+    )
+    seconds: float | None = Field(default=None, description="Its training time.")
 
 
 class RouteDecision(BaseModel):
@@ -92,10 +126,23 @@ class RouteDecision(BaseModel):
     private_fit: dict[str, float] | None = Field(
         default=None, description="The private head's fit: best epoch, holdout loss, accuracy."
     )
+    own: OwnEvidence | None = Field(
+        default=None,
+        description="The own path's evidence (routing.own), when one was trained for the task.",
+    )
+
+    @property
+    def base_path(self) -> BaseRoute:
+        """The shared-or-private choice (what `path` is unless the own path won)."""
+        if self.path != "own":
+            return self.path
+        return "shared" if self.own is not None and self.own.against == "shared" else "private"
 
     @property
     def chosen_accuracy(self) -> float:
-        return self.private_accuracy if self.path == "private" else self.shared_accuracy
+        if self.path == "own" and self.own is not None:
+            return self.own.accuracy
+        return self.private_accuracy if self.base_path == "private" else self.shared_accuracy
 
 
 def choose(
@@ -177,6 +224,75 @@ def decide(
             else None
         ),
     )
+
+
+def decide_own(
+    decision: RouteDecision,
+    route_correct: np.ndarray,
+    own_correct: np.ndarray,
+    margin_se: float,
+    layers: int,
+    seed: int = 0,
+    crossfit_repeats: int = CROSSFIT_REPEATS,
+    seconds: float | None = None,
+) -> RouteDecision:
+    """`decision` with the own path weighed against the route it chose: the own path is taken
+    only when it leads that route by more than `margin_se` standard errors of the paired
+    per-item difference (and by more than 0). The shared/private evidence is kept as it was.
+
+    Args:
+        decision: The task's shared/private decision (`decide`).
+        route_correct: bool [n], that route's answers right on the task's dev items.
+        own_correct: bool [E, n] per epoch of the own path (its epoch is picked here, the
+            most items right), or [n].
+        margin_se: routing.own.margin_se.
+        layers: Top blocks the own path copies (recorded).
+        seed: Of the cross-fitting halvings.
+    """
+    r = np.asarray(route_correct, dtype=bool)
+    per_epoch = np.asarray(own_correct, dtype=bool)
+    if per_epoch.ndim == 1:
+        per_epoch = per_epoch[None]
+    if r.ndim != 1 or per_epoch.ndim != 2 or per_epoch.shape[1] != len(r) or len(r) < 2:
+        raise ValueError(
+            "need the route's 1-d correctness of >= 2 items and the own path's on the same "
+            f"items ([n] or [epochs, n]): {r.shape} {np.shape(own_correct)}"
+        )
+    epoch = pick_epoch(per_epoch)
+    own = per_epoch[epoch]
+    diff, se = paired_difference(r, own)
+    no_evidence = 0.0 if diff > 0 else 1.0  # SE 0: all items agree, or differ one way
+    p_value = 0.5 * math.erfc(diff / se / math.sqrt(2.0)) if se > 0 else no_evidence
+    # `choose` with the own path as the challenger ("private") of a preferred route ("shared").
+    take = choose(diff, se, margin_se, prefer="shared") == "private"
+    routed_crossfit = None
+    if crossfit_repeats and len(r) >= 4:
+        scores = []
+        for pick, score in halvings(len(r), seed, crossfit_repeats):
+            o = per_epoch[pick_epoch(per_epoch[:, pick])]
+            d, e = paired_difference(r[pick], o[pick])
+            chosen = o if choose(d, e, margin_se, prefer="shared") == "private" else r
+            scores.append(float(chosen[score].mean()))
+        routed_crossfit = 100.0 * float(np.mean(scores))
+    evidence = OwnEvidence(
+        against=decision.base_path,
+        accuracy=100.0 * float(own.mean()),
+        difference=diff,
+        standard_error=se,
+        p_value=p_value,
+        margin_se=margin_se,
+        epoch=epoch + 1 if len(per_epoch) > 1 else None,
+        layers=layers,
+        crossfit_accuracy=(
+            crossfit_private_accuracy(per_epoch, seed, crossfit_repeats)
+            if crossfit_repeats
+            else None
+        ),
+        routed_crossfit_accuracy=routed_crossfit,
+        seconds=seconds,
+    )
+    path: Route = "own" if take else decision.base_path
+    return decision.model_copy(update={"path": path, "own": evidence})
 
 
 def paired_difference(shared: np.ndarray, private: np.ndarray) -> tuple[float, float]:
@@ -413,8 +529,16 @@ def correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def format_route(d: RouteDecision) -> str:
     """'private: 85.40 vs 84.10, +1.30 ± 0.60 (p 0.02)' (private vs shared dev accuracy, their
-    difference ± its standard error) for the stage table and the log."""
-    return (
+    difference ± its standard error) for the stage table and the log; with an own path,
+    '; own 86.00 vs private, +0.60 ± 0.30 (p 0.02)' after it."""
+    text = (
         f"{d.path + ':':<8} {d.private_accuracy:6.2f} vs {d.shared_accuracy:6.2f}, "
         f"{d.difference:+.2f} ± {d.standard_error:.2f} (p {d.p_value:.2f})"
     )
+    if d.own is not None:
+        o = d.own
+        text += (
+            f"; own {o.accuracy:6.2f} vs {o.against}, {o.difference:+.2f} ± "
+            f"{o.standard_error:.2f} (p {o.p_value:.2f})"
+        )
+    return text

@@ -180,6 +180,30 @@ def read_record(run_dir: Path) -> RunRecord:
     return RunRecord.model_validate_json(path.read_text())
 
 
+def add_own_paths(encoder: Any, heads: Any, record: RunRecord, config: RunConfig) -> None:
+    """The modules of the tasks routed to their own path (routing.own), in task order (the
+    features' column order), shaped for the stored weights to load into."""
+    from pipeline.model import private_head
+
+    routing = record.routing or {}
+    pcfg = config.routing.private
+    for task in config.task_names:
+        decision = routing.get(task)
+        if decision is None or decision.path != "own" or decision.own is None:
+            continue
+        encoder.add_own_blocks(task, encoder.pretrained_top_blocks(decision.own.layers))
+        heads.add_own_head(
+            task,
+            private_head(
+                encoder.dim,
+                len(record.tasks[task].labels),
+                pcfg.hidden_sizes,
+                pcfg.dropout,
+                pcfg.members,
+            ),
+        )
+
+
 def load_run(run_dir: str | Path) -> LoadedRun:
     """The run's MultiTaskModel (encoder + selected heads) and its record.
 
@@ -213,6 +237,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     )
     for task, decision in (record.routing or {}).items():
         heads.routes[task] = decision.path
+    add_own_paths(encoder, heads, record, config)
     model = MultiTaskModel(encoder, heads)
     state = load_tensors(model_path(run_dir))
     # Frozen runs store only the heads; the encoder weights are the pretrained ones.

@@ -109,12 +109,26 @@ class DevReference(_Strict):
     n: int
 
 
+class TaskOwnRoute(_Strict):
+    """The task's own path (routing.own: its own copy of the encoder's top blocks and a head)
+    against the shared-or-private route: taken only when it led by more than `margin_se`
+    standard errors, since its blocks run once more per call."""
+
+    against: Literal["shared", "private"]
+    accuracy: float = Field(description="Dev accuracy of the own path, percent.")
+    difference: float = Field(description="own - that route, points.")
+    standard_error: float = Field(description="Of the paired difference, points.")
+    p_value: float = Field(description="One-sided: P(own leading by this much | paths equal).")
+    margin_se: float
+    layers: int = Field(description="Top encoder blocks the own path copies.")
+
+
 class TaskRoute(_Strict):
     """Which path answers the task in model.onnx, and the dev evidence for the choice
     (pipeline/routing.py): the preferred path unless the other one beat it by more than
     `margin_se` standard errors of the paired per-item difference."""
 
-    path: Literal["shared", "private"]
+    path: Literal["shared", "private", "own"]
     shared_accuracy: float = Field(description="Dev accuracy of the shared path, percent.")
     private_accuracy: float = Field(description="Dev accuracy of the private path, percent.")
     difference: float = Field(description="private - shared, points.")
@@ -128,6 +142,9 @@ class TaskRoute(_Strict):
         description="The path kept without evidence (artifacts before session 7: shared).",
     )
     n: int = Field(description="Dev items the choice was made on.")
+    own: TaskOwnRoute | None = Field(
+        default=None, description="The own path's evidence, when the run trained one."
+    )
 
 
 class TaskInfo(_Strict):

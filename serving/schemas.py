@@ -173,9 +173,20 @@ class CalibrationOut(BaseModel):
     )
 
 
+class OwnRouteOut(BaseModel):
+    against: Literal["shared", "private"] = Field(description="The route it was weighed against.")
+    accuracy: float = Field(description="Dev accuracy of the own path, percent.")
+    difference: float = Field(description="own - that route, points.")
+    standard_error: float = Field(description="Of the paired difference, points.")
+    p_value: float = Field(description="One-sided: P(own leading by this much | paths equal).")
+    margin_se: float = Field(description="Standard errors it had to lead by.")
+    layers: int = Field(description="Top encoder blocks it copies (run once more per call).")
+
+
 class RouteOut(BaseModel):
-    path: Literal["shared", "private"] = Field(
-        description="shared: R_i -> B -> A_i; private: the task's own head on the encoder."
+    path: Literal["shared", "private", "own"] = Field(
+        description="shared: R_i -> B -> A_i; private: the task's own head on the encoder; "
+        "own: the task's own copy of the encoder's top blocks and its own head."
     )
     shared_accuracy: float = Field(description="Dev accuracy of the shared path, percent.")
     private_accuracy: float = Field(description="Dev accuracy of the private path, percent.")
@@ -186,6 +197,9 @@ class RouteOut(BaseModel):
     )
     prefer: Literal["shared", "private"] = Field(
         default="shared", description="The path the task keeps unless dev shows the other better."
+    )
+    own: OwnRouteOut | None = Field(
+        default=None, description="The own path's evidence, when the run trained one."
     )
 
 

@@ -55,10 +55,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # The routed run again, each task's stage-1 target annealed from its single-task model's
     # probabilities (same seed) to the gold label (distill.teachers); starts after them.
     "distil": ("routed + distilled", {"routing.enabled": True}),
+    # The routed run again, each task also trained an own copy of the fine-tuned top blocks
+    # (routing.own; the config's own settings when it has them). Fine-tuned configs only.
+    "own": ("routed + own paths", {"routing.enabled": True, "routing.own": {}}),
 }
-# Without --variants: every variant but "distil", which only some suites need (it doubles
-# the routed run's cost and waits for the single-task runs).
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "distil"]
+# Without --variants: every variant but "distil" and "own", which only some suites need
+# ("distil" doubles the routed run's cost and waits for the single-task runs; "own" needs a
+# fine-tuned encoder and trains six more models per run).
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("distil", "own")]
 SINGLE_LABEL = "single-task"
 # The issue-13 targets, in points: routed at most this far below the better of single-task and
 # shared on average over tasks, and no task more than this far below its single-task model.
@@ -92,6 +96,8 @@ def plan(base: RunConfig, seeds: Sequence[int], opts: ExperimentOptions) -> list
             spec = RunSpec(f"{variant}-s{seed}", variant, seed, base.task_names, overrides)
             if variant == "distil":
                 spec.teachers = {t: f"single-{t}-s{seed}" for t in base.task_names}
+            if variant == "own" and base.routing.own is not None:
+                spec.overrides = {**overrides, "routing.own": base.routing.own.model_dump()}
             specs.append(spec)
     return specs
 
@@ -170,6 +176,11 @@ def analyze(
             if "distil" in variants
             else None
         ),
+        "routing_own": (
+            routing_analysis(tasks, seeds, single, [multi.get(("own", s)) for s in seeds])
+            if "own" in variants
+            else None
+        ),
     }
 
 
@@ -192,23 +203,41 @@ def routing_analysis(
     ]
     for t in tasks:
         cols: dict[str, list[float | None]] = {
-            k: [] for k in ("single", "shared", "private", "routed", "crossfit", "private_crossfit")
+            k: []
+            for k in (
+                "single",
+                "shared",
+                "private",
+                "own",
+                "routed",
+                "crossfit",
+                "private_crossfit",
+            )
         }
-        private_chosen = 0
+        private_chosen = own_chosen = 0
         for seed, run in done:
             route = run["stages"][t].get("route")
             cols["single"].append(single[(t, seed)])
             cols["shared"].append(route["shared_accuracy"] if route else None)
             cols["private"].append(route["private_accuracy"] if route else None)
             cols["routed"].append(accuracy(run, t) if route else None)
-            cols["crossfit"].append(route.get("crossfit_accuracy") if route else None)
+            own = (route or {}).get("own") or {}
+            cols["own"].append(own.get("accuracy"))
+            # With an own path, the rule's last choice is own-or-route: its cross-fitted score.
+            cols["crossfit"].append(
+                own.get("routed_crossfit_accuracy") or route.get("crossfit_accuracy")
+                if route
+                else None
+            )
             cols["private_crossfit"].append(
                 route.get("private_crossfit_accuracy") if route else None
             )
             private_chosen += bool(route and route["path"] == "private")
+            own_chosen += bool(route and route["path"] == "own")
         stats = {k: stat(v) for k, v in cols.items()}
         row: dict[str, Any] = {k: x.to_json() for k, x in stats.items()}
         row["private_chosen"] = private_chosen
+        row["own_chosen"] = own_chosen
         row["seeds"] = len(done)
         if all(stats[k].n for k in ("single", "shared", "routed", "crossfit")):
             best = max(stats["single"].mean, stats["shared"].mean)
@@ -327,6 +356,10 @@ def write_report(
         lines += routing_section(
             analysis["routing_distil"], tasks, labels["distil"], planned=len(analysis["seeds"])
         )
+    if analysis.get("routing_own"):
+        lines += routing_section(
+            analysis["routing_own"], tasks, labels["own"], planned=len(analysis["seeds"])
+        )
     lines += [
         "## How the runs differ\n",
         "- single-task: one model per task, trained on that task alone.",
@@ -347,6 +380,12 @@ def write_report(
         "each task learns from its single-task model of the same seed: the target moves from "
         "that model's probabilities to the gold label over training (`distill.teachers`, "
         "teacher annealing as in BAM!, Clark et al. 2019).",
+        "- routed + own paths (only with `--variants own`, fine-tuned configs): the routed "
+        "run, then each task also trains its own copy of the fine-tuned top blocks with a "
+        "private head, on that task alone, and takes it only when it beats the task's route "
+        "by more than `routing.own.margin_se` standard errors (`routing.own`, "
+        "pipeline/own_path.py). Its cross-fitted column chooses own-or-route on one half of "
+        "dev (the route itself as chosen on all of dev).",
         "",
         f"Every run: encoder, shared module, towers, optimizer and epochs as in the config; "
         f"seeds {', '.join(map(str, analysis['seeds']))}; one Ray Train local-mode worker per "
@@ -416,6 +455,13 @@ def routing_section(
         ]
         for t in tasks
     ]
+    # Own paths (routing.own): their accuracy and how often they were taken, after "private".
+    if any(row.get("own") and Stat.from_json(row["own"]).n for row in rows.values()):
+        header[4:4] = ["own path"]
+        header[9:9] = ["own chosen"]
+        for t, line in zip(tasks, body, strict=True):
+            line[4:4] = [fmt(rows[t], "own")]
+            line[9:9] = [f"{rows[t].get('own_chosen', 0)}/{rows[t]['seeds']}"]
     lines += [md_table(header, body), ""]
     seeds = routing.get("seeds")
     if seeds is not None and len(seeds) < planned:

@@ -52,6 +52,7 @@ from pipeline.runs import (
     StageRecord,
     TaskRecord,
     point_latest,
+    read_record,
     write_run,
 )
 from pipeline.train.spec import (
@@ -550,8 +551,26 @@ def train(
     record.data_overlap = {"pairs": overlap, "removed_from_train": removed}
     record.duration_seconds = round(time.monotonic() - start, 1)
     write_run(run_dir, record, config)
+    if config.own_path is not None:
+        record = own_paths(run_dir, run_name, start)
     point_latest(config.storage_path, run_dir)
     return TrainResult(run_dir=run_dir, record=record)
+
+
+def own_paths(run_dir: Path, run_name: str, start: float) -> RunRecord:
+    """routing.own's stage (pipeline/own_path.py) on the written run, before it is published;
+    returns the run's record as it now stands."""
+    from pipeline.own_path import OwnPathError, train_own_paths
+
+    logger.info("run %s: training the own paths (routing.own)", run_name)
+    try:
+        train_own_paths(run_dir)
+    except OwnPathError as err:
+        raise TrainingError(f"run {run_name}: {err}") from err
+    record = read_record(run_dir)
+    record.duration_seconds = round(time.monotonic() - start, 1)
+    write_run(run_dir, record, record.run_config())
+    return record
 
 
 def stage_summary(
