@@ -142,18 +142,31 @@ class FlopCounter:
     def __init__(self, encoder_dir: Path, tokenizer) -> None:
         config = json.loads((Path(encoder_dir) / "config.json").read_text())
         self.layers = int(config["num_hidden_layers"])
+        self.extra_layers = 0  # blocks served beside the encoder's (own paths' copies)
         self.dim = int(config["hidden_size"])
         self.ffn = int(config["intermediate_size"])
         self.tokenizer = tokenizer
 
     def per_text(self, tokens: int) -> float:
         d, f, n = self.dim, self.ffn, tokens
-        return self.layers * (2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d)
+        blocks = self.layers + self.extra_layers
+        return blocks * (2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d)
 
     def mean_gflop(self, texts: list[str]) -> float:
         """Mean GFLOP per text over `texts` (tokens as the model sees them: truncated, unpadded)."""
         lengths = [sum(e.attention_mask) for e in self.tokenizer.encode_batch(texts)]
         return float(np.mean([self.per_text(n) for n in lengths])) / 1e9
+
+
+def own_blocks(run_dir: Path) -> int:
+    """Transformer blocks the served graph runs beyond the encoder's: k per task routed to its
+    own copy of the top k blocks (routing.own), from the run's record."""
+    record = json.loads((Path(run_dir) / "run.json").read_text())
+    return sum(
+        (d.get("own") or {}).get("layers", 0)
+        for d in (record.get("routing") or {}).values()
+        if d.get("path") == "own"
+    )
 
 
 def heads_gflop(run_dir: Path) -> float:
@@ -166,7 +179,9 @@ def heads_gflop(run_dir: Path) -> float:
     heads = load_run(run_dir).model.heads
     total = 0
     for task in heads.tasks:
-        if heads.routes[task] == "private":
+        if heads.routes[task] == "own":  # its blocks are the encoder's work (own_blocks)
+            modules = [heads.own[task]]
+        elif heads.routes[task] == "private":
             modules = [heads.private[task]]
         else:
             modules = [heads.shared, heads.towers[task]]
@@ -668,6 +683,7 @@ def _main(argv: list[str] | None = None) -> int:
     if not (encoder_dir / "config.json").is_file():
         encoder_dir = Path(json.loads((args.run / "run.json").read_text())["encoder"]["path"])
     flops = FlopCounter(encoder_dir, Tokenizer.from_file(str(artifact / "tokenizer.json")))
+    flops.extra_layers = own_blocks(args.run)  # routing.own: each own copy's blocks run too
     encoder_gflop = flops.mean_gflop(texts)
     head_gflop = heads_gflop(args.run)
     gflop = encoder_gflop + head_gflop  # what serving computes per text
@@ -675,7 +691,9 @@ def _main(argv: list[str] | None = None) -> int:
     ceiling_texts = ceiling / gflop
     print(
         f"(0) ceiling: numpy sgemm {ceiling:.1f} GFLOP/s ({threads} threads); the encoder "
-        f"({flops.layers} layers, d={flops.dim}, d_ff={flops.ffn}) costs {encoder_gflop:.3f} "
+        f"({flops.layers} layers"
+        + (f" + {flops.extra_layers} of own paths" if flops.extra_layers else "")
+        + f", d={flops.dim}, d_ff={flops.ffn}) costs {encoder_gflop:.3f} "
         f"GFLOP per dev text on average and the served task heads {head_gflop:.4f}, so at most "
         f"{ceiling_texts:.0f} texts/s\n"
     )

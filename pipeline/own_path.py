@@ -339,8 +339,12 @@ def train_own_paths(run_dir: str | Path) -> dict[str, RouteDecision]:
         save_tensors(model_path(run.run_dir), run.model.state_dict())
     write_run(run.run_dir, record, config)
     logger.info(
-        "own paths: %d task(s) took theirs (%s)",
+        "own paths: %d task(s) took theirs (%s); serving runs %d transformer blocks per call "
+        "(the encoder's %d + %d of own copies)",
         len(chosen),
         ", ".join(n for n, _ in chosen) or "none",
+        n_layers + k * len(chosen),
+        n_layers,
+        k * len(chosen),
     )
     return decisions

@@ -338,3 +338,28 @@ def test_transfer_suite_own_variant_reports_own_paths_beside_the_route():
     assert row["crossfit"]["mean"] == pytest.approx(79.9)  # own-or-route, cross-fitted
     text = "\n".join(transfer.routing_section(out, ["a", "b"], "routed + own paths", planned=2))
     assert "| own path |" in text and "| own chosen |" in text and "1/2" in text
+
+
+def test_serve_bench_counts_the_own_paths_blocks_and_heads(own_run):
+    """bench/serve.py's compute model: the own copy's blocks beside the encoder's, and the
+    own head (not the shared path) for the task it answers."""
+    from conftest import load_repo_script
+
+    from pipeline.runs import load_run
+
+    bench = load_repo_script("bench/serve.py")
+    run_dir, _ = own_run
+    assert bench.own_blocks(run_dir) == 1
+    heads = load_run(run_dir).model.heads
+    own = sum(2 * p.numel() for p in heads.own["topic"].parameters() if p.dim() >= 2)
+    sentiment = heads.routes["sentiment"]
+    if sentiment == "private":
+        other = sum(2 * p.numel() for p in heads.private["sentiment"].parameters() if p.dim() >= 2)
+    else:
+        other = 2 * heads.alignment["sentiment"].numel() + sum(
+            2 * p.numel()
+            for m in (heads.shared, heads.towers["sentiment"])
+            for p in m.parameters()
+            if p.dim() >= 2
+        )
+    assert bench.heads_gflop(run_dir) == pytest.approx((own + other) / 1e9)
