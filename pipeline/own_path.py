@@ -85,13 +85,14 @@ def fit_own_path(
     encoder: torch.nn.Module,
     blocks: torch.nn.ModuleList,
     head: torch.nn.Module,
-    standardize: object,
+    stats: tuple[torch.Tensor, torch.Tensor],
     train: tuple[list[torch.Tensor], torch.Tensor],
     dev: tuple[list[torch.Tensor], torch.Tensor],
     config: RunConfig,
     seed: int,
     task_index: int,
     desc: str = "own path",
+    device: str = "cpu",
 ) -> OwnFit:
     """Train `blocks` and `head` together in place on one task; keep the epoch with the most
     dev items right (the first such).
@@ -100,11 +101,13 @@ def fit_own_path(
         encoder: The run's Encoder (its `run_blocks` and `pool` run the copy).
         blocks: The copy, k transformer blocks.
         head: [B, d] -> [B, C]; a PrivateEnsemble trains its members on the same rows.
-        standardize: pooled [B, d] -> standardized [B, d] (the run's final-feature statistics).
+        stats: (mean, std) [d] that standardize the pooled features (the run's final-feature
+            statistics).
         train, dev: Per row the token states entering the copy (float [L_j, d], real tokens
             only) and int64 labels [n].
         config: The run's config (optimizer, schedule, batch size, epochs).
         seed, task_index: The run's seed and the task's position: the batches' and dropout's.
+        device: Where to train ("cpu" or "cuda"); the modules come back on the CPU.
     """
     import torch
     import torch.nn.functional as F
@@ -113,6 +116,13 @@ def fit_own_path(
     from pipeline.train.sampler import bucketed_batches
 
     began = time.monotonic()
+    blocks.to(device)
+    head.to(device)
+    mean, std = (s.to(device) for s in stats)
+
+    def standardize(pooled: torch.Tensor) -> torch.Tensor:
+        return (pooled - mean) / std
+
     own = config.routing.own
     pcfg = config.routing.private
     epochs = (own.epochs if own is not None else None) or config.train.epochs
@@ -147,10 +157,10 @@ def fit_own_path(
         head.train()
         for _ in range(steps_per_epoch):
             idx = next(batches)
-            x, mask = _pad([x_train[i] for i in idx])
+            x, mask = (t.to(device) for t in _pad([x_train[i] for i in idx]))
             pooled = encoder.pool(encoder.run_blocks(x, mask, blocks), mask)
             z = standardize(pooled)
-            y = y_train[idx]
+            y = y_train[idx].to(device)
             if members > 1:  # every member on the same rows: one pass through the copy
                 logits = head.member_logits(z)  # [K, B, C]
                 loss = F.cross_entropy(
@@ -167,11 +177,11 @@ def fit_own_path(
         logits = None
         with torch.inference_mode():
             for rows in _batches_in_length_order(dev_lengths, 256):
-                x, mask = _pad([x_dev[i] for i in rows])
+                x, mask = (t.to(device) for t in _pad([x_dev[i] for i in rows]))
                 out = head(standardize(encoder.pool(encoder.run_blocks(x, mask, blocks), mask)))
                 if logits is None:
                     logits = np.zeros((len(x_dev), out.shape[-1]), np.float32)
-                logits[rows] = out.numpy()
+                logits[rows] = out.float().cpu().numpy()
         assert logits is not None
         per_epoch.append(logits)
         right = int((logits.argmax(-1) == y_dev.numpy()).sum())
@@ -189,6 +199,8 @@ def fit_own_path(
     assert best_state is not None
     blocks.load_state_dict(best_state[0])
     head.load_state_dict(best_state[1])
+    blocks.cpu()
+    head.cpu()
     blocks.requires_grad_(False).eval()
     head.requires_grad_(False).eval()
     return OwnFit(blocks, head, np.stack(per_epoch), time.monotonic() - began)
@@ -217,6 +229,7 @@ def train_own_paths(run_dir: str | Path) -> dict[str, RouteDecision]:
     from pipeline.runs import load_run, model_path, write_run
     from pipeline.token_cache import TokenStateCache
     from pipeline.train.checkpoint import save_tensors
+    from pipeline.train.device import driver_device
     from pipeline.train.driver import check_overlap
 
     run: LoadedRun = load_run(run_dir)
@@ -250,9 +263,7 @@ def train_own_paths(run_dir: str | Path) -> dict[str, RouteDecision]:
         config.resolved_cache_dir(), enc.path, cached, enc.max_length, encoder=encoder
     )
     d = encoder.dim
-
-    def standardize(pooled: torch.Tensor) -> torch.Tensor:
-        return (pooled - heads.feature_mean[:d]) / heads.feature_std[:d]
+    device = driver_device(config.scaling.use_gpu, torch.cuda.is_available())
 
     seed, pcfg = config.train.seed, config.routing.private
     allowed = set(own.tasks) if own.tasks is not None else None
@@ -295,13 +306,14 @@ def train_own_paths(run_dir: str | Path) -> dict[str, RouteDecision]:
             encoder,
             pretrained.pretrained_top_blocks(k),
             private_head(d, len(run.labels[t.name]), pcfg.hidden_sizes, pcfg.dropout, pcfg.members),
-            standardize,
+            (heads.feature_mean[:d], heads.feature_std[:d]),
             (states["train"], labels["train"]),
             (states["dev"], labels["dev"]),
             config,
             seed,
             index,
             desc=f"own path {t.name}",
+            device=device,
         )
         del states
         decision = decide_own(

@@ -363,3 +363,13 @@ def test_serve_bench_counts_the_own_paths_blocks_and_heads(own_run):
             if p.dim() >= 2
         )
     assert bench.heads_gflop(run_dir) == pytest.approx((own + other) / 1e9)
+
+
+def test_own_paths_train_on_the_drivers_gpu_only_when_the_run_asks_and_it_has_one(caplog):
+    from pipeline.train.device import driver_device
+
+    assert driver_device(use_gpu=True, cuda_available=True) == "cuda"
+    assert driver_device(use_gpu=False, cuda_available=True) == "cpu"
+    assert not caplog.records
+    assert driver_device(use_gpu=True, cuda_available=False) == "cpu"
+    assert "no CUDA device" in caplog.text

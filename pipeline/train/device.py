@@ -50,3 +50,14 @@ def autocast_context(precision: Literal["fp32", "bf16"], device_type: str):
     if precision == "bf16":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def driver_device(use_gpu: bool, cuda_available: bool) -> str:
+    """Where driver-side training (routing.own's own paths) runs: the driver's GPU when the
+    run asked for GPUs and the driver has one, else its CPU (on a cluster whose GPUs are all
+    on worker nodes, the driver logs that it trains on CPU)."""
+    if use_gpu and not cuda_available:
+        logger.warning(
+            "scaling.use_gpu: true, but this driver has no CUDA device: own paths train on its CPU"
+        )
+    return "cuda" if use_gpu and cuda_available else "cpu"
