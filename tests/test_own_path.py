@@ -373,3 +373,34 @@ def test_own_paths_train_on_the_drivers_gpu_only_when_the_run_asks_and_it_has_on
     assert not caplog.records
     assert driver_device(use_gpu=True, cuda_available=False) == "cpu"
     assert "no CUDA device" in caplog.text
+
+
+def test_own_paths_are_trained_once_and_only_where_the_config_asks(own_run, tmp_path):
+    import shutil
+
+    from pipeline.own_path import OwnPathError, train_own_paths
+
+    run_dir, _ = own_run
+    with pytest.raises(OwnPathError, match="trained already"):
+        train_own_paths(run_dir)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    rec = json.loads((copy / "run.json").read_text())
+    rec["config"]["routing"]["own"] = None
+    (copy / "run.json").write_text(json.dumps(rec))
+    with pytest.raises(OwnPathError, match="routing.own is not set"):
+        train_own_paths(copy)
+
+
+def test_routing_analysis_without_own_paths_has_no_own_column():
+    """A routed run without routing.own adds no own entry (a mean of nothing would be NaN,
+    which is neither equal to itself nor JSON)."""
+    from pipeline.experiments import transfer
+
+    route = {"path": "private", "shared_accuracy": 79.0, "private_accuracy": 80.0,
+             "crossfit_accuracy": 79.5, "private_crossfit_accuracy": 79.5}  # fmt: skip
+    run = {"status": "ok", "dev": {"a": 80.0}, "stages": {"a": {"route": route}}}
+    out = transfer.routing_analysis(["a"], [0], {("a", 0): 80.0}, [run])
+    assert "own" not in out["tasks"]["a"] and "own_chosen" not in out["tasks"]["a"]
+    assert out == json.loads(json.dumps(out, allow_nan=False))
+    assert "own path" not in "\n".join(transfer.routing_section(out, ["a"]))

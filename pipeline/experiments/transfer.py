@@ -237,7 +237,10 @@ def routing_analysis(
         stats = {k: stat(v) for k, v in cols.items()}
         row: dict[str, Any] = {k: x.to_json() for k, x in stats.items()}
         row["private_chosen"] = private_chosen
-        row["own_chosen"] = own_chosen
+        if stats["own"].n:  # own paths trained (routing.own); else no column (a NaN mean)
+            row["own_chosen"] = own_chosen
+        else:
+            del row["own"]
         row["seeds"] = len(done)
         if all(stats[k].n for k in ("single", "shared", "routed", "crossfit")):
             best = max(stats["single"].mean, stats["shared"].mean)
