@@ -68,7 +68,7 @@ def _batches_in_length_order(lengths: np.ndarray, size: int) -> Iterator[np.ndar
         yield order[i : i + size]
 
 
-def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_states(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token states of different lengths [L_j, d] -> padded [B, L, d] and mask int64 [B, L]."""
     import torch
 
@@ -157,7 +157,7 @@ def fit_own_path(
         head.train()
         for _ in range(steps_per_epoch):
             idx = next(batches)
-            x, mask = (t.to(device) for t in _pad([x_train[i] for i in idx]))
+            x, mask = (t.to(device) for t in pad_states([x_train[i] for i in idx]))
             pooled = encoder.pool(encoder.run_blocks(x, mask, blocks), mask)
             z = standardize(pooled)
             y = y_train[idx].to(device)
@@ -177,7 +177,7 @@ def fit_own_path(
         logits = None
         with torch.inference_mode():
             for rows in _batches_in_length_order(dev_lengths, 256):
-                x, mask = (t.to(device) for t in _pad([x_dev[i] for i in rows]))
+                x, mask = (t.to(device) for t in pad_states([x_dev[i] for i in rows]))
                 out = head(standardize(encoder.pool(encoder.run_blocks(x, mask, blocks), mask)))
                 if logits is None:
                     logits = np.zeros((len(x_dev), out.shape[-1]), np.float32)

@@ -162,6 +162,22 @@ def pick_epoch(per_epoch: np.ndarray) -> int:
     return int(np.argmax(per_epoch.sum(axis=1)))
 
 
+def _paired_correctness(
+    base: np.ndarray, other: np.ndarray, base_name: str, other_name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """bool [n] and bool [E, n] (an [n] `other` becomes one epoch), or ValueError naming both."""
+    b = np.asarray(base, dtype=bool)
+    per_epoch = np.asarray(other, dtype=bool)
+    if per_epoch.ndim == 1:
+        per_epoch = per_epoch[None]
+    if b.ndim != 1 or per_epoch.ndim != 2 or per_epoch.shape[1] != len(b) or len(b) < 2:
+        raise ValueError(
+            f"need the {base_name}'s 1-d correctness of >= 2 items and the {other_name}'s on the "
+            f"same items ([n] or [epochs, n]): {b.shape} {np.shape(other)}"
+        )
+    return b, per_epoch
+
+
 def decide(
     shared_correct: np.ndarray,
     private_correct: np.ndarray,
@@ -182,15 +198,7 @@ def decide(
         crossfit_repeats: Random halvings of the cross-fitted estimate; 0: none.
         prefer: The path kept without evidence.
     """
-    s = np.asarray(shared_correct, dtype=bool)
-    per_epoch = np.asarray(private_correct, dtype=bool)
-    if per_epoch.ndim == 1:
-        per_epoch = per_epoch[None]
-    if s.ndim != 1 or per_epoch.ndim != 2 or per_epoch.shape[1] != len(s) or len(s) < 2:
-        raise ValueError(
-            "need a 1-d shared correctness vector of >= 2 items and a private one of the same "
-            f"items ([n] or [epochs, n]): {s.shape} {np.shape(private_correct)}"
-        )
+    s, per_epoch = _paired_correctness(shared_correct, private_correct, "shared", "private")
     epoch = pick_epoch(per_epoch)
     p = per_epoch[epoch]
     diff, se = paired_difference(s, p)
@@ -249,15 +257,7 @@ def decide_own(
         layers: Top blocks the own path copies (recorded).
         seed: Of the cross-fitting halvings.
     """
-    r = np.asarray(route_correct, dtype=bool)
-    per_epoch = np.asarray(own_correct, dtype=bool)
-    if per_epoch.ndim == 1:
-        per_epoch = per_epoch[None]
-    if r.ndim != 1 or per_epoch.ndim != 2 or per_epoch.shape[1] != len(r) or len(r) < 2:
-        raise ValueError(
-            "need the route's 1-d correctness of >= 2 items and the own path's on the same "
-            f"items ([n] or [epochs, n]): {r.shape} {np.shape(own_correct)}"
-        )
+    r, per_epoch = _paired_correctness(route_correct, own_correct, "route", "own path")
     epoch = pick_epoch(per_epoch)
     own = per_epoch[epoch]
     diff, se = paired_difference(r, own)

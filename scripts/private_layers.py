@@ -61,6 +61,7 @@ def measure(
 
     from pipeline.data import load_tasks
     from pipeline.model import build_heads, load_encoder, private_head, transformer_layers
+    from pipeline.own_path import pad_states
     from pipeline.routing import correct, decide, paired_difference
     from pipeline.runs import load_run
     from pipeline.token_cache import TokenStateCache
@@ -116,15 +117,6 @@ def measure(
                     stored_right = (
                         heads(pooled, t.name, path="private")[0].argmax(-1) == y
                     ).numpy()
-
-        def pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            width = max(r.shape[0] for r in rows)
-            x = torch.zeros(len(rows), width, rows[0].shape[1])
-            mask = torch.zeros(len(rows), width, dtype=torch.int64)
-            for j, r in enumerate(rows):
-                x[j, : r.shape[0]] = r
-                mask[j, : r.shape[0]] = 1
-            return x, mask
 
         # The copy: a whole encoder object whose blocks below `start_block` are never run.
         own = copy.deepcopy(encoder) if init == "joint" else load_encoder(enc.path, enc.pooling)
@@ -182,7 +174,7 @@ def measure(
             head.train()
             for _ in range(steps_per_epoch):
                 idx = next(batches)
-                x, mask = pad([inputs["train"][i] for i in idx])
+                x, mask = pad_states([inputs["train"][i] for i in idx])
                 pooled = own.pool(own.run_layers(x, mask, start_block), mask)
                 y = labels["train"][idx]
                 if members > 1:  # every member on the same rows: one pass through the copy
@@ -202,7 +194,7 @@ def measure(
             with torch.inference_mode():
                 dev_lengths = np.array([r.shape[0] for r in inputs["dev"]])
                 for rows in batches_in_length_order(dev_lengths, 256):
-                    x, mask = pad([inputs["dev"][i] for i in rows])
+                    x, mask = pad_states([inputs["dev"][i] for i in rows])
                     pooled = own.pool(own.run_layers(x, mask, start_block), mask)
                     dev_logits[rows] = logits_of(pooled).numpy()
             per_epoch.append(dev_logits)
