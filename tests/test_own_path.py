@@ -404,3 +404,28 @@ def test_routing_analysis_without_own_paths_has_no_own_column():
     assert "own" not in out["tasks"]["a"] and "own_chosen" not in out["tasks"]["a"]
     assert out == json.loads(json.dumps(out, allow_nan=False))
     assert "own path" not in "\n".join(transfer.routing_section(out, ["a"]))
+
+
+def test_routing_report_with_own_paths_for_some_tasks_marks_the_others():
+    """routing.own.tasks: the tasks without an own path get "-" in the own columns (the
+    report once failed with KeyError 'own' after a whole suite had trained)."""
+    from pipeline.experiments import transfer
+
+    def route(own: dict | None) -> dict:
+        r = {"path": "private", "shared_accuracy": 79.0, "private_accuracy": 80.0,
+             "crossfit_accuracy": 79.5, "private_crossfit_accuracy": 79.5}  # fmt: skip
+        return {**r, "own": own} if own else r
+
+    own = {"accuracy": 82.0, "routed_crossfit_accuracy": 80.5}
+    run = {"status": "ok", "dev": {"a": 80.0, "b": 80.0},
+           "stages": {"a": {"route": route(own)}, "b": {"route": route(None)}}}  # fmt: skip
+    single = {("a", 0): 80.0, ("b", 0): 80.0}
+    out = transfer.routing_analysis(["a", "b"], [0], single, [run])
+    assert "own" in out["tasks"]["a"] and "own" not in out["tasks"]["b"]
+    lines = transfer.routing_section(out, ["a", "b"], "routed + own paths", planned=1)
+    text = "\n".join(lines)
+    (line_b,) = [x for x in text.splitlines() if x.startswith("| b ") or x.startswith("| B ")]
+    cells = [c.strip() for c in line_b.strip("|").split("|")]
+    assert cells[4] == "-" and cells[9] == "-"  # own path, own chosen
+    (line_a,) = [x for x in text.splitlines() if x.startswith("| a ") or x.startswith("| A ")]
+    assert "0/1" in line_a and "82.00" in line_a

@@ -410,7 +410,8 @@ def routing_section(
     rows = routing["tasks"]
 
     def fmt(row: Mapping[str, Any], key: str) -> str:
-        return Stat.from_json(row[key]).fmt()
+        # "-": a column the task has no runs for (own paths only for routing.own.tasks)
+        return Stat.from_json(row[key]).fmt() if key in row else "-"
 
     def gap(row: Mapping[str, Any], key: str) -> str:
         return f"{row[key]:+.2f}" if key in row else "-"
@@ -464,7 +465,8 @@ def routing_section(
         header[9:9] = ["own chosen"]
         for t, line in zip(tasks, body, strict=True):
             line[4:4] = [fmt(rows[t], "own")]
-            line[9:9] = [f"{rows[t].get('own_chosen', 0)}/{rows[t]['seeds']}"]
+            chosen = rows[t].get("own_chosen")
+            line[9:9] = ["-" if chosen is None else f"{chosen}/{rows[t]['seeds']}"]
     lines += [md_table(header, body), ""]
     seeds = routing.get("seeds")
     if seeds is not None and len(seeds) < planned:
