@@ -423,9 +423,7 @@ def test_routing_report_with_own_paths_for_some_tasks_marks_the_others():
     out = transfer.routing_analysis(["a", "b"], [0], single, [run])
     assert "own" in out["tasks"]["a"] and "own" not in out["tasks"]["b"]
     lines = transfer.routing_section(out, ["a", "b"], "routed + own paths", planned=1)
-    text = "\n".join(lines)
-    (line_b,) = [x for x in text.splitlines() if x.startswith("| b ") or x.startswith("| B ")]
-    cells = [c.strip() for c in line_b.strip("|").split("|")]
+    rows = {x.split("|")[1].strip(): x for x in "\n".join(lines).splitlines() if x[:2] == "| "}
+    cells = [c.strip() for c in rows["b"].strip("|").split("|")]
     assert cells[4] == "-" and cells[9] == "-"  # own path, own chosen
-    (line_a,) = [x for x in text.splitlines() if x.startswith("| a ") or x.startswith("| A ")]
-    assert "0/1" in line_a and "82.00" in line_a
+    assert "0/1" in rows["a"] and "82.00" in rows["a"]
