@@ -73,6 +73,9 @@ class StageRecord(_Record):
     final: float | None  # the selected model
     alignment_kept: bool
     route: RouteDecision | None = None  # its path and the dev evidence (routing on)
+    # The shared path as selected (stage-1 epoch, stage-2 R_i), that selection made on one half
+    # of dev and scored on the other (pipeline/selection.py); None in runs without the record.
+    selection_crossfit: float | None = None
 
 
 class LineageRecord(_Record):

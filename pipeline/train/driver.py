@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from pipeline.runs import (
     read_record,
     write_run,
 )
+from pipeline.selection import selection_crossfit, unpack
 from pipeline.train.spec import (
     FAULT_ENV,
     CachedStateSplit,
@@ -577,9 +578,11 @@ def stage_summary(
     history: list[dict[str, Any]],
     tasks: list[str],
     routing: dict[str, RouteDecision] | None = None,
+    crossfit: Mapping[str, float | None] | None = None,
 ) -> dict[str, StageRecord]:
     """Per task: dev accuracy after stage 1 (best epoch), best during stage 2, its route (the
-    path and the evidence) and final."""
+    path and the evidence), final, and the selection's cross-fitted accuracy (`crossfit`,
+    from `selection_crossfit_of`)."""
     joint = [h for h in history if h["stage"] == "joint"]
     align = [h for h in history if h["stage"] == "align"]
     final = [h for h in history if h["stage"] == "final"]
@@ -598,8 +601,32 @@ def stage_summary(
             # The shared path's final accuracy (a private route changes `final`).
             alignment_kept=shared is not None and stage1 is not None and shared > stage1,
             route=route,
+            selection_crossfit=(crossfit or {}).get(t),
         )
     return out
+
+
+def selection_crossfit_of(
+    state: Mapping[str, Any], tasks: list[str], config: RunConfig
+) -> dict[str, float | None]:
+    """The run's model selection replayed on halves of dev (pipeline/selection.py), from the
+    per-text correctness the loop recorded for every epoch in its history; {} when some epoch
+    has none (a run resumed from a checkpoint written before the loop recorded it)."""
+    recorded = state.get("dev_correct") or {}
+    epochs: dict[str, list[dict[str, np.ndarray]]] = {"joint": [], "align": []}
+    for h in state["history"]:
+        if h["stage"] not in epochs:
+            continue
+        packed = recorded.get(f"{h['stage']}:{h['epoch']}")
+        if packed is None or set(packed) != set(tasks):
+            return {}
+        epochs[h["stage"]].append({t: unpack(packed[t], int(h["dev"][t]["n"])) for t in tasks})
+    return selection_crossfit(
+        epochs["joint"],
+        epochs["align"],
+        keep_only_if_better=config.alignment.keep_only_if_better,
+        seed=config.train.seed,
+    )
 
 
 def format_stage_table(summary: dict[str, StageRecord]) -> str:
@@ -678,7 +705,7 @@ def build_record(
         dev=final["dev"],
         dev_macro_accuracy=final["dev_macro_accuracy"],
         dev_macro_f1=final["dev_macro_f1"],
-        stages=stage_summary(history, names, routing),
+        stages=stage_summary(history, names, routing, selection_crossfit_of(state, names, config)),
         routing=routing,
         resumed_from=state.get("resumed_from"),
         history=history,

@@ -34,6 +34,7 @@ from torch import nn
 from pipeline.config import DistillConfig, OptimConfig
 from pipeline.metrics import classification_metrics, macro_average
 from pipeline.model import Encoder, MultiTaskHeads, build_heads, load_encoder, transformer_layers
+from pipeline.selection import pack
 from pipeline.train import sampler
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.device import autocast_context, select_precision
@@ -211,6 +212,9 @@ class LoopState:
     best_task_acc: dict[str, float] = field(default_factory=dict)
     stage1_dev: dict[str, dict[str, float]] = field(default_factory=dict)
     routing: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> RouteDecision
+    # "joint:3" / "align:1" -> task -> which dev texts that epoch got right (selection.pack):
+    # what pipeline.selection replays to score the run's model selection without its bias.
+    dev_correct: dict[str, dict[str, str]] = field(default_factory=dict)
     resumed_from: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -416,7 +420,7 @@ def run_joint_stage(
         start = time.monotonic()
         torch.manual_seed(tcfg.seed * 100003 + epoch * 101 + ctx.rank)  # dropout, resumable
         losses = joint_epoch(model, module, optimizer, scheduler, ctx, probs, steps, epoch)
-        dev = evaluate(module, ctx)
+        dev = evaluate(module, ctx, correct=state.dev_correct.setdefault(f"joint:{epoch + 1}", {}))
         entry = history_entry("joint", epoch + 1, losses, dev, time.monotonic() - start)
         state.history.append(entry)
         state.epoch = epoch + 1
@@ -541,7 +545,7 @@ def run_alignment_epochs(
         start = time.monotonic()
         torch.manual_seed(tcfg.seed * 100003 + 50000 + epoch * 101 + ctx.rank)
         losses = alignment_epoch(model, module, tower_opt, align_opt, ctx, probs, steps, epoch)
-        dev = evaluate(module, ctx)
+        dev = evaluate(module, ctx, correct=state.dev_correct.setdefault(f"align:{epoch + 1}", {}))
         entry = history_entry("align", epoch + 1, losses, dev, time.monotonic() - start)
         current = module.state_dict()
         for task in ctx.tasks:
@@ -735,8 +739,14 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[np.ndarray]:
 
 
 @torch.no_grad()
-def evaluate(module: TrainModule, ctx: Context, batch_size: int = 256) -> dict[str, dict]:
-    """Per-task dev accuracy and macro-F1 (percent)."""
+def evaluate(
+    module: TrainModule,
+    ctx: Context,
+    batch_size: int = 256,
+    correct: dict[str, str] | None = None,
+) -> dict[str, dict]:
+    """Per-task dev accuracy and macro-F1 (percent); with `correct`, also which dev texts each
+    task got right, packed (pipeline.selection.pack), into that dict."""
     module.eval()
     out = {}
     for task in ctx.tasks:
@@ -748,7 +758,10 @@ def evaluate(module: TrainModule, ctx: Context, batch_size: int = 256) -> dict[s
                 logits, _ = module(inputs, task)
             y_pred[idx] = logits.argmax(dim=-1).cpu().numpy()
         n_classes = module.heads.towers[task][-1].out_features
-        out[task] = classification_metrics(split.labels.cpu().numpy(), y_pred, n_classes)
+        y_true = split.labels.cpu().numpy()
+        out[task] = classification_metrics(y_true, y_pred, n_classes)
+        if correct is not None:
+            correct[task] = pack(y_pred == y_true)
     return out
 
 
