@@ -674,6 +674,41 @@ def test_routing_analysis_pairs_the_seeds_whose_routed_run_finished():
     assert "Over " not in "\n".join(transfer.routing_section(full, ["a", "b"], planned=2))
 
 
+def test_routing_sets_crossfitted_routed_against_the_crossfitted_single_task_model():
+    # The single-task models' dev numbers are their best epoch on dev (optimistic); their
+    # `selection_crossfit` is the same pick made on half of dev. The report compares routed's
+    # cross-fit with it per task, beside the issue's own target lines, and only when every
+    # seed's single-task record has it.
+    route = {"path": "private", "shared_accuracy": 79.0, "private_accuracy": 80.0,
+             "crossfit_accuracy": 79.0, "private_crossfit_accuracy": 79.0}  # fmt: skip
+    run = {"status": "ok", "dev": {"a": 80.0, "b": 80.0},
+           "stages": {"a": {"route": route}, "b": {"route": route}}}  # fmt: skip
+    single = dict.fromkeys([("a", 0), ("b", 0), ("a", 1), ("b", 1)], 80.0)
+    cf = {("a", 0): 79.0, ("a", 1): 79.5, ("b", 0): 79.8, ("b", 1): 79.8}
+    out = transfer.routing_analysis(["a", "b"], [0, 1], single, [run, run], cf)
+    a, b = out["tasks"]["a"], out["tasks"]["b"]
+    assert a["single_crossfit"]["mean"] == pytest.approx(79.25)
+    assert a["crossfit_minus_single_crossfit"] == pytest.approx(-0.25)
+    assert b["crossfit_minus_single_crossfit"] == pytest.approx(-0.8)
+    alone = out["targets"]["crossfit_vs_single_crossfit"]
+    assert alone["worst"] == pytest.approx(-0.8) and alone["worst_met"] is False
+    assert alone["mean"] == pytest.approx(-0.525)
+    text = "\n".join(transfer.routing_section(out, ["a", "b"], planned=2))
+    header = next(line for line in text.splitlines() if line.startswith("| task"))
+    assert "single-task, cross-fitted" in header
+    assert "cross-fitted − single-task cross-fitted" in header
+    assert "worst task -0.80 (≥ −0.5: no)" in text
+    # One seed's single-task record without it (written before it existed): no column, no line.
+    cf[("b", 1)] = None
+    out = transfer.routing_analysis(["a", "b"], [0, 1], single, [run, run], cf)
+    assert "crossfit_vs_single_crossfit" not in out["targets"]
+    text = "\n".join(transfer.routing_section(out, ["a", "b"], planned=2))
+    assert "cross-fitted − single-task cross-fitted" in text  # task a still has it
+    b_row = next(line for line in text.splitlines() if line.startswith("| b "))
+    assert b_row.split("|")[3].strip() == "-"
+    assert "Selection bias removed" not in text
+
+
 def test_free_slots_go_to_the_first_runs_in_plan_order_whose_teachers_finished(tmp_path):
     base = six_task_config(tmp_path)
     specs = transfer.plan(base, [0, 1], ExperimentOptions(variants=("distil",)))

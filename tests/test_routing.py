@@ -859,8 +859,16 @@ def test_transfer_suite_plans_only_the_asked_variants_and_scores_routing_targets
     results = {
         "single-sentiment-s0": {"status": "ok", "dev": {"sentiment": 80.0}},
         "single-sentiment-s1": {"status": "ok", "dev": {"sentiment": 82.0}},
-        "single-topic-s0": {"status": "ok", "dev": {"topic": 90.0}},
-        "single-topic-s1": {"status": "ok", "dev": {"topic": 90.0}},
+        "single-topic-s0": {
+            "status": "ok",
+            "dev": {"topic": 90.0},
+            "stages": {"topic": {"selection_crossfit": 89.0}},
+        },
+        "single-topic-s1": {
+            "status": "ok",
+            "dev": {"topic": 90.0},
+            "stages": {"topic": {"selection_crossfit": 89.5}},
+        },
         "routed-s0": _routed_result(
             {"sentiment": 85.0, "topic": 89.5},
             {"sentiment": ("shared", 85.0, 80.0, 84.0), "topic": ("private", 88.0, 89.5, 89.0)},
@@ -875,6 +883,10 @@ def test_transfer_suite_plans_only_the_asked_variants_and_scores_routing_targets
     assert topic["private_chosen"] == 1
     assert topic["routed"]["mean"] == pytest.approx(88.75)
     assert topic["routed_minus_best"] == pytest.approx(-1.25)  # best: single 90
+    # The single-task runs' own selection cross-fitted, read from their records (sentiment's
+    # records have none: no column for it).
+    assert topic["single_crossfit"]["mean"] == pytest.approx(89.25)
+    assert "single_crossfit" not in routing["tasks"]["sentiment"]
     assert routing["tasks"]["sentiment"]["routed_minus_best"] == pytest.approx(0.0)
     target = routing["targets"]["routed"]
     assert target["mean_minus_best"] == pytest.approx(-0.625)
