@@ -553,10 +553,10 @@ def routing_section(
             f"routed against the cross-fitted single-task model (its epoch picked on one half "
             f"of dev, scored on the other): {alone['mean']:+.2f} points on average, worst task "
             f"{alone['worst']:+.2f} (≥ −{ROUTED_TASK_TOLERANCE:g}: "
-            f"{'yes' if alone['worst_met'] else 'no'}). The routed cross-fit leaves two "
-            "smaller selections made on all of dev: the shared path's epoch (chosen on the "
+            f"{'yes' if alone['worst_met'] else 'no'}). The routed cross-fit still leaves "
+            "selections made on all of dev: the shared path's epoch (chosen on the "
             "macro-average of every task) and, with own paths, the route the own path is "
-            "compared with."
+            "compared with, private epoch included."
         )
     lines.append("")
     return lines
