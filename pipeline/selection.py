@@ -57,7 +57,8 @@ def selection_crossfit(
         align: Per stage-2 epoch (in order), the same; empty without alignment.
         keep_only_if_better: The alignment rule: a task takes a stage-2 epoch only when it
             beats the best so far (else every stage-2 epoch replaces it: the last one).
-        seed: Of the halvings; task i uses seed + i, so tasks are halved independently.
+        seed: Of the halvings: the run's seed, as routing's cross-fit uses, so a task's halvings
+            here are the ones its routing decision was cross-fitted on.
         repeats: Random halvings.
 
     A task with fewer than 4 dev texts gets None (no halves to pick on and score on), and so
@@ -77,7 +78,7 @@ def selection_crossfit(
     out: dict[str, float | None] = dict.fromkeys(tasks)
     if not usable:
         return out
-    splits = {t: list(halvings(j[t].shape[1], seed + i, repeats)) for i, t in enumerate(tasks)}
+    splits = {t: list(halvings(j[t].shape[1], seed, repeats)) for t in tasks}
     scores: dict[str, list[float]] = {t: [] for t in usable}
     for k in range(2 * repeats):
         # Stage 1: the epoch with the best macro-average on the picking halves (first best,
