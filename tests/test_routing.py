@@ -840,7 +840,7 @@ def _routed_result(dev: dict[str, float], routes: dict[str, tuple[str, float, fl
 def test_transfer_suite_plans_only_the_asked_variants_and_scores_routing_targets():
     from pipeline.experiments.common import PLAIN
     from pipeline.experiments.options import ExperimentOptions
-    from pipeline.experiments.transfer import analyze, plan
+    from pipeline.experiments.transfer import analyze, plan, routing_section
 
     base = parse_config(
         tiny_config_dict(Path("."), Path("."), Path("runs"), Path("cache")), "tiny.yaml"
@@ -892,4 +892,14 @@ def test_transfer_suite_plans_only_the_asked_variants_and_scores_routing_targets
     assert target["mean_minus_best"] == pytest.approx(-0.625)
     assert target["worst_minus_single"] == pytest.approx(-1.25)
     assert target["met"] is False
+    # The worst task, named, with the standard error of its mean gap over the seeds, paired by
+    # seed (topic: -0.5 and -2.0 -> std 1.06, SE 0.75): whether these seeds can resolve it.
+    assert target["worst_task"] == "topic"
+    assert target["worst_se"] == pytest.approx(1.5 / math.sqrt(2) / math.sqrt(2))
+    assert topic["routed_minus_single_paired"]["mean"] == pytest.approx(-1.25)
+    text = "\n".join(routing_section(routing, ["sentiment", "topic"], planned=2))
+    assert (
+        "worst task topic -1.25 against its single-task model (standard error of that mean "
+        "over 2 seeds, paired by seed: 0.75)"
+    ) in text
     assert routing["targets"]["crossfit"]["mean_minus_best"] == pytest.approx((-0.5 - 1.5) / 2)
