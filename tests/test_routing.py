@@ -899,7 +899,7 @@ def test_transfer_suite_plans_only_the_asked_variants_and_scores_routing_targets
     assert topic["routed_minus_single_paired"]["mean"] == pytest.approx(-1.25)
     text = "\n".join(routing_section(routing, ["sentiment", "topic"], planned=2))
     assert (
-        "worst task topic -1.25 against its single-task model (standard error of that mean "
-        "over 2 seeds, paired by seed: 0.75)"
+        "worst task topic -1.25 against its single-task model, standard error 0.75 over 2 "
+        "seeds paired by seed (target ≥ −0.5): **not met**"
     ) in text
     assert routing["targets"]["crossfit"]["mean_minus_best"] == pytest.approx((-0.5 - 1.5) / 2)

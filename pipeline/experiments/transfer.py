@@ -552,8 +552,7 @@ def routing_section(
         name = f"{target['worst_task']} " if "worst_task" in target else ""
         se = target.get("worst_se")
         error = (
-            f" (standard error of that mean over {len(seeds or [])} seeds, paired by seed: "
-            f"{se:.2f})"
+            f", standard error {se:.2f} over {len(seeds or [])} seeds paired by seed"
             if se is not None and seeds
             else ""
         )
