@@ -313,6 +313,7 @@ def routing_analysis(
             pairs = rows[worst_task].get(f"{kind}_minus_single_paired")
             if pairs and pairs["n"] > 1:
                 targets[kind]["worst_se"] = pairs["std"] / math.sqrt(pairs["n"])
+                targets[kind]["worst_pairs"] = pairs["n"]
         own = [
             r["crossfit_minus_private_crossfit"]
             for r in complete
@@ -552,8 +553,8 @@ def routing_section(
         name = f"{target['worst_task']} " if "worst_task" in target else ""
         se = target.get("worst_se")
         error = (
-            f", standard error {se:.2f} over {len(seeds or [])} seeds paired by seed"
-            if se is not None and seeds
+            f", standard error {se:.2f} over {target['worst_pairs']} seeds paired by seed"
+            if se is not None
             else ""
         )
         lines.append(
