@@ -672,6 +672,14 @@ def test_routing_analysis_pairs_the_seeds_whose_routed_run_finished():
     )
     assert full["tasks"]["a"]["seeds"] == 2 and full["tasks"]["a"]["single"]["mean"] == 85.0
     assert "Over " not in "\n".join(transfer.routing_section(full, ["a", "b"], planned=2))
+    # No routed run finished yet (a suite's early partial report): nothing is paired, and the
+    # table shows no number, not even a NaN difference against the cross-fitted single-task
+    # models that did finish.
+    cf = dict.fromkeys(single, 79.0)
+    none = transfer.routing_analysis(["a", "b"], [0, 1], single, [None, None], cf)
+    assert none["seeds"] == [] and none["targets"] == {}
+    text = "\n".join(transfer.routing_section(none, ["a", "b"], planned=2))
+    assert "**Over 0 of 2 seeds**" in text and "nan" not in text.lower()
 
 
 def test_routing_sets_crossfitted_routed_against_the_crossfitted_single_task_model():

@@ -269,7 +269,8 @@ def routing_analysis(
             row["own_chosen"] = own_chosen
         else:
             del row["own"]
-        if stats["single_crossfit"].n != len(done):  # not every seed's record has it: no column
+        # Not every seed's record has it, or no routed run finished (nothing to pair): no column.
+        if not done or stats["single_crossfit"].n != len(done):
             del row["single_crossfit"]
         row["seeds"] = len(done)
         if all(stats[k].n for k in ("single", "shared", "routed", "crossfit")):
