@@ -550,9 +550,7 @@ def routing_section(
         target = routing["targets"].get(kind)
         if target is None:
             continue
-        # Older analyses (results.json written before these keys) name no task and no error.
-        name = f"{target['worst_task']} " if "worst_task" in target else ""
-        se = target.get("worst_se")
+        se = target.get("worst_se")  # none over one seed
         error = (
             f", standard error {se:.2f} over {target['worst_pairs']} seeds paired by seed"
             if se is not None
@@ -561,7 +559,8 @@ def routing_section(
         lines.append(
             f"- {label}: {target['mean_minus_best']:+.2f} points on average against the better "
             f"of single-task and shared (target ≥ −{ROUTED_AVG_TOLERANCE:g}); worst task "
-            f"{name}{target['worst_minus_single']:+.2f} against its single-task model{error} "
+            f"{target['worst_task']} {target['worst_minus_single']:+.2f} against its "
+            f"single-task model{error} "
             f"(target ≥ −{ROUTED_TASK_TOLERANCE:g}): "
             f"**{'met' if target['met'] else 'not met'}**."
         )
