@@ -98,6 +98,7 @@ def export_run(
     register: bool = True,
     output_dir: str | Path | None = None,
     tolerance: float = 1e-4,
+    candidate: bool = False,
 ) -> ExportResult:
     """Export a finished run to an artifact directory and register it in the model store.
 
@@ -110,6 +111,7 @@ def export_run(
         output_dir: Where the artifact goes; default `<run_dir>/artifact`. An existing
             artifact there is replaced.
         tolerance: Largest max-abs logit difference allowed between onnxruntime and PyTorch.
+        candidate: Register it labelled `stage=candidate` (see `register_artifact`).
 
     Returns:
         The artifact directory, the store tag (None if not registered) and the metadata.
@@ -127,7 +129,7 @@ def export_run(
     out = Path(output_dir) if output_dir is not None else run_dir / DEFAULT_ARTIFACT_DIR
     start = time.monotonic()
     metadata = write_artifact(run_dir, out, quantize=quantize, tolerance=tolerance, model_name=name)
-    tag = register_artifact(out, name) if register else None
+    tag = register_artifact(out, name, candidate=candidate) if register else None
     logger.info(
         "export of %s done in %.1fs: %s%s",
         metadata.run_id,
@@ -1013,7 +1015,30 @@ def lineage_text(metadata: ArtifactMetadata) -> str | None:
     )
 
 
-def register_artifact(artifact_dir: Path, model_name: str | None = None) -> str:
+def _check_plain_tree(root: Path) -> None:
+    """Raise ExportError naming the first entry under `root` that is a symbolic link or
+    anything but a regular file or directory (a FIFO would block the copy, a link would copy
+    what it points to, possibly from outside the artifact, into the store)."""
+    pending = [root]
+    while pending:
+        for entry in sorted(pending.pop().iterdir()):
+            if entry.is_symlink():
+                raise ExportError(
+                    f"{entry}: a symbolic link (to {entry.readlink()}); an artifact holds only "
+                    f"regular files and directories, and nothing outside it is copied into the "
+                    f"model store"
+                )
+            if entry.is_dir():
+                pending.append(entry)
+            elif not entry.is_file():
+                raise ExportError(
+                    f"{entry}: not a regular file or directory; an artifact holds only those"
+                )
+
+
+def register_artifact(
+    artifact_dir: Path, model_name: str | None = None, candidate: bool = False
+) -> str:
     """Copy an artifact directory into the BentoML model store as a new version.
 
     The store is `$BENTOML_HOME/models` (default `~/bentoml/models`); BentoML reads
@@ -1023,14 +1048,25 @@ def register_artifact(artifact_dir: Path, model_name: str | None = None) -> str:
         artifact_dir: A directory written by `write_artifact`.
         model_name: Name in the store; default the metadata's `model_name`. The stored copy's
             metadata.json carries the name it is registered under.
+        candidate: Label the version `stage=candidate` (the retraining job's challenger before
+            its gate): never served as the latest version nor as a fallback; promotion
+            replaces the label. Without it (`polytask export`), the version is served as the
+            latest when nothing is promoted.
 
     Returns:
         The tag, `name:version`.
+
+    Raises:
+        ExportError: the directory holds a symbolic link or something other than regular
+            files and directories (named in the message).
     """
     import bentoml
 
+    from serving.model_store import CANDIDATE_LABEL
+
     artifact_dir = Path(artifact_dir)
     metadata = ArtifactMetadata.read(artifact_dir)
+    _check_plain_tree(artifact_dir)
     name = model_name or metadata.model_name
     check_model_name(name)
     renamed = name != metadata.model_name
@@ -1042,6 +1078,7 @@ def register_artifact(artifact_dir: Path, model_name: str | None = None) -> str:
             "run_id": metadata.run_id,
             "precision": metadata.precision,
             "polytask_version": metadata.polytask_version,
+            **({CANDIDATE_LABEL[0]: CANDIDATE_LABEL[1]} if candidate else {}),
         },
         # Small, for `bentoml models get`; the full record is metadata.json inside the model.
         metadata={
@@ -1055,7 +1092,9 @@ def register_artifact(artifact_dir: Path, model_name: str | None = None) -> str:
             "lineage": lineage_text(metadata) or "",
         },
     ) as model:
-        shutil.copytree(artifact_dir, model.path, dirs_exist_ok=True)
+        # symlinks=True: a link that appeared since the check is copied as a link, never as
+        # the file outside the artifact it points to.
+        shutil.copytree(artifact_dir, model.path, dirs_exist_ok=True, symlinks=True)
         if renamed:
             metadata.write(Path(model.path))
     tag = str(model.tag)

@@ -99,10 +99,12 @@ def encoder_fingerprint(path: str) -> str:
 
 
 def load_tokenizer(path: str):
-    """The encoder's fast tokenizer."""
+    """The encoder's fast tokenizer. Special tokens written in a text ("[SEP]", "[PAD]") are
+    tokenized as text, as serving does (`serving.runtime.Runtime`): only the tokenizer's own
+    template adds [CLS] and [SEP]."""
     from transformers import AutoTokenizer  # deferred: slow import
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, split_special_tokens=True)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -364,6 +366,9 @@ class FeatureCache:
                 "encoder": encoder_fingerprint(encoder_path),
                 "max_length": max_length,
                 "pooling": pooling,
+                # Since session 23 "[SEP]" in a text is text (`load_tokenizer`): features
+                # cached before tokenized it as the special token.
+                "special_tokens": "as text",
             },
             sort_keys=True,
         )

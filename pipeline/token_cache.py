@@ -253,6 +253,7 @@ class TokenStateCache:
                 "layers": n_layers,
                 "max_length": max_length,
                 "format": FORMAT_VERSION,
+                "special_tokens": "as text",  # as in FeatureCache (pipeline/features.py)
             },
             sort_keys=True,
         )

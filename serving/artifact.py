@@ -6,26 +6,49 @@ An artifact directory holds:
                       per task, named `logits_<task>`, in `tasks` order
     tokenizer files   what AutoTokenizer/tokenizers saved (tokenizer.json at least)
     metadata.json     ArtifactMetadata below
+
+These three files are the artifact's own: regular files, never symbolic links (`artifact_file`),
+so that what was checked is what is served and copied into the model store.
 """
 
 from __future__ import annotations
 
 import json
+import stat
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 SCHEMA_VERSION = 1
 METADATA_FILE = "metadata.json"
 ONNX_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
 INPUT_NAMES = ("input_ids", "attention_mask")
 # Most knots of a top-label calibration map (two per isotonic block; dev sets give far fewer).
 MAX_KNOTS = 4096
+# Temperatures an artifact may carry. pipeline/calibration.py fits T within T_BOUNDS
+# (0.05, 20): a model 20x over- or under-confident is beyond what scaling should fix. This
+# range holds that with 5x to spare (hand-planted temperatures too) and refuses what is no
+# calibration: T = 1e30 or inf makes every answer uniform, T = 1e-300 overflows the softmax.
+TEMPERATURE_RANGE = (0.01, 100.0)
+# Shortest encoder.max_length: [CLS], one token of the text, [SEP]. Below it no text reaches
+# the model (the runtime cuts texts to max_length x CHARS_PER_TOKEN characters, so 0 empties
+# them) and every text gets the same answer.
+MIN_MAX_LENGTH = 3
+
+
+class ArtifactError(ValueError):
+    """An artifact file that breaks the contract: the message names the file and the field (or
+    the line) and says why."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are refused (a typo is not silently dropped), and so are NaN and infinite
+    # floats: JSON's Infinity, NaN or 1e400 in metadata.json is a broken export, never a value.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TaskMetrics(_Strict):
@@ -42,7 +65,7 @@ class Calibration(_Strict):
     percent, 15 equal-width bins over the top-class confidence."""
 
     method: Literal["temperature", "temperature+isotonic"] = "temperature"
-    temperature: float = Field(gt=0)
+    temperature: float = Field(ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])
     knots_x: list[float] | None = Field(
         default=None,
         max_length=MAX_KNOTS,
@@ -148,9 +171,13 @@ class TaskRoute(_Strict):
 
 
 class TaskInfo(_Strict):
-    name: str
-    labels: list[str] = Field(description="Class labels in logit index order.")
-    output: str = Field(description="Name of this task's logits output in model.onnx.")
+    name: str = Field(min_length=1)
+    labels: list[str] = Field(
+        min_length=2, description="Class labels in logit index order, each once."
+    )
+    output: str = Field(
+        description="Name of this task's logits output in model.onnx: `output_name(name)`."
+    )
     dev: TaskMetrics | None = Field(default=None, description="Dev metrics of the trained run.")
     route: TaskRoute | None = Field(
         default=None, description="The task's path (routing on); None: shared, no routing."
@@ -162,13 +189,30 @@ class TaskInfo(_Strict):
         default=None, description="Dev label mix and confidence, for drift monitoring."
     )
 
+    @model_validator(mode="after")
+    def _labels_and_output_fit(self) -> TaskInfo:
+        # A label listed twice answers with one of the two and drops the other's probability;
+        # an output of another task's name answers with that task's head.
+        repeated = _repeated(self.labels)
+        if repeated:
+            raise ValueError(f"labels: {repeated} listed more than once")
+        if self.output != output_name(self.name):
+            raise ValueError(
+                f"output: {self.output!r}, but task {self.name!r} is answered by "
+                f"{output_name(self.name)!r}"
+            )
+        return self
+
 
 class EncoderInfo(_Strict):
     name: str = Field(description="Encoder directory or id the run was trained with.")
     fingerprint: str
-    max_length: int = Field(description="Texts are truncated to this many tokens.")
+    max_length: int = Field(
+        ge=MIN_MAX_LENGTH,
+        description="Texts are truncated to this many tokens, special tokens included.",
+    )
     pooling: str
-    dim: int
+    dim: int = Field(gt=0)
     # Absent in artifacts of frozen runs exported before fine-tuning existed: frozen.
     trainable_layers: int | Literal["all"] = Field(
         default=0, description="Top encoder blocks trained by the run (0: frozen; all: every one)."
@@ -271,13 +315,20 @@ class ArtifactMetadata(_Strict):
     polytask_version: str
     precision: Literal["fp32", "int8"]
     encoder: EncoderInfo
-    tasks: list[TaskInfo]
+    tasks: list[TaskInfo] = Field(min_length=1, description="At least one; names unique.")
     dev_macro_accuracy: float | None = None
     config_fingerprint: str
     data_fingerprints: dict[str, str]
     parity: ParityReport
     quantization: QuantizationReport | None = None
     lineage: LineageInfo | None = None
+
+    @model_validator(mode="after")
+    def _task_names_unique(self) -> ArtifactMetadata:
+        repeated = _repeated(self.task_names)
+        if repeated:
+            raise ValueError(f"tasks: {repeated} listed more than once")
+        return self
 
     @property
     def task_names(self) -> list[str]:
@@ -290,12 +341,77 @@ class ArtifactMetadata(_Strict):
 
     @classmethod
     def read(cls, directory: Path) -> ArtifactMetadata:
+        """The metadata.json of `directory`, read strictly: a number where a number is
+        declared (the string "2.0" is refused, not converted), finite floats, no unknown keys.
+
+        Raises:
+            FileNotFoundError: `directory` has no metadata.json.
+            ArtifactError: it is a symbolic link (`artifact_file`), does not parse or breaks
+                the schema; the message names the file and the line, or every field at fault.
+        """
         path = Path(directory) / METADATA_FILE
-        if not path.is_file():
+        if not path.is_file() and not path.is_symlink():  # a link is refused below, saying so
             raise FileNotFoundError(f"{directory}: not a polytask artifact (no {METADATA_FILE})")
-        return cls.model_validate(json.loads(path.read_text()))
+        artifact_file(Path(directory), METADATA_FILE)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ArtifactError(f"{path}: not UTF-8 text ({err.reason})") from err
+        try:
+            return cls.model_validate_json(text, strict=True)
+        except ValidationError as err:
+            raise ArtifactError(f"{path}: {_describe_errors(err, text)}") from err
 
 
 def output_name(task: str) -> str:
     """The ONNX output that carries `task`'s logits."""
     return f"logits_{task}"
+
+
+def artifact_file(directory: Path, name: str) -> Path:
+    """`directory / name`, checked to be a regular file of the artifact's own.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ArtifactError: it is a symbolic link (its target lies anywhere, and may change after
+            the check) or not a regular file.
+    """
+    path = Path(directory) / name
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory}: artifact has no {name}") from None
+    if stat.S_ISLNK(mode):
+        raise ArtifactError(
+            f"{path}: is a symbolic link; an artifact holds its own files, copy the file in"
+        )
+    if not stat.S_ISREG(mode):
+        raise ArtifactError(f"{path}: not a regular file")
+    return path
+
+
+def _repeated(values: list[str]) -> list[str]:
+    """The values that occur more than once, in first-seen order."""
+    counts = Counter(values)
+    return [v for v in dict.fromkeys(values) if counts[v] > 1]
+
+
+def _describe_errors(err: ValidationError, text: str) -> str:
+    """A ValidationError of metadata.json in plain words: `line L column C: ...` when the JSON
+    does not parse, else `field <path>: <why>` for every error (no pydantic docs links)."""
+    errors = err.errors(include_url=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as bad:
+            return f"line {bad.lineno} column {bad.colno}: {bad.msg}"
+    return "; ".join(_describe_error(e) for e in errors)
+
+
+def _describe_error(error: ErrorDetails) -> str:
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    value = error.get("input")
+    if isinstance(value, (bool, int, float, str)) and len(repr(value)) <= 40:
+        msg = f"{msg} (got {value!r})"
+    loc = ".".join(str(part) for part in error["loc"])
+    return f"field {loc}: {msg}" if loc else msg

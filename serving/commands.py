@@ -6,8 +6,8 @@ import logging
 import os
 from pathlib import Path
 
-from serving.model_store import MODEL_ENV, resolve_model
-from serving.runtime import Prediction, Runtime
+from serving.model_store import MODEL_ENV, ResolvedModel, fallback_candidates, resolve_model
+from serving.runtime import ModelCheckError, Prediction, Runtime, load_checked
 from serving.settings import API_KEYS_ENV, ServingSettings
 
 logger = logging.getLogger(__name__)
@@ -61,9 +61,40 @@ def serve(
 
 
 def predict_local(texts: list[str], model: str | None = None) -> Prediction:
-    """Every task's answer for `texts` from the local model store, without a server."""
-    resolved = resolve_model(tag=model)
-    return Runtime(resolved.path, version=resolved.tag).predict(texts, return_all=False)
+    """Every task's answer for `texts` from the local model store, without a server: the model
+    the service would serve, loaded and checked as it loads it (`load_checked`). When that
+    model is broken and not pinned, the first of `fallback_candidates` that loads answers
+    instead (the last good promoted version first), with a warning naming both.
+
+    Raises:
+        ModelNotFoundError: no model to serve in the store.
+        ModelCheckError: the model is broken and (unless pinned) no other version loads.
+    """
+    return _load_servable(resolve_model(tag=model)).predict(texts, return_all=False)
+
+
+def _load_servable(wanted: ResolvedModel) -> Runtime:
+    """`wanted`'s runtime or, when it is broken and not pinned, the first fallback's."""
+    try:
+        return load_checked(wanted.path, version=wanted.tag)
+    except ModelCheckError as err:
+        if wanted.source == "pinned":
+            raise
+        broken = err
+    for candidate in fallback_candidates(wanted.name, exclude={wanted.tag}):
+        try:
+            runtime = load_checked(candidate.path, version=candidate.tag)
+        except ModelCheckError as err:
+            logger.warning("fallback %s is broken too: %s", candidate.tag, err)
+            continue
+        logger.warning(
+            "the %s model is broken (%s); answering with %s instead, as the service would",
+            wanted.source,
+            broken,
+            candidate.tag,
+        )
+        return runtime
+    raise ModelCheckError(f"{broken}; no other version of {wanted.name} loads") from None
 
 
 def format_prediction(texts: list[str], prediction: Prediction) -> str:

@@ -6,11 +6,17 @@ Which model the service loads:
        pinned, so the service never swaps it (and never falls back from it).
     2. The promoted model: the newest version of the model name that carries the label
        `stage=production` (PROMOTION_LABEL).
-    3. The latest version of the model name.
+    3. The latest version of the model name, leaving out candidates (`stage=candidate`,
+       CANDIDATE_LABEL: the retraining job's challenger, registered before its gate) and
+       incomplete versions (no metadata.json: a registration still copying, or interrupted).
 The model name is $POLYTASK_MODEL_NAME, default `polytask-senteval6` (what `polytask export`
 registers for configs/senteval6.yaml). When that model does not load, the service falls back to
 `fallback_candidates()`: the versions promoted before it, newest promotion first, then the
-others, newest first.
+others, newest first (candidates and incomplete versions left out here too).
+
+Listing: a version directory BentoML cannot read (no or a bad model.yaml: a registration that
+crashed, a stray directory) is skipped and logged once (`scan_versions`), so it never hides
+the name's other versions; `polytask models list` shows it as `incomplete`.
 
 Promotion (`promote`, `rollback`; the CLI's `polytask models` and the retraining job call them):
     - The artifact is loaded with the service's runtime and must answer known texts
@@ -37,6 +43,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -49,6 +56,9 @@ MODEL_ENV = "POLYTASK_MODEL"
 MODEL_NAME_ENV = "POLYTASK_MODEL_NAME"
 DEFAULT_MODEL_NAME = "polytask-senteval6"
 PROMOTION_LABEL = ("stage", "production")
+# The retraining job's challenger until its gate decides: promotion replaces the label (same
+# key), and neither the "latest" policy nor the fallback ever serves a candidate.
+CANDIDATE_LABEL = ("stage", "candidate")
 HISTORY_FILE = Path("polytask") / "promotions.jsonl"
 LOCK_FILE = Path("polytask") / "store.lock"
 # A promotion holds the lock for a model load at most (rollback checks its target under it).
@@ -69,6 +79,21 @@ class PromotionError(ValueError):
 
 class HistoryError(PromotionError):
     """A damaged line in the promotion history; the message starts with `file:line`."""
+
+
+@dataclass(frozen=True)
+class UnreadableVersion:
+    """A version directory that BentoML cannot read (no or a bad model.yaml).
+
+    Attributes:
+        tag: `name:<directory name>`.
+        path: The directory.
+        reason: BentoML's error.
+    """
+
+    tag: str
+    path: Path
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -137,15 +162,17 @@ def resolve_model(tag: str | None = None, name: str | None = None) -> ResolvedMo
 
     name = name or model_name()
     versions = _versions(name)
-    if not versions:
+    promoted = [m for m in versions if _is_promoted(m)]
+    servable = promoted or [m for m in versions if _servable(m)]
+    if not servable:
+        skipped = _skipped_note(versions)
         raise ModelNotFoundError(
-            f"no model named {name!r} in the model store {_store_dir()}: export one with "
-            f"`polytask export RUN --name {name}`, or set {MODEL_ENV} to a tag "
-            f"(`bentoml models list` shows what is there)"
+            f"no {'servable ' if skipped else ''}model named {name!r} in the model store "
+            f"{_store_dir()}{skipped}: export one with `polytask export RUN --name {name}`"
+            f"{', promote one with `polytask models promote TAG`' if skipped else ''}, or set "
+            f"{MODEL_ENV} to a tag (`bentoml models list` shows what is there)"
         )
-    key, value = PROMOTION_LABEL
-    promoted = [m for m in versions if m.info.labels.get(key) == value]
-    chosen = max(promoted or versions, key=lambda m: m.info.creation_time)
+    chosen = max(servable, key=lambda m: m.info.creation_time)
     return ResolvedModel(str(chosen.tag), Path(chosen.path), "promoted" if promoted else "latest")
 
 
@@ -154,11 +181,12 @@ def fallback_candidates(
 ) -> list[ResolvedModel]:
     """What to serve when the model `resolve_model` chose does not load, best first: the
     versions of `name` promoted before (newest promotion first, from the history), then the
-    other versions (newest first); versions no longer in the store and `exclude` left out.
+    other versions (newest first); versions no longer in the store, candidates, incomplete
+    versions and `exclude` left out.
 
     A damaged history line is logged and skipped here: the service must still start.
     """
-    versions = {str(m.tag): m for m in _versions(name)}
+    versions = {str(m.tag): m for m in _versions(name) if _servable(m)}
     order: list[str] = []
     for event in reversed(read_history(name, strict=False)):
         if event.tag in versions and event.tag not in order:
@@ -174,8 +202,7 @@ def fallback_candidates(
 
 def promoted_tag(name: str) -> str | None:
     """The version of `name` labelled `stage=production` (the newest, if several are)."""
-    key, value = PROMOTION_LABEL
-    promoted = [m for m in _versions(name) if m.info.labels.get(key) == value]
+    promoted = [m for m in _versions(name) if _is_promoted(m)]
     if not promoted:
         return None
     return str(max(promoted, key=lambda m: m.info.creation_time).tag)
@@ -191,15 +218,15 @@ def promote(tag: str, by: PromotedBy = "promote", reason: str = "") -> str:
         The full tag.
 
     Raises:
-        PromotionError: `tag` is not in the store, or its model is broken (the reason is in
-            the message); nothing is changed then.
+        PromotionError: `tag` is not in the store, its model is broken (the reason is in
+            the message), or a label or the history cannot be written (the file is named);
+            nothing is changed then.
     """
     model = _get(tag)
     # Outside the lock: the artifact of a version never changes, and a load takes seconds.
     check_model(str(model.tag), Path(model.path))
     with store_lock():
-        _label_promoted(str(model.tag))
-        _record(str(model.tag), by, reason)
+        _label_and_record(str(model.tag), by, reason)
     logger.info("promoted %s (%s)", model.tag, by)
     return str(model.tag)
 
@@ -213,7 +240,8 @@ def rollback(name: str) -> str:
 
     Raises:
         HistoryError: a damaged history line (`file:line` in the message).
-        PromotionError: no earlier promoted version is still in the store, or it is broken.
+        PromotionError: no earlier promoted version is still in the store, it is broken, or
+            a label or the history cannot be written (nothing is changed then).
     """
     with store_lock():  # the target is chosen and promoted on one consistent view
         current = promoted_tag(name)
@@ -228,8 +256,7 @@ def rollback(name: str) -> str:
                 f"history {history_path()})"
             )
         check_model(str(target.tag), Path(target.path))
-        _label_promoted(str(target.tag))
-        _record(str(target.tag), "rollback", f"rollback from {current}")
+        _label_and_record(str(target.tag), "rollback", f"rollback from {current}")
     logger.info("rolled back %s: %s -> %s", name, current, target.tag)
     return str(target.tag)
 
@@ -270,6 +297,49 @@ def store_lock(timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
         lock.release()
 
 
+def _label_and_record(tag: str, by: str, reason: str) -> None:
+    """Label `tag` promoted and record it in the history (lock held), or, when a file cannot be
+    written (OSError: disk full, read-only volume), put every version's stage label back as
+    it was and raise PromotionError naming the file: then nothing has changed."""
+    name = tag.split(":", 1)[0]
+    key, _ = PROMOTION_LABEL
+    before = {str(m.tag): m.info.labels.get(key) for m in _versions(name)}
+    try:
+        _label_promoted(tag)
+    except OSError as err:
+        _restore_stages(name, before)
+        raise PromotionError(
+            f"{err.filename or tag}: cannot label {tag} promoted ({err.strerror or err}); "
+            f"nothing was changed"
+        ) from None
+    try:
+        _record(tag, by, reason)
+    except OSError as err:
+        _restore_stages(name, before)
+        raise PromotionError(
+            f"{history_path()}: cannot write the promotion history "
+            f"({type(err).__name__}: {err.strerror or err}); {tag} was not promoted, nothing "
+            f"was changed"
+        ) from None
+
+
+def _restore_stages(name: str, before: dict[str, str | None]) -> None:
+    """Put back the stage label each version of `name` had (`before`: tag -> value or None)."""
+    key, _ = PROMOTION_LABEL
+    for model in _versions(name):
+        old = before.get(str(model.tag))
+        if model.info.labels.get(key) == old:
+            continue
+        if old is None:
+            del model.info.labels[key]
+        else:
+            model.info.labels[key] = old
+        try:
+            _write_model_yaml(model)
+        except OSError as err:
+            logger.error("%s: cannot restore its stage label %r: %s", model.tag, old, err)
+
+
 def _label_promoted(tag: str) -> None:
     """Label `tag` promoted, then unlabel the name's other versions (lock held)."""
     import bentoml
@@ -277,10 +347,10 @@ def _label_promoted(tag: str) -> None:
     key, value = PROMOTION_LABEL
     model = bentoml.models.get(tag)  # read again under the lock: the labels are current
     if model.info.labels.get(key) != value:
-        model.info.labels[key] = value
+        model.info.labels[key] = value  # replaces `stage=candidate`
         _write_model_yaml(model)
     for other in _versions(model.tag.name):
-        if other.tag != model.tag and other.info.labels.get(key) == value:
+        if other.tag != model.tag and _is_promoted(other):
             del other.info.labels[key]
             _write_model_yaml(other)
 
@@ -437,13 +507,127 @@ def _get(tag: str) -> Any:
 
 
 def _versions(name: str) -> list[Any]:
-    import bentoml
-    from bentoml.exceptions import BentoMLException, NotFound
+    """The versions of `name` that BentoML can read (see `scan_versions`)."""
+    return scan_versions(name)[0]
 
-    try:
-        return list(bentoml.models.list(name))
-    except (NotFound, BentoMLException):
-        return []
+
+# Unreadable version directories already logged by this process (each is logged once).
+_reported_unreadable: set[Path] = set()
+
+
+def scan_versions(name: str | None = None) -> tuple[list[Any], list[UnreadableVersion]]:
+    """The versions of `name` (of every name when None), each version directory read on its
+    own: BentoML's `models.list` raises on the first unreadable one, which would hide all the
+    others. Unreadable directories are returned apart and logged once per process.
+
+    Returns:
+        The readable versions (`bentoml.Model`s) and the unreadable ones.
+    """
+    import bentoml
+
+    root = Path(_store_dir())
+    if name is not None:
+        names = [name]
+    elif root.is_dir():
+        names = sorted(d.name for d in root.iterdir() if d.is_dir())
+    else:
+        names = []
+    models: list[Any] = []
+    unreadable: list[UnreadableVersion] = []
+    for n in names:
+        base = root / n
+        directories = sorted(d for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
+        for directory in directories:
+            tag = f"{n}:{directory.name}"
+            try:
+                model = bentoml.models.get(tag)
+                if model.tag.name != n or model.tag.version != directory.name:
+                    raise ValueError(f"its model.yaml is the record of {model.tag}")
+            except Exception as err:
+                unreadable.append(UnreadableVersion(tag, directory, f"{err}"))
+                if directory not in _reported_unreadable:
+                    _reported_unreadable.add(directory)
+                    logger.warning(
+                        "model store: skipped %s, not a readable version (%s): a registration "
+                        "in progress or interrupted, or a stray directory; delete it once no "
+                        "export is running",
+                        directory,
+                        err,
+                    )
+                continue
+            models.append(model)
+    return models, unreadable
+
+
+def is_incomplete(model: Any) -> bool:
+    """A version without the artifact's metadata.json: BentoML is still copying it, or a
+    registration was interrupted."""
+    from serving.artifact import METADATA_FILE
+
+    return not (Path(model.path) / METADATA_FILE).is_file()
+
+
+def _is_promoted(model: Any) -> bool:
+    key, value = PROMOTION_LABEL
+    return model.info.labels.get(key) == value
+
+
+def _is_candidate(model: Any) -> bool:
+    key, value = CANDIDATE_LABEL
+    return model.info.labels.get(key) == value
+
+
+def _servable(model: Any) -> bool:
+    """Whether the "latest" policy and the fallback may serve `model`."""
+    return not _is_candidate(model) and not is_incomplete(model)
+
+
+def _skipped_note(versions: list[Any]) -> str:
+    """Why none of `versions` is servable ("" when there are none)."""
+    candidates = sum(1 for m in versions if _is_candidate(m))
+    incomplete = sum(1 for m in versions if not _is_candidate(m) and is_incomplete(m))
+    parts = []
+    if candidates:
+        parts.append(f"{candidates} candidate(s) awaiting the promotion gate")
+    if incomplete:
+        parts.append(f"{incomplete} incomplete version(s) (no metadata.json)")
+    return f" (only {' and '.join(parts)})" if parts else ""
+
+
+# --------------------------------------------------------------------------- load failures
+def version_signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """What a version directory holds now: (relative path, size, mtime_ns) of each file. A
+    version seen half-copied, or repaired, has another signature than when it failed."""
+    files = []
+    for dirpath, _, filenames in os.walk(path):
+        for filename in filenames:
+            file = Path(dirpath) / filename
+            with contextlib.suppress(OSError):
+                st = file.lstat()
+                files.append((str(file.relative_to(path)), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(files))
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A version that failed to load or to answer known texts.
+
+    Attributes:
+        reason: Why, without filesystem paths (for HTTP bodies).
+        signature: `version_signature` of its directory before the failed load.
+        at: `time.monotonic()` of the failure.
+    """
+
+    reason: str
+    signature: tuple[tuple[str, int, int], ...]
+    at: float
+
+    def retry_due(self, path: Path, retry_after_s: float) -> bool:
+        """Whether to try the version again: its files changed (it was still being copied),
+        or `retry_after_s` passed (the failure may have been transient, e.g. memory)."""
+        return (
+            time.monotonic() - self.at >= retry_after_s or version_signature(path) != self.signature
+        )
 
 
 def _store_dir() -> str:

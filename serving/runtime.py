@@ -47,11 +47,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from serving.artifact import INPUT_NAMES, ONNX_FILE, ArtifactMetadata, Calibration
+from serving.artifact import (
+    INPUT_NAMES,
+    METADATA_FILE,
+    ONNX_FILE,
+    TOKENIZER_FILE,
+    ArtifactError,
+    ArtifactMetadata,
+    Calibration,
+    artifact_file,
+)
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
 THREADS_ENV = "POLYTASK_ORT_THREADS"
 DEVICE_ENV = "POLYTASK_ORT_DEVICE"
 SPINNING_ENV = "POLYTASK_ORT_SPINNING"
@@ -620,13 +628,27 @@ class Runtime:
         self.artifact_dir = Path(artifact_dir)
         self.metadata = ArtifactMetadata.read(self.artifact_dir)
         self.version = version or f"{self.metadata.model_name}:{self.metadata.run_id}"
-        for name in (ONNX_FILE, TOKENIZER_FILE):
-            if not (self.artifact_dir / name).is_file():
-                raise FileNotFoundError(f"{self.artifact_dir}: artifact has no {name}")
-        self.tokenizer = Tokenizer.from_file(str(self.artifact_dir / TOKENIZER_FILE))
+        # The artifact's own regular files: a symbolic link is refused (`artifact_file`).
+        onnx_path = artifact_file(self.artifact_dir, ONNX_FILE)
+        tokenizer_path = artifact_file(self.artifact_dir, TOKENIZER_FILE)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as err:  # the tokenizers library raises a bare Exception
+            raise ArtifactError(f"{tokenizer_path}: not a tokenizer: {err}") from err
+        # A client's "[SEP]" or "[PAD]" is text, not the special token: otherwise a request
+        # could put separators or padding inside a sentence, which training never shows the
+        # model. Training tokenizes the same way (`pipeline.features.load_tokenizer`).
+        self.tokenizer.encode_special_tokens = True
+        max_length = self.metadata.encoder.max_length
         if self.tokenizer.truncation is None:
             # Older artifacts: truncation is part of the contract, not optional.
-            self.tokenizer.enable_truncation(self.metadata.encoder.max_length)
+            self.tokenizer.enable_truncation(max_length)
+        elif self.tokenizer.truncation["max_length"] != max_length:
+            # The export writes both; texts cut by one length and reported by the other.
+            raise ArtifactError(
+                f"{tokenizer_path}: truncation max_length {self.tokenizer.truncation['max_length']}"
+                f" differs from {METADATA_FILE} field encoder.max_length {max_length}"
+            )
         # Padding is done here, per length bucket, not by the tokenizer (to the longest text).
         padding = self.tokenizer.padding
         self.pad_id = int(padding["pad_id"]) if padding else 0
@@ -637,9 +659,8 @@ class Runtime:
         self.providers = choose_providers(
             device or os.environ.get(DEVICE_ENV, "auto"), ort.get_available_providers()
         )
-        self.session = ort.InferenceSession(
-            str(self.artifact_dir / ONNX_FILE), options, providers=self.providers
-        )
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=self.providers)
+        check_outputs(self.session, self.metadata, self.artifact_dir)
         # The data-parallel path: one single-threaded session (ORT sessions take concurrent
         # run calls; with one intra-op thread each call computes on its caller's thread) and
         # a thread per core to call it. It holds a second copy of the weights.
@@ -693,9 +714,6 @@ class Runtime:
             for t in self.metadata.tasks
             if t.calibration is not None and t.calibration.knots_x is not None
         }
-        missing = set(self.outputs.values()) - {o.name for o in self.session.get_outputs()}
-        if missing:
-            raise ValueError(f"{self.artifact_dir}: model.onnx lacks outputs {sorted(missing)}")
         logger.info(
             "loaded %s (%s, %d tasks, %d threads, %s, %s)",
             self.version,
@@ -976,17 +994,97 @@ CHECK_TEXTS = (
 )
 
 
+# Probabilities closer than this (absolute) count as the same answer. Different texts move a
+# working model's probabilities by far more; the same text in another row of a batch, padded
+# otherwise, moves them by float32 rounding (~1e-7).
+SAME_ANSWER_ATOL = 1e-6
+
+
 class ModelCheckError(ValueError):
-    """An artifact that cannot be loaded, or whose answers are not probabilities; the message
-    names the model and says why."""
+    """An artifact that cannot be loaded, or whose answers are not probabilities, or are the
+    same for every text; the message names the model and says why."""
+
+
+def check_outputs(session: Any, metadata: ArtifactMetadata, artifact_dir: Path) -> None:
+    """Check that model.onnx has every task's logits output, and, where the graph declares its
+    width, that it is as wide as the task's `labels`: one label too many or too few would
+    name every answer after the wrong class.
+
+    Raises:
+        ArtifactError: an output is missing, or a width differs from the labels' count; every
+            task at fault is named.
+    """
+    widths = {o.name: o.shape[-1] if o.shape else None for o in session.get_outputs()}
+    missing = [t.output for t in metadata.tasks if t.output not in widths]
+    if missing:
+        raise ArtifactError(
+            f"{artifact_dir / ONNX_FILE}: lacks the outputs {missing} that {METADATA_FILE} names"
+        )
+    errors = [
+        f"field tasks.{i}.labels: task {t.name} has {len(t.labels)} labels, but the "
+        f"{ONNX_FILE} output {t.output} gives {widths[t.output]} logits"
+        for i, t in enumerate(metadata.tasks)
+        if isinstance(widths[t.output], int) and widths[t.output] != len(t.labels)
+    ]
+    if errors:
+        raise ArtifactError(f"{artifact_dir / METADATA_FILE}: " + "; ".join(errors))
+
+
+def _check_vocabulary(runtime: Runtime) -> None:
+    """Refuse a tokenizer.json with ids beyond the graph's embedding table: it would load and
+    then fail on every request that holds such a word (the known texts hit few ids). The
+    graph runs once on one text of the tokenizer's largest id between its special tokens; on
+    other providers than the CPU, where an id beyond the table does not fail (CUDA's Gather
+    returns zeros for it), the table's rows are also read from model.onnx."""
+    top = max(runtime.tokenizer.get_vocab(with_added_tokens=True).values())
+    refused = f"{runtime.version}: {TOKENIZER_FILE} has token ids up to {top} that {ONNX_FILE}"
+    if runtime.providers[0] != CPU:
+        rows = _embedding_rows(runtime.artifact_dir / ONNX_FILE)
+        if rows is not None and top >= rows:
+            raise ModelCheckError(f"{refused} cannot embed: its embedding table has {rows} rows")
+    enc = runtime.tokenizer.encode("ok")
+    pairs = zip(enc.ids, enc.special_tokens_mask, strict=True)
+    ids = [i if special else top for i, special in pairs]
+    if top not in ids:  # "ok" itself a special token: no text position to put it in
+        ids.append(top)
+    feeds = {
+        INPUT_NAMES[0]: np.asarray([ids], dtype=np.int64),
+        INPUT_NAMES[1]: np.ones((1, len(ids)), dtype=np.int64),
+    }
+    try:
+        runtime.session.run([runtime.outputs[t] for t in runtime.labels], feeds)
+    except Exception as err:
+        raise ModelCheckError(f"{refused} cannot embed: {type(err).__name__}: {err}") from err
+
+
+def _embedding_rows(path: Path) -> int | None:
+    """Rows of the table the graph looks `input_ids` up in (a Gather along axis 0 of an
+    initializer by that input), or None where the graph shows none."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    dims = {i.name: list(i.dims) for i in proto.graph.initializer}
+    rows = [
+        dims[node.input[0]][0]
+        for node in proto.graph.node
+        if node.op_type == "Gather"
+        and list(node.input[1:]) == [INPUT_NAMES[0]]
+        and dims.get(node.input[0])
+        and all(a.i == 0 for a in node.attribute if a.name == "axis")
+    ]
+    return min(rows) if rows else None
 
 
 def check_answers(runtime: Runtime, texts: tuple[str, ...] = CHECK_TEXTS) -> None:
-    """Answer `texts` with every task and check each answer is a probability distribution.
+    """Answer `texts` with every task and check each answer is a probability distribution,
+    that the graph embeds every id the tokenizer can give, and that the texts do not all get
+    the same answer.
 
     Raises:
         ModelCheckError: the model fails on the texts, or a task's probabilities are not
-            [len(texts), labels], finite, in [0, 1] and summing to 1 per text.
+            [len(texts), labels], finite, in [0, 1] and summing to 1 per text; the graph
+            fails on the tokenizer's largest id; or every task answers every text alike (as
+            with a huge temperature, or texts cut to nothing).
     """
     try:
         out = runtime.run(list(texts))
@@ -1007,6 +1105,16 @@ def check_answers(runtime: Runtime, texts: tuple[str, ...] = CHECK_TEXTS) -> Non
         in_range = ((p >= -1e-6) & (p <= 1 + 1e-6)).all()
         if not in_range or not np.allclose(p.sum(axis=1), 1.0, atol=1e-3):
             raise ModelCheckError(f"{runtime.version}: task {task}: outputs are not probabilities")
+    _check_vocabulary(runtime)
+    probs = [out.probabilities[t] for t in runtime.labels]
+    if len(texts) > 1 and all(np.allclose(p, p[0], rtol=0, atol=SAME_ANSWER_ATOL) for p in probs):
+        raise ModelCheckError(
+            f"{runtime.version}: answers every known text the same (every task's "
+            f"probabilities equal on all {len(texts)} check texts); texts may not reach the "
+            f"model ({TOKENIZER_FILE}, encoder.max_length "
+            f"{runtime.metadata.encoder.max_length} in {METADATA_FILE}) or the temperatures "
+            f"{runtime.temperatures} may flatten every answer"
+        )
 
 
 def load_checked(

@@ -7,6 +7,8 @@ Bad input is described by `RequestError`: an HTTP status, a machine-readable `re
 from __future__ import annotations
 
 import json
+import math
+import unicodedata
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,8 +25,22 @@ from serving.settings import (
 # Longest integer literal accepted in a body: no field takes a number, so anything longer is
 # refused before Python's int() sees it (a 5,000-digit literal raised an error full of internals).
 MAX_INT_DIGITS = 20
+# Longest other number literal (a float): longer ones are refused like long integers.
+MAX_NUMBER_CHARS = 40
 # Where a message points at offending texts, at most this many indices are listed.
 MAX_LISTED = 10
+# A message reports at most this many problems ("...; and N more"), and quotes a client's
+# value (a field or task name) cut to this many characters: an error is never larger than the
+# request's first few problems, whatever the body holds (a 1 MB body once got a 24 MB answer).
+MAX_REPORTED = 3
+MAX_ECHO = 60
+# Most task names in one request (a model has a handful); more are refused before validation.
+MAX_TASKS = 100
+# Characters that show nothing: controls, format characters (zero-width, BOM), separators,
+# private use and unassigned code points. A text made only of these is empty for the model
+# (the tokenizer reduces it to [CLS] [SEP]).
+INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cn"})
+FIELDS = ("texts", "tasks", "return_all_probabilities")
 
 
 def max_texts() -> int:
@@ -94,11 +110,11 @@ class PredictRequest(BaseModel):
                     "env": MAX_TEXT_CHARS_ENV,
                 },
             )
-        blank = [i for i, t in enumerate(texts) if not t.strip()]
+        blank = [i for i, t in enumerate(texts) if _is_blank(t)]
         if blank:
             raise PydanticCustomError(
                 "empty_text",
-                "texts{where}: empty or whitespace-only text",
+                "texts{where}: empty text (nothing but whitespace or invisible characters)",
                 {"where": _indices(blank)},
             )
         # JSON can carry an unpaired surrogate escape ("\\ud800"); Python keeps it in the
@@ -273,6 +289,25 @@ def _indices(indices: list[int]) -> str:
     return f"[{shown}{', ...' if len(indices) > MAX_LISTED else ''}]"
 
 
+def _is_blank(text: str) -> bool:
+    """No visible character (`INVISIBLE` categories); stops at the first visible one, after
+    the whitespace at either end (stripped in C)."""
+    return all(unicodedata.category(c) in INVISIBLE for c in text.strip())
+
+
+def quote(value: object, limit: int = MAX_ECHO) -> str:
+    """A client's value for a message: repr-escaped (controls, surrogates) and cut short."""
+    text = str(value)
+    shown = repr(text[:limit])
+    return shown if len(text) <= limit else f"{shown}... ({len(text):,} characters)"
+
+
+def some(items: list[str], limit: int = MAX_REPORTED) -> str:
+    """`items` joined by "; ", at most `limit` of them, then "and N more"."""
+    shown = "; ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown}; and {len(items) - limit:,} more"
+
+
 def _is_unicode(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -286,9 +321,19 @@ class _BadNumber(ValueError):
 
 
 def _parse_int(literal: str) -> int:
-    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
-        raise _BadNumber(f"a number with {len(literal):,} digits")
+    digits = len(literal.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _BadNumber(f"a number with {digits:,} digits; at most {MAX_INT_DIGITS}")
     return int(literal)
+
+
+def _parse_float(literal: str) -> float:
+    if len(literal) > MAX_NUMBER_CHARS:
+        raise _BadNumber(f"a number of {len(literal):,} characters; at most {MAX_NUMBER_CHARS}")
+    value = float(literal)
+    if not math.isfinite(value):  # 1e999
+        raise _BadNumber("a number out of range")
+    return value
 
 
 def _parse_constant(name: str) -> float:
@@ -318,12 +363,16 @@ def parse_predict_request(
             400, "invalid_utf8", f"the body is not valid UTF-8 (byte {err.start})"
         ) from None
     try:
-        data = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+        data = json.loads(
+            text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
+        )
     except json.JSONDecodeError as err:
+        # Some of json's messages end in "at" ("Invalid control character at").
+        what = err.msg.removesuffix(" at")
         raise RequestError(
             400,
             "malformed_json",
-            f"malformed JSON body: {err.msg} at line {err.lineno}, column {err.colno}",
+            f"malformed JSON body: {what} at line {err.lineno}, column {err.colno}",
         ) from None
     except _BadNumber as err:
         raise RequestError(400, "malformed_json", f"malformed JSON body: {err}") from None
@@ -333,6 +382,7 @@ def parse_predict_request(
         raise RequestError(
             422, "not_an_object", f"the body must be a JSON object, got {_json_type(data)}"
         )
+    check_shape(data, limit or max_texts())
     context = {"max_texts": limit, "max_text_chars": max_text_chars}
     try:
         return PredictRequest.model_validate(data, context=context)
@@ -344,26 +394,66 @@ def parse_predict_request(
         ) from None
 
 
+def check_shape(data: dict[str, Any], limit: int) -> None:
+    """What is refused before pydantic looks at any item, so that the work and the message
+    stay bounded whatever the body holds: unknown fields, and lists longer than allowed (a
+    1 MB list of 500,000 numbers is refused by its length, not with an error per item).
+
+    Raises:
+        RequestError: 422 `unknown_field` (`missing_texts` when `texts` is missing too),
+            `too_many_texts` or `too_many_tasks`.
+    """
+    unknown = [k for k in data if k not in FIELDS]
+    if unknown:
+        names = ", ".join(quote(k) for k in unknown[:MAX_REPORTED])
+        more = f" and {len(unknown) - MAX_REPORTED:,} more" if len(unknown) > MAX_REPORTED else ""
+        message = f"unknown field(s) {names}{more}; valid fields are {', '.join(FIELDS)}"
+        if "texts" not in data:  # e.g. "text": the missing field is the reason
+            raise RequestError(422, "missing_texts", f"texts: required field is missing; {message}")
+        raise RequestError(422, "unknown_field", message)
+    texts = data.get("texts")
+    if isinstance(texts, list) and len(texts) > limit:
+        raise RequestError(
+            422,
+            "too_many_texts",
+            f"texts: {len(texts):,} texts; at most {limit} per request ({MAX_TEXTS_ENV})",
+        )
+    tasks = data.get("tasks")
+    if isinstance(tasks, list) and len(tasks) > MAX_TASKS:
+        raise RequestError(
+            422, "too_many_tasks", f"tasks: {len(tasks):,} tasks; at most {MAX_TASKS}"
+        )
+
+
 def _json_type(value: object) -> str:
     names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
 
 
 def request_error(err: ValidationError) -> RequestError:
-    """The first validation error as a RequestError (422) whose message names the field."""
+    """A RequestError (422) for validation errors: the first one's reason, and a message
+    naming the field of each, at most `MAX_REPORTED` of them (`some`)."""
     messages = []
     reason = None
     for e in err.errors(include_url=False, include_input=False):
-        loc = ".".join(str(p) for p in e["loc"])
+        # loc can be empty: pydantic reports a field name that is not valid Unicode (a lone
+        # surrogate escape) with no location.
+        first = str(e["loc"][0]) if e["loc"] else ""
+        loc = ".".join(str(p) for p in e["loc"]) or "body"
+        if len(loc) > MAX_ECHO or not loc.isprintable():
+            loc = quote(loc)
         kind = e["type"]
         if kind == "missing":
-            r = f"missing_{e['loc'][0]}"
+            r = f"missing_{first}" if first in FIELDS else "invalid_request"
             msg = f"{loc}: required field is missing"
+        elif kind == "string_unicode" and not e["loc"]:
+            r = "invalid_field"
+            msg = "a field name is not valid Unicode text (an unpaired UTF-16 surrogate)"
         else:
             r = _REASONS.get(kind, kind)
-            if e["loc"] and e["loc"][0] == "tasks" and kind == "string_type":
+            if first == "tasks" and kind in ("string_type", "list_type"):
                 r = "invalid_tasks"
-            msg = e["msg"] if e["msg"].startswith(str(e["loc"][0])) else f"{loc}: {e['msg']}"
+            msg = e["msg"] if e["msg"].startswith(first) and first else f"{loc}: {e['msg']}"
         reason = reason or r
         messages.append(msg)
-    return RequestError(422, reason or "invalid_request", "; ".join(messages))
+    return RequestError(422, reason or "invalid_request", some(messages))

@@ -18,8 +18,10 @@ batch by its running average of past queueing times, which after a burst stays h
 minutes; one-text requests at 10/s then waited tens to hundreds of ms for nothing.
 `/predict` and `/tasks` are a small Starlette app mounted on the main service: it validates the
 raw body itself, so every rejection (malformed JSON included) gets a 4xx with a message and is
-counted by reason. In front of every route, `serving.guard.ApiKeyGuard` checks API keys; the
-body is read under a byte limit before anything parses it (serving/guard.py). `/healthz`,
+counted by reason. Outermost, `serving.guard.FrontDoor` answers any other path or method
+(404/405, before BentoML's request metrics label the path; `FrontDoorService`); in front of
+every route, `serving.guard.ApiKeyGuard` checks API keys; the body is read under a byte limit
+and a deadline before anything parses it (serving/guard.py). `/healthz`,
 `/livez`, `/readyz` and `/metrics` are BentoML's; `/readyz` is 503 until the Encoder has loaded
 a model (`__is_ready__`), and `/metrics` aggregates our prometheus_client metrics over all
 workers of both services.
@@ -35,6 +37,7 @@ Environment (read when the service module is imported / a worker starts):
     POLYTASK_MAX_TEXTS, POLYTASK_MAX_BODY_BYTES, POLYTASK_MAX_TEXT_CHARS, POLYTASK_API_KEYS(_FILE),
     POLYTASK_METRICS_API_KEYS(_FILE)
                                the trust boundary: limits and API keys (serving/settings.py)
+    POLYTASK_BODY_TIMEOUT_S    seconds a request body may take to arrive (10; serving/guard.py)
     POLYTASK_ORT_THREADS       onnxruntime intra-op threads per Encoder worker
     POLYTASK_ORT_SPINNING      1: idle intra-op threads spin (default 0: they sleep)
     POLYTASK_ORT_PARALLEL      1: a call with enough work runs its length buckets on one
@@ -70,24 +73,36 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving.artifact import ArtifactMetadata
-from serving.guard import ApiKeyGuard, check_content_type, read_body
+from serving.guard import (
+    BODY_TIMEOUT_ENV,
+    ApiKeyGuard,
+    FrontDoor,
+    body_timeout_s,
+    check_content_type,
+    install_access_log_escaper,
+    read_body,
+)
 from serving.metrics import get_metrics
 from serving.model_store import (
     MODEL_ENV,
+    LoadFailure,
     ResolvedModel,
     fallback_candidates,
     model_name,
     redact_paths,
     resolve_model,
+    version_signature,
 )
 from serving.runtime import Runtime, load_checked, ort_threads
 from serving.schemas import (
+    MAX_REPORTED,
     ErrorResponse,
     PredictRequest,
     PredictResponse,
     RequestError,
     TasksResponse,
     parse_predict_request,
+    quote,
 )
 from serving.settings import (
     API_KEYS_ENV,
@@ -144,15 +159,20 @@ def freeze_startup_objects() -> None:
 class Encoder:
     """Runs the model: one ORT call per merged batch (see `Batcher`), answers for every task."""
 
+    RETRY_FAILED_S = 600.0
+
     def __init__(self) -> None:
         self._runtime: Runtime | None = None
         # For HTTP bodies, so without filesystem paths (the log has them): why no model is
         # loaded, and, while a fallback is served, which model failed and why.
         self._error: str | None = None
         self._fallback: str | None = None
-        # Versions that failed to load or to answer known texts, with the reason. A version's
-        # files never change, so a worker tries (and counts) each broken version once.
-        self._failed: dict[str, str] = {}
+        # Versions that failed to load or to answer known texts: the reason, and what their
+        # directory held then. A failed version is tried again (and counted again) only when
+        # its files change (it was seen half-copied) or RETRY_FAILED_S after the failure (a
+        # transient cause, e.g. memory while two models were resident), so a steady fallback
+        # loads nothing.
+        self._failed: dict[str, LoadFailure] = {}
         self._pinned = bool(os.environ.get(MODEL_ENV, "").strip())
         self._interval = _env_int(RELOAD_ENV, 30)
         self._threads = (
@@ -170,14 +190,22 @@ class Encoder:
 
     def _load(self, resolved: ResolvedModel) -> Runtime | None:
         """The model, loaded and checked on known texts (`load_checked`, as promotion checks
-        it); None when it is broken: logged with its path, counted, and not tried again."""
-        if resolved.tag in self._failed:
+        it); None when it is broken: logged with its path and counted, and not tried again
+        until its files change or `RETRY_FAILED_S` passed (see `_failed`)."""
+        failure = self._failed.get(resolved.tag)
+        if failure is not None and not failure.retry_due(resolved.path, self.RETRY_FAILED_S):
             return None
+        # Taken before the load: files that change during it are seen as a change next time.
+        signature = version_signature(resolved.path)
         try:
-            return load_checked(resolved.path, version=resolved.tag, threads=self._threads)
+            runtime = load_checked(resolved.path, version=resolved.tag, threads=self._threads)
         except Exception as err:
             reason = str(err).removeprefix(f"{resolved.tag}: ")  # the tag is said around it
-            self._failed[resolved.tag] = redact_paths(reason, {str(resolved.path): resolved.tag})
+            self._failed[resolved.tag] = LoadFailure(
+                redact_paths(reason, {str(resolved.path): resolved.tag}),
+                signature,
+                time.monotonic(),
+            )
             get_metrics().load_failures.inc()
             logger.error(
                 "model %s (%s, %s) cannot be served: %s",
@@ -187,6 +215,8 @@ class Encoder:
                 err,
             )
             return None
+        self._failed.pop(resolved.tag, None)
+        return runtime
 
     def _load_and_watch(self) -> None:
         while not self._stop.is_set() and not self._load_first():
@@ -203,24 +233,42 @@ class Encoder:
         try:
             wanted = resolve_model()
             runtime, chosen = self._load(wanted), wanted
-            if runtime is None and wanted.source != "pinned":
-                for candidate in fallback_candidates(wanted.name, exclude=set(self._failed)):
-                    runtime, chosen = self._load(candidate), candidate
-                    if runtime is not None:
-                        break
+            if runtime is None:
+                runtime, chosen = self._fallback_for(wanted, None)
         except Exception as err:  # no model yet, or the store cannot be read
             self._error = redact_paths(str(err))
             logger.error("no model loaded: %s", err)
             return False
-        if runtime is None:
+        if runtime is None or chosen is None:
             others = (
                 "" if wanted.source == "pinned" else f"; no other version of {wanted.name} loads"
             )
-            self._error = f"{wanted.tag} is broken: {self._failed[wanted.tag]}{others}"
+            self._error = f"{wanted.tag} is broken: {self._failed[wanted.tag].reason}{others}"
             logger.error("no model loaded: %s", self._error)
             return False
         self._serve(runtime, chosen, wanted)
         return True
+
+    def _fallback_for(
+        self, wanted: ResolvedModel, current: Runtime | None
+    ) -> tuple[Runtime | None, ResolvedModel | None]:
+        """What stands in for `wanted`, which did not load: the first of `fallback_candidates`
+        (the last good promoted version first) that loads, as at start-up, so a running and a
+        restarted replica serve the same model.
+
+        Returns:
+            (its runtime, it); (None, it) when it is the model served now (`current`, not
+            loaded again); (None, None) when `wanted` is pinned or no other version loads.
+        """
+        if wanted.source == "pinned":
+            return None, None
+        for candidate in fallback_candidates(wanted.name, exclude={wanted.tag}):
+            if current is not None and candidate.tag == current.version:
+                return None, candidate
+            runtime = self._load(candidate)
+            if runtime is not None:
+                return runtime, candidate
+        return None, None
 
     def _serve(self, runtime: Runtime, chosen: ResolvedModel, wanted: ResolvedModel) -> None:
         """Swap in `runtime` (the model `chosen`, in place of `wanted` if they differ)."""
@@ -247,7 +295,7 @@ class Encoder:
         if failed is not None:
             note = (
                 f"serving {self._runtime.version if self._runtime else None} because the "
-                f"{failed.source} model {failed.tag} is broken: {self._failed[failed.tag]}"
+                f"{failed.source} model {failed.tag} is broken: {self._failed[failed.tag].reason}"
             )
             if note != self._fallback:
                 logger.warning("fallback: %s", note)
@@ -261,7 +309,9 @@ class Encoder:
 
         Requests in flight keep the Runtime they started with; the swap is one assignment,
         so no request sees a half-loaded model and none fails. A model that does not load is
-        not swapped in: the current one stays, as a fallback (counted, logged, in `describe`).
+        not swapped in: as at start-up, the first of `fallback_candidates` that loads is
+        served instead (counted, logged, in `describe`), swapped in only if it is not the
+        current model; when none loads, the current one stays.
         """
         try:
             wanted = resolve_model(name=model_name())
@@ -273,12 +323,14 @@ class Encoder:
             if self._fallback is not None:  # e.g. rolled back to the model served
                 self._set_fallback(None)
             return False
-        new = self._load(wanted)
+        new, chosen = self._load(wanted), wanted
         if new is None:
+            new, chosen = self._fallback_for(wanted, current)
+        if new is None or chosen is None:
             if current is not None:
                 self._set_fallback(wanted)
             return False
-        self._serve(new, wanted, wanted)
+        self._serve(new, chosen, wanted)
         return True
 
     @bentoml.on_shutdown
@@ -399,22 +451,46 @@ async def _predict(request: Request) -> JSONResponse:
     try:
         # Cheap checks first, the body last: nothing is read, parsed or queued for the model
         # before the request is known to be small enough and declared as JSON.
-        check_content_type(request)
-        body = await read_body(request, settings.max_body_bytes)
-        req = parse_predict_request(
-            body, limit=settings.max_texts, max_text_chars=settings.max_text_chars
-        )
+        try:
+            check_content_type(request)
+            body = await read_body(request, settings.max_body_bytes)
+            req = parse_predict_request(
+                body, limit=settings.max_texts, max_text_chars=settings.max_text_chars
+            )
+        except RequestError:
+            raise
+        except Exception as err:  # input validation did not foresee: still the client's input
+            _log_validation_gap(err)
+            raise RequestError(400, "invalid_request", "the request body cannot be read") from None
         return JSONResponse(await service.predict(req))
     except RequestError as err:
         # A client error: counted by reason, never logged with a traceback.
         get_metrics().rejected.labels(reason=err.reason).inc()
-        headers = {"connection": "close"} if err.status == 413 else None
+        # The rest of a refused body may still be on its way: close rather than read it.
+        close = err.status in (408, 413) or err.reason == "client_disconnected"
+        headers = {"connection": "close"} if close else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
-    except Exception as err:  # the Encoder failed or timed out: not the client's fault
+    except Exception:  # the Encoder failed or timed out: not the client's fault
         logger.exception("prediction failed")
         get_metrics().rejected.labels(reason="unavailable").inc()
-        body = ErrorResponse(error=f"model unavailable: {type(err).__name__}", reason="unavailable")
+        body = ErrorResponse(
+            error="the model is unavailable or overloaded; retry later", reason="unavailable"
+        )
         return JSONResponse(body.model_dump(), status_code=503)
+
+
+_GAPS_LOGGED: set[str] = set()
+
+
+def _log_validation_gap(err: Exception) -> None:
+    """Log an unexpected validation error: with its traceback the first time per kind in a
+    process (a gap to close), in one line after that (a client cannot flood the log)."""
+    kind = type(err).__name__
+    if kind in _GAPS_LOGGED:
+        logger.warning("request refused: validation failed unexpectedly (%s)", kind)
+        return
+    _GAPS_LOGGED.add(kind)
+    logger.error("request refused: validation failed unexpectedly", exc_info=err)
 
 
 async def _tasks(_: Request) -> JSONResponse:
@@ -458,7 +534,13 @@ def openapi_schema() -> dict[str, Any]:
             ErrorResponse,
             f"Body larger than {limits.max_body_bytes:,} bytes ({MAX_BODY_BYTES_ENV}).",
         ),
-        "415": body(ErrorResponse, "Content-Type is not application/json."),
+        "408": body(
+            ErrorResponse,
+            f"The body did not arrive within {body_timeout_s()} s ({BODY_TIMEOUT_ENV}).",
+        ),
+        "415": body(
+            ErrorResponse, "Content-Type is not application/json, or the body is compressed."
+        ),
         "422": body(
             ErrorResponse,
             "Invalid request (the message names the field or the text's index): e.g. more than "
@@ -518,9 +600,34 @@ app = Starlette(
     ]
 )
 
+# Every path the HTTP service answers, with its methods: ours above, and BentoML's probes and
+# /metrics. Anything else (BentoML's UI at /, /docs.json, /schema.json and /static_content
+# included) gets a JSON 404 from `FrontDoor`, before BentoML's request metrics label it.
+ROUTES: dict[str, tuple[str, ...]] = {
+    **{route.path: tuple(sorted(route.methods or ())) for route in app.routes},
+    "/livez": ("GET",),
+    "/healthz": ("GET",),
+    "/readyz": ("GET",),
+    "/metrics": ("GET",),
+}
+
+
+class FrontDoorService(bentoml.Service):
+    """A BentoML service whose whole ASGI app sits behind `serving.guard.FrontDoor`.
+
+    bentoml 1.4.39 puts middlewares added with `add_asgi_middleware` inside its own request
+    metrics and access log (`_bentoml_impl/server/app.py`, `ServiceAppFactory.middlewares`),
+    which label every request with its raw path: unknown paths grew /metrics without limit
+    (16 MB after 2,000 requests). Wrapping the app `to_asgi` returns is the one place in front
+    of them."""
+
+    def to_asgi(self, is_main: bool = True) -> Any:
+        install_access_log_escaper()
+        return FrontDoor(super().to_asgi(is_main=is_main), routes=ROUTES)
+
 
 @bentoml.asgi_app(app)
-@bentoml.service(workers=API_WORKERS, traffic={"timeout": 60})
+@bentoml.service(workers=API_WORKERS, traffic={"timeout": 60}, service_class=FrontDoorService)
 class Polytask:
     """Multi-task text classification: POST /predict, GET /tasks (see /openapi.json)."""
 
@@ -531,6 +638,7 @@ class Polytask:
         # answer comes from another model version.
         self._info: dict[str, Any] | None = None
         self._batcher: Batcher | None = None
+        body_timeout_s()  # a bad POLYTASK_BODY_TIMEOUT_S fails the start, not a request
         freeze_startup_objects()
 
     async def __is_ready__(self) -> bool:
@@ -737,12 +845,17 @@ class Batcher:
 
 
 def _check_tasks(tasks: list[str] | None, known: list[str]) -> list[str]:
-    """The tasks to answer: all when None; 422 naming the valid ones for an unknown task."""
+    """The tasks to answer: all when None; 422 naming the valid ones for an unknown task (the
+    first few unknown names, each cut short: the message stays small whatever was sent)."""
     if tasks is None:
         return known
-    unknown = [t for t in tasks if t not in known]
+    unknown = list(dict.fromkeys(t for t in tasks if t not in known))
     if unknown:
+        shown = ", ".join(quote(t) for t in unknown[:MAX_REPORTED])
+        more = f", ... ({len(unknown):,} in all)" if len(unknown) > MAX_REPORTED else ""
         raise RequestError(
-            422, "unknown_task", f"tasks: unknown task(s) {unknown}; valid tasks are {known}"
+            422,
+            "unknown_task",
+            f"tasks: unknown task(s) [{shown}{more}]; valid tasks are {known}",
         )
     return list(dict.fromkeys(tasks))

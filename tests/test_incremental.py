@@ -179,7 +179,7 @@ def _metadata(run_id: str, lineage: dict | None):
         "polytask_version": "0",
         "precision": "fp32",
         "encoder": {"name": "e", "fingerprint": "f", "max_length": 8, "pooling": "mean", "dim": 4},
-        "tasks": [],
+        "tasks": [{"name": "a", "labels": ["x", "y"], "output": "logits_a"}],
         "config_fingerprint": "c",
         "data_fingerprints": {},
         "parity": {"tolerance": 1e-4, "max_abs_diff": 0.0, "passed": True, "cases": []},

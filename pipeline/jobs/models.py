@@ -9,6 +9,10 @@ texts before labelling it; every store write is locked and atomic (see serving/m
 `rollback(name)` promotes the most recently promoted version of `name` that is not the
 current one and is still in the store, as `kubectl rollout undo` does: two rollbacks in a row
 swap back.
+
+`list_versions` reads each version directory on its own (`serving.model_store.scan_versions`):
+one that BentoML cannot read (no model.yaml) or that has no metadata.json (a registration
+still copying, or interrupted) is listed with stage `incomplete`, and the others as usual.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from serving.model_store import (
     HistoryError,
     PromotionError,
     history_path,
+    is_incomplete,
     promote,
     promoted_tag,
     read_history,
     rollback,
+    scan_versions,
 )
 
 __all__ = [
@@ -48,7 +54,9 @@ class ModelVersion:
     Attributes:
         tag: `name:version`.
         created: Creation time, UTC.
-        stage: The `stage` label (`production` for the promoted version), or None.
+        stage: The `stage` label (`production` for the promoted version, `candidate` for a
+            retraining job's challenger awaiting its gate), `incomplete` for a version
+            directory without model.yaml or metadata.json, or None.
         dev_macro_accuracy: The run's dev macro-average accuracy from the model's metadata.
         run_id: The run the model was exported from.
         lineage: `<parent run> +added -removed` for a model made by add-task / remove-task.
@@ -63,26 +71,28 @@ class ModelVersion:
 
 
 def list_versions(name: str | None = None) -> list[ModelVersion]:
-    """Every version in the store (of `name` when given), oldest first."""
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    try:
-        models = bentoml.models.list(name)
-    except NotFound:
-        models = []
+    """Every version in the store (of `name` when given), oldest first; unreadable and
+    half-copied ones with stage `incomplete` (an unreadable one dated by its directory)."""
+    models, unreadable = scan_versions(name)
     key, _ = PROMOTION_LABEL
     out = [
         ModelVersion(
             tag=str(m.tag),
             created=m.info.creation_time,
-            stage=m.info.labels.get(key),
+            stage="incomplete" if is_incomplete(m) else m.info.labels.get(key),
             dev_macro_accuracy=m.info.metadata.get("dev_macro_accuracy"),
             run_id=m.info.labels.get("run_id"),
             lineage=m.info.metadata.get("lineage"),
         )
         for m in models
     ]
+    for u in unreadable:
+        try:
+            mtime = u.path.stat().st_mtime
+        except OSError:  # removed since it was listed
+            continue
+        created = dt.datetime.fromtimestamp(mtime, dt.UTC)
+        out.append(ModelVersion(u.tag, created, "incomplete", None, None))
     return sorted(out, key=lambda v: (v.created, v.tag))
 
 

@@ -11,13 +11,15 @@ files (`promotion.eval_data_dir`, split dev; default the config's dev files). Th
 in a model's metadata are not used: they come from whatever data that run had, and per-task
 model selection made them optimistic.
 
-A refused challenger stays in the store (so `polytask models promote TAG` can override the
-gate), except when nothing is promoted yet: the service would then fall back to serving the
-latest version, i.e. the refused model, so it is deleted from the store. Its artifact stays in
-`RUN/artifact` (`polytask export RUN` registers it again). A challenger that does not load
-or does not answer known texts (`serving.runtime.load_checked`) is broken, not just worse: it
-is deleted from the store and the job fails with the reason. So does the job when the
-promoted champion is broken (roll back or promote a working version first).
+The challenger is registered labelled `stage=candidate`, so while the gate runs no service
+serves it, not even as the latest version when nothing is promoted; promotion replaces the
+label with `stage=production`. A refused challenger stays in the store as a candidate (so
+`polytask models promote TAG` can override the gate), except when nothing is promoted yet: it
+is deleted from the store then. Its artifact stays in `RUN/artifact` (`polytask export RUN`
+registers it again). A challenger that does not load or does not answer known texts
+(`serving.runtime.load_checked`) is broken, not just worse: it is deleted from the store and
+the job fails with the reason. So does the job when the promoted champion is broken (roll back
+or promote a working version first).
 """
 
 from __future__ import annotations
@@ -262,7 +264,8 @@ def _retrain(
     else:
         result = train(config, run_name=run_name, callbacks=callbacks)
     t_train = time.monotonic()
-    exported = export_run(result.run_dir, model_name=name, register=True)
+    # A candidate until the gate decides: never served as the latest version meanwhile.
+    exported = export_run(result.run_dir, model_name=name, register=True, candidate=True)
     tag = str(exported.tag)
     t_export = time.monotonic()
 
