@@ -23,26 +23,62 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, object]:
-    """`--set train.epochs=3` pairs; values parsed as YAML (numbers, booleans, lists)."""
-    import yaml
+    """`--set train.epochs=3` pairs; values parsed as YAML (numbers, booleans, lists).
+
+    Raises:
+        ConfigError: a pair that is not KEY=VALUE, or a value that is not valid YAML (names
+            the --set item).
+    """
+    from pipeline.config import ConfigError, YamlFileError, load_yaml
 
     out: dict[str, object] = {}
+    errors = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=3")
-        out[key] = yaml.safe_load(value)
+            errors.append(f"{pair!r}: expected KEY=VALUE, e.g. train.epochs=3")
+            continue
+        try:
+            out[key] = load_yaml(value)
+        except YamlFileError as err:
+            errors.append(f"{pair!r}: the value is not valid YAML ({err.problem})")
+    if errors:
+        raise ConfigError("--set", errors)
     return out
 
 
+def _run_name(value: str | None) -> str | None:
+    """`--run-name`, checked as a plain directory name before any work (RunNameError)."""
+    from pipeline.runs import check_run_name
+
+    if value is not None:
+        check_run_name(value)
+    return value
+
+
+def _split_name(value: str, flag: str = "--split") -> str:
+    """A split is a file name stem (`dev`, `test`), never a path (`../b/dev`)."""
+    import re
+
+    from pipeline.config import RUN_NAME_PATTERN
+
+    if not re.fullmatch(RUN_NAME_PATTERN, value):
+        raise ValueError(
+            f"{flag} {value!r}: a split is a file name without its extension (dev, test, ...), "
+            "not a path"
+        )
+    return value
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.config import check_writable_outputs, load_config
+    from pipeline.config import check_encoder_max_length, check_writable_outputs, load_config
     from pipeline.data import format_stats, load_tasks, warn_large_batch
     from pipeline.features import resolve_encoder_path
 
     config = load_config(args.config, data_dir=args.data_dir, overrides=_overrides(args.set))
     check_writable_outputs(config, source=str(args.config))
-    resolve_encoder_path(config.encoder.path, config.encoder.allow_download)
+    encoder_path = resolve_encoder_path(config.encoder.path, config.encoder.allow_download)
+    check_encoder_max_length(config, encoder_path, source=str(args.config))
     tasks = load_tasks(config)
     warn_large_batch(tasks, config.train.batch_size)
     print(format_stats(tasks))
@@ -59,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = select_tasks(config, [t.strip() for t in args.tasks.split(",") if t.strip()])
     if args.address:
         config.scaling.address = args.address
-    result = train(config, run_name=args.run_name)
+    result = train(config, run_name=_run_name(args.run_name))
     rec = result.record
     print()
     print("What each stage did (dev accuracy, %):")
@@ -115,6 +151,7 @@ def cmd_add_task(args: argparse.Namespace) -> int:
     from pipeline.incremental import add_tasks, new_task_config, tasks_from_config
     from pipeline.runs import read_record
 
+    run_name = _run_name(args.run_name)
     parent = read_record(args.run)
     if (args.task is None) == (args.config is None):
         raise SystemExit("add-task: give either --task NAME (with its fields) or --config FILE")
@@ -137,7 +174,7 @@ def cmd_add_task(args: argparse.Namespace) -> int:
     result = add_tasks(
         args.run,
         tasks,
-        run_name=args.run_name,
+        run_name=run_name,
         epochs=args.epochs,
         align_epochs=args.align_epochs,
         align_lr=args.align_lr,
@@ -155,7 +192,7 @@ def cmd_add_task(args: argparse.Namespace) -> int:
 def cmd_remove_task(args: argparse.Namespace) -> int:
     from pipeline.incremental import remove_tasks
 
-    result = remove_tasks(args.run, args.tasks, run_name=args.run_name)
+    result = remove_tasks(args.run, args.tasks, run_name=_run_name(args.run_name))
     print(f"removed {', '.join(args.tasks)}; run directory: {result.run_dir}")
     return 0
 
@@ -163,7 +200,7 @@ def cmd_remove_task(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate_run, format_results
 
-    results = evaluate_run(args.run, data_dir=args.data_dir, split=args.split)
+    results = evaluate_run(args.run, data_dir=args.data_dir, split=_split_name(args.split))
     print(format_results(results))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +214,8 @@ def cmd_affinity(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     config = load_config(args.config, data_dir=args.data_dir)
-    out = run_affinity(config, output_dir=args.output, run_dir=args.run, split=args.split)
+    split = _split_name(args.split)
+    out = run_affinity(config, output_dir=args.output, run_dir=args.run, split=split)
     print(f"wrote {out['json']} and {', '.join(str(p) for p in out['plots'])}")
     return 0
 
@@ -243,8 +281,11 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.jobs.gate import format_decision
     from pipeline.jobs.retrain import retrain
+    from pipeline.runs import check_new_run
 
     config = load_config(args.config, data_dir=args.data_dir, overrides=_overrides(args.set))
+    if args.run_name is not None:  # before the gate's and the store's work, too
+        check_new_run(config.storage_path, args.run_name)
     record = retrain(
         config, run_name=args.run_name, model_name=args.name, incremental=args.add_tasks
     )
@@ -283,7 +324,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         run_name = submit_retrain(
             args.config,
             address=args.address,
-            run_name=args.run_name,
+            run_name=_run_name(args.run_name),
             data_dir=args.data_dir,
             allow_insecure_token=args.allow_insecure_token,
         )

@@ -11,8 +11,10 @@ are relative to the working directory. `data_root` can be overridden with `--dat
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DATA_DIR_ENV = "POLYTASK_DATA_DIR"
 CACHE_DIR_ENV = "POLYTASK_CACHE_DIR"
 TASK_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+# A config name, and a run name (`--run-name`): one plain directory name under storage_path.
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MAX_RUN_NAME = 200  # characters; below a file system's 255-byte name limit, with room to spare
+MAX_CONFIG_NAME = MAX_RUN_NAME - len("-20261203-155531-587f26")  # room for new_run_name's suffix
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; a bigger file is not a config
 DataFormat = Literal["jsonl", "csv", "tsv"]
 # Task names key torch ModuleDict/ParameterDict entries, which cannot shadow the containers'
 # own attributes (`train`, `type`, ...). Kept here so the config needs no torch import;
@@ -98,9 +105,11 @@ RESERVED_TASK_NAMES = frozenset(
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+    """Base for every config section: unknown keys are errors, values are validated on
+    assignment, and no float field takes inf or NaN (`optim.lr: .inf` trains a NaN model;
+    `promotion.tolerance: .inf` would turn the gate off)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TaskConfig(StrictModel):
@@ -143,6 +152,15 @@ class TaskConfig(StrictModel):
                 f"{v!r} is reserved (it names a torch container attribute); rename the task"
             )
         return v
+
+    @model_validator(mode="after")
+    def _distinct_fields(self) -> TaskConfig:
+        if self.text_field == self.label_field:
+            raise ValueError(
+                f"text_field and label_field are both {self.text_field!r}: the model would "
+                "read its own labels"
+            )
+        return self
 
     @field_validator("labels")
     @classmethod
@@ -515,7 +533,9 @@ class TrainConfig(StrictModel):
 
     epochs: int = Field(default=20, ge=1, description="Stage-1 epochs.")
     batch_size: int = Field(default=64, ge=1, description="Examples per batch per worker.")
-    seed: int = Field(default=0, description="Seed for initialisation, sampling and shuffling.")
+    seed: int = Field(
+        default=0, ge=0, description="Seed for initialisation, sampling and shuffling."
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto",
         description="auto: bf16 autocast on CUDA devices that support it, fp32 elsewhere.",
@@ -621,7 +641,8 @@ class RunConfig(StrictModel):
 
     name: str = Field(
         default="polytask",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        pattern=RUN_NAME_PATTERN,
+        max_length=MAX_CONFIG_NAME,
         description="Experiment name; each run gets `<name>-<timestamp>-<id>`.",
     )
     data_root: Path | None = Field(
@@ -760,6 +781,41 @@ def check_writable_outputs(config: RunConfig, source: str = "run config") -> Non
         raise ConfigError(source, errors)
 
 
+# Encoders whose position ids start after the padding index (RoBERTa's family): of their
+# `max_position_embeddings`, `pad_token_id + 1` are not usable by tokens.
+_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert"})
+
+
+def check_encoder_max_length(config: RunConfig, encoder_dir: str | Path, source: str) -> None:
+    """Fail before any work when `encoder.max_length` is more tokens than the encoder has
+    positions for (its config.json's `max_position_embeddings`): the first longer text would
+    crash the run. Nothing is checked for an encoder without a local config.json (a hub id).
+
+    Raises:
+        ConfigError: naming encoder.max_length and the encoder's limit.
+    """
+    meta_path = Path(encoder_dir) / "config.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    limit = meta.get("max_position_embeddings") if isinstance(meta, dict) else None
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return
+    if meta.get("model_type") in _OFFSET_POSITIONS:
+        pad = meta.get("pad_token_id")
+        limit -= (pad if isinstance(pad, int) else 1) + 1
+    if config.encoder.max_length > limit:
+        raise ConfigError(
+            source,
+            [
+                f"encoder.max_length: {config.encoder.max_length} is more than the {limit} "
+                f"token positions of the encoder (max_position_embeddings in {meta_path}); "
+                f"use at most {limit}"
+            ],
+        )
+
+
 def _write_problem(path: Path) -> str | None:
     """Why no file can be written in directory `path` (existing or to be created), or None."""
     import tempfile
@@ -845,26 +901,113 @@ def load_config(
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(source, ["file not found"]) from None
-    except OSError as err:
-        raise ConfigError(source, [f"cannot read: {err.strerror}"]) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(source, [f"{where}invalid YAML: {problem}"]) from None
+        raw = load_yaml_file(path)
+    except YamlFileError as err:
+        raise ConfigError(source, [err.problem]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"(top level): expected a mapping, got {type(raw).__name__}"])
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
-    config = parse_config(raw, source)
-    return resolve_paths(config, base=path.resolve().parent, data_dir=data_dir)
+    try:
+        config = parse_config(raw, source)
+    except ConfigError as err:
+        raise ConfigError(
+            source, [_blame_override(e, overrides or {}) for e in err.errors]
+        ) from None
+    try:
+        return resolve_paths(config, base=path.resolve().parent, data_dir=data_dir)
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop (Python 3.11)
+        raise ConfigError(source, [f"cannot resolve a path: {err}"]) from None
+
+
+def _blame_override(error: str, overrides: dict[str, Any]) -> str:
+    """An error line about a field that a `--set` override set says so: the file is fine."""
+    field = error.split(":", 1)[0]
+    for key in overrides:
+        path = _error_path(tuple(int(p) if p.isdigit() else p for p in key.split(".")))
+        if field == path or field.startswith((path + ".", path + "[")):
+            return f"{error} (set by --set {key})"
+    return error
+
+
+class YamlFileError(Exception):
+    """A YAML file that cannot be read or parsed; `problem` says why (and where, if known)."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+        super().__init__(problem)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: otherwise the last one
+    silently wins (a second `train:` section drops the first one's settings). Keys brought in
+    by a merge (`<<: *defaults`) may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key_node.value!r} (first given at line {first})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML as yaml.safe_load does, refusing duplicate keys.
+
+    Raises:
+        YamlFileError: bad YAML (with its line and column when known), nesting too deep for
+            the parser, or a number too long to convert.
+    """
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise YamlFileError(f"{where}invalid YAML: {problem}") from None
+    except RecursionError:
+        raise YamlFileError("invalid YAML: nested too deeply") from None
+    except ValueError:  # an integer over Python's 4,300-digit conversion limit
+        raise YamlFileError(
+            f"invalid YAML: a number over {sys.get_int_max_str_digits():,} digits"
+        ) from None
+
+
+def load_yaml_file(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """Read and parse a small YAML file (a config, a schedule): at most `max_bytes` are read.
+
+    Raises:
+        YamlFileError: missing, unreadable, too big, not UTF-8, or not valid YAML.
+    """
+    try:
+        with Path(path).open("rb") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise YamlFileError("file not found") from None
+    except IsADirectoryError:
+        raise YamlFileError("is a directory, not a file") from None
+    except OSError as err:
+        raise YamlFileError(f"cannot read: {err.strerror or err}") from None
+    if len(data) > max_bytes:
+        raise YamlFileError(f"larger than {max_bytes:,} bytes; not a config file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise YamlFileError(f"line {line}: not UTF-8 text ({err.reason})") from None
+    return load_yaml(text)
 
 
 def resolve_paths(config: RunConfig, base: Path, data_dir: str | Path | None = None) -> RunConfig:
@@ -908,10 +1051,35 @@ def select_tasks(config: RunConfig, names: list[str]) -> RunConfig:
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
+    """Set `raw[a][b][c] = value` for key "a.b.c" (a `--set` override).
+
+    Every section on the way is copied before it is changed: a YAML alias shares one object
+    between sections, and an override must change only the section it names.
+
+    Raises:
+        ConfigError: an empty key part, or a part that is not a section (names the --set key).
+    """
     parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    if not all(parts):
+        raise ConfigError("--set", [f"{key}: empty key part; expected e.g. train.epochs"])
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(
+                "--set",
+                [
+                    f"{key}: {where} is a {type(child).__name__}, not a section; --set can "
+                    f"only reach into sections (set the whole of {where} instead)"
+                ],
+            )
+        else:
+            child = dict(child)
+        node[part] = child
+        node = child
     node[parts[-1]] = value
 
 

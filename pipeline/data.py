@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -139,6 +140,31 @@ def _not_utf8(err: UnicodeDecodeError) -> str:
     )
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object that gives one key twice (json.loads would keep the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """The index of the first lone surrogate (a `\\ud800` escape with no pair) in `text`;
+    None when `text` is valid Unicode text (encodable as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
 class _StopFile(Exception):
     """A problem after which the rest of a csv/tsv file cannot be read reliably."""
 
@@ -171,6 +197,10 @@ def read_rows(
         count of the rest).
     """
     if not path.is_file():
+        if path.is_dir():
+            return [], [f"{path}: is a directory, not a data file"]
+        if path.is_symlink():
+            return [], [f"{path}: a broken symlink (or a symlink loop)"]
         return [], [f"{path}: file not found"]
     limits = limits or DataLimitsConfig()
     label_kinds = label_kinds or LabelKindCheck()
@@ -198,6 +228,15 @@ def read_rows(
         if not text.strip():
             bad(line, f"field {text_field!r} is empty")
             return
+        for name, value in ((text_field, text), (label_field, label)):
+            at = _lone_surrogate(value) if isinstance(value, str) else None
+            if at is not None:
+                bad(
+                    line,
+                    f"field {name!r} has a lone surrogate escape ({value[at]!r}) at character "
+                    f"{at}: not valid Unicode text",
+                )
+                return
         if len(text) > limits.max_text_chars:
             bad(
                 line,
@@ -231,9 +270,18 @@ def read_rows(
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line.rstrip("\r\n"))
+                    record = json.loads(line.rstrip("\r\n"), object_pairs_hook=_unique_keys)
                 except json.JSONDecodeError as err:
                     bad(i, f"invalid JSON: {err.msg} (column {err.colno})")
+                    continue
+                except _DuplicateKey as err:
+                    bad(i, f"field {err.args[0]!r} is given twice")
+                    continue
+                except RecursionError:
+                    bad(i, "invalid JSON: nested too deeply")
+                    continue
+                except ValueError:  # an integer over Python's 4,300-digit limit
+                    bad(i, f"invalid JSON: a number over {sys.get_int_max_str_digits():,} digits")
                     continue
                 if not isinstance(record, dict):
                     bad(i, f"expected a JSON object, got {type(record).__name__}")
@@ -270,6 +318,9 @@ def read_rows(
                     return [], [
                         f"{path}:1: header has no column {missing[0]!r} (columns: {header})"
                     ]
+                twice = sorted({c for c in header if header.count(c) > 1})
+                if twice:
+                    return [], [f"{path}:1: header names column(s) {twice} more than once"]
                 for record in reader:
                     record_bytes = 0
                     line = reader.line_num

@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.config import RunConfig, config_to_dict, parse_config
+from pipeline.config import (
+    MAX_RUN_NAME,
+    RUN_NAME_PATTERN,
+    RunConfig,
+    config_to_dict,
+    parse_config,
+)
 from pipeline.features import encoder_fingerprint
 from pipeline.routing import RouteDecision
 
@@ -36,6 +43,56 @@ SCHEMA_VERSION = 1
 
 class RunNotFoundError(Exception):
     """The path is not a finished polytask run."""
+
+
+class RunNameError(ValueError):
+    """A run name that cannot name a new run directory; says which flag and why."""
+
+
+def check_run_name(name: str, flag: str = "--run-name") -> None:
+    """A run name is one plain directory name under storage_path: letters, digits, '_', '.'
+    and '-' (not first), at most MAX_RUN_NAME characters, and not `latest` (the link to the
+    newest run).
+
+    Raises:
+        RunNameError: naming `flag` and the rule broken.
+    """
+    if not re.fullmatch(RUN_NAME_PATTERN, name):
+        raise RunNameError(
+            f"{flag} {name!r}: a run name is one directory name: letters, digits, '_', '.' "
+            "and '-', starting with a letter or digit (no '/', no '..')"
+        )
+    if len(name) > MAX_RUN_NAME:
+        raise RunNameError(
+            f"{flag}: a run name has at most {MAX_RUN_NAME} characters, got {len(name)}"
+        )
+    if name == LATEST:
+        raise RunNameError(
+            f"{flag} {LATEST!r}: reserved for the link to the newest run; choose another name"
+        )
+
+
+def check_new_run(storage: Path, name: str, flag: str = "--run-name") -> None:
+    """Before any work: `name` is a valid run name (`check_run_name`), no run directory of that
+    name exists under `storage` (it would be overwritten), and `<storage>/latest` is a link or
+    absent (a real directory there could not be replaced at the end of the run).
+
+    Raises:
+        RunNameError: naming `flag` (or `latest`) and the path.
+    """
+    check_run_name(name, flag)
+    target = Path(storage) / name
+    if target.exists() or target.is_symlink():
+        raise RunNameError(
+            f"{flag} {name!r}: {target} already exists; choose another run name (a run is "
+            "never overwritten)"
+        )
+    link = Path(storage) / LATEST
+    if link.exists() and not link.is_symlink():
+        raise RunNameError(
+            f"{link} is not a link but a real {'directory' if link.is_dir() else 'file'}; "
+            f"it is where the link to the newest run goes: move it away first"
+        )
 
 
 class _Record(BaseModel):
@@ -156,9 +213,18 @@ def write_run(run_dir: Path, record: RunRecord, config: RunConfig) -> None:
 def point_latest(storage: Path, run_dir: Path) -> None:
     """`<storage>/latest` -> the newest finished run (replaced atomically)."""
     link = storage / LATEST
+    if link.exists() and not link.is_symlink():
+        raise RunNameError(
+            f"{link} is a real {'directory' if link.is_dir() else 'file'}, not the link to the "
+            f"newest run; the run is in {run_dir}"
+        )
     tmp = storage / f".latest-{uuid.uuid4().hex[:8]}"
     tmp.symlink_to(run_dir.name)
-    tmp.replace(link)
+    try:
+        tmp.replace(link)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -180,7 +246,17 @@ def read_record(run_dir: Path) -> RunRecord:
             f"{run_dir}: not a finished run (no {RUN_RECORD}); `polytask train` prints the run "
             "directory when it finishes"
         )
-    return RunRecord.model_validate_json(path.read_text())
+    try:
+        return RunRecord.model_validate_json(path.read_bytes())
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RunNotFoundError(
+            f"{path}: not a readable run record ({where + ': ' if where else ''}{first['msg']}; "
+            f"{err.error_count()} problem(s))"
+        ) from None
+    except OSError as err:
+        raise RunNotFoundError(f"{path}: cannot read: {err.strerror or err}") from None
 
 
 def add_own_paths(encoder: Any, heads: Any, record: RunRecord, config: RunConfig) -> None:

@@ -57,10 +57,15 @@ class RunSpec:
         return asdict(self)
 
 
+MAX_SEEDS = 100  # a suite's runs are (tasks + variants) x seeds; 100 seeds is already days
+
+
 def seeds_from(base: RunConfig, n: int) -> list[int]:
-    """`n` consecutive seeds starting at the config's train.seed."""
+    """`n` consecutive seeds starting at the config's train.seed (at most MAX_SEEDS)."""
     if n < 1:
         raise ValueError(f"--seeds must be at least 1, got {n}")
+    if n > MAX_SEEDS:
+        raise ValueError(f"--seeds must be at most {MAX_SEEDS}, got {n}")
     return [base.train.seed + i for i in range(n)]
 
 

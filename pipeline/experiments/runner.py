@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import socket
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.config import RunConfig, ScalingConfig, config_to_dict, parse_config
 from pipeline.experiments.common import RunSpec, cpu_model, format_duration
@@ -105,9 +108,22 @@ def execute_run(
     hf_logging.disable_progress_bar()
     start, started_at = time.monotonic(), time.time()
     try:
+        from pipeline.runs import RUN_RECORD
         from pipeline.train.driver import train
 
         config = parse_config(config_dict, run_name)
+        stale = Path(config.storage_path) / run_name
+        if stale.is_dir() and not stale.is_symlink():
+            # An earlier attempt of this run that left no result (it failed or was
+            # interrupted): the run is trained again from scratch, and train() never
+            # overwrites a directory. A finished one (its run.json written, its result not:
+            # killed in between) is kept aside rather than deleted: it cost a training.
+            if (stale / RUN_RECORD).is_file():
+                aside = stale.with_name(f"{run_name}.replaced-{int(time.time())}")
+                stale.rename(aside)
+                logger.warning("%s: a finished run without a result, kept as %s", stale, aside)
+            else:
+                shutil.rmtree(stale)
         result = train(config, run_name=run_name)
         rec = result.record
         similarity = None
@@ -198,14 +214,84 @@ def results_dir(suite_dir: Path) -> Path:
     return suite_dir / "results"
 
 
-def load_results(suite_dir: Path) -> dict[str, dict[str, Any]]:
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class OkResult(BaseModel):
+    """The fields of a finished run's result (`execute_run`) that the suites' analyses read,
+    checked when a suite reads its results back (a result file may have been edited, cut
+    short or carried from elsewhere). Other fields are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ok"]
+    dev: dict[str, Finite]
+    dev_macro: Finite
+    stages: dict[str, Any]
+    task_weights: dict[str, float] = {}
+    data_overlap: list[dict[str, Any]] = []
+    duration_seconds: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    similarity: dict[str, Any] | None = None
+
+
+def load_results(suite_dir: Path, specs: Sequence[RunSpec] = ()) -> dict[str, dict[str, Any]]:
     """Results of runs that already finished in `suite_dir` (ok ones only: failed runs are
-    tried again)."""
+    tried again). With `specs`, a finished run's result must also cover the run's tasks.
+
+    Raises:
+        ExperimentError: a result file that cannot be read, or whose finished run lacks what
+            the analysis needs; names the file (delete it to train that run again).
+    """
+    from pipeline.runs import StageRecord
+
+    tasks = {s.name: s.tasks for s in specs}
     out = {}
     for path in sorted(results_dir(suite_dir).glob("*.json")):
-        result = json.loads(path.read_text())
-        if result.get("status") == "ok":
-            out[path.stem] = result
+
+        def bad(problem: str, path: Path = path) -> ExperimentError:
+            return ExperimentError(
+                f"{path}: {problem}; fix or delete this file (the run {path.stem} is then "
+                "trained again)"
+            )
+
+        try:
+            result = json.loads(path.read_bytes().decode("utf-8"))
+        except OSError as err:
+            raise bad(f"cannot read ({err.strerror or err})") from None
+        except UnicodeDecodeError as err:
+            raise bad(f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except (ValueError, RecursionError) as err:
+            raise bad(f"not valid JSON ({err})") from None
+        if not isinstance(result, dict):
+            raise bad(f"expected a JSON object, got {type(result).__name__}")
+        if result.get("status") != "ok":
+            continue
+        checks = [("", OkResult, result)]
+        if isinstance(result.get("stages"), dict):
+            checks += [(f"stages.{t}.", StageRecord, v) for t, v in result["stages"].items()]
+        parsed: list[Any] = []
+        for prefix, model, value in checks:
+            try:
+                parsed.append(model.model_validate(value))
+            except ValidationError as err:
+                first = err.errors()[0]
+                field = prefix + ".".join(str(p) for p in first["loc"])
+                raise bad(
+                    f"a finished run's result with a bad {field.rstrip('.') or '(top level)'}: "
+                    f"{first['msg']}"
+                ) from None
+        # The checked values, as the analyses expect them (a "50" read as 50.0).
+        ok, stages = parsed[0], parsed[1:]
+        result = result | ok.model_dump(include=set(OkResult.model_fields))
+        result["stages"] = {
+            t: st.model_dump() for t, st in zip(result["stages"], stages, strict=True)
+        }
+        missing = [t for t in tasks.get(path.stem, []) if t not in result["dev"]]
+        if missing:
+            raise bad(f"a finished run's result without the dev accuracy of {missing}")
+        out[path.stem] = result
     return out
 
 
@@ -233,7 +319,7 @@ def run_specs(
     Raises:
         ExperimentError: the Ray cluster cannot hold one run.
     """
-    results = load_results(suite_dir)
+    results = load_results(suite_dir, specs)
     # A teacher (RunSpec.teachers) that finished but whose run directory is gone (the suite's
     # results carried to another machine) is trained again before the run it teaches.
     needed = {n for s in specs if s.name not in results for n in s.teachers.values()}

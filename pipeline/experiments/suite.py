@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pipeline import __version__
-from pipeline.config import RunConfig, config_to_dict
+from pipeline.config import RunConfig, check_encoder_max_length, config_to_dict
 from pipeline.experiments import affinity, capacity, incremental, noise, transfer
 from pipeline.experiments.common import RunSpec, build_config, machines, seeds_from
 from pipeline.experiments.options import ExperimentOptions
@@ -106,6 +106,8 @@ def suite_directory(base: RunConfig, suite: str, output: Path | None, resume: Pa
             raise ExperimentError(f"--resume {resume}: no {PLAN_FILE} there; not a suite directory")
         return resume
     if output is not None:
+        if output.exists() and not output.is_dir():
+            raise ExperimentError(f"--output {output} exists and is not a directory")
         if output.exists() and any(output.iterdir()):
             raise ExperimentError(
                 f"--output {output} exists and is not empty; pick a new directory, or continue "
@@ -120,14 +122,56 @@ PARTIAL_REPORTS = ("transfer", "capacity")  # suites whose analysis takes missin
 MOVABLE = ("storage_path", "cache_dir")  # config fields a resumed suite may change
 
 
-def check_plan(suite_dir: Path, plan: dict[str, Any]) -> None:
-    """On --resume, the new plan must be the saved one: otherwise old and new results mix."""
-    saved = json.loads((suite_dir / PLAN_FILE).read_text())
+_JSON_KINDS = {str: "string", dict: "object", list: "array"}
+
+
+def read_plan(suite_dir: Path) -> dict[str, Any]:
+    """The saved plan.json of a suite.
+
+    Raises:
+        ExperimentError: unreadable, not UTF-8, not JSON, or not a plan; names the file.
+    """
+    path = suite_dir / PLAN_FILE
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise ExperimentError(f"{path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ExperimentError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
+    except (ValueError, RecursionError) as err:
+        raise ExperimentError(f"{path}: not valid JSON ({err})") from None
+    kinds = {"suite": str, "config": dict, "options": dict, "specs": list}
+    if not isinstance(saved, dict):
+        raise ExperimentError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+    for key, kind in kinds.items():
+        if not isinstance(saved.get(key), kind):
+            raise ExperimentError(
+                f"{path}: {key}: expected a JSON {_JSON_KINDS[kind]}"
+                f"{'' if key in saved else ' (missing)'}; not a plan written by polytask"
+            )
+    if "data" in saved and not isinstance(saved["data"], dict):
+        raise ExperimentError(f"{path}: data: expected a JSON object of task fingerprints")
+    return saved
+
+
+def check_plan(suite_dir: Path, plan: dict[str, Any], write: Callable[[str], None] = print) -> bool:
+    """On --resume, the new plan must be the saved one: otherwise old and new results mix.
+    That includes the data: a task whose files changed since the plan was saved (its
+    fingerprint in `data`) is refused. Returns whether the saved plan records the data's
+    fingerprints (plans written before they were recorded do not; then changed data cannot
+    be detected, and this says so).
+
+    Raises:
+        ExperimentError: the saved plan is unreadable or differs; names the file or the task.
+    """
+    saved = read_plan(suite_dir)
 
     # Where runs and caches are stored does not change what they measure (a suite's runs live
     # in its own directory): a suite carried to another checkout or machine can resume.
     def view(p: dict[str, Any]) -> dict[str, Any]:
-        config = {k: v for k, v in p.get("config", {}).items() if k not in MOVABLE}
+        config = {k: v for k, v in p["config"].items() if k not in MOVABLE}
         return p | {"config": config}
 
     for key in ("suite", "config", "options", "specs"):
@@ -137,6 +181,32 @@ def check_plan(suite_dir: Path, plan: dict[str, Any]) -> None:
                 "config, suite, seeds or option); rerun with the same arguments, or start a new "
                 "suite without --resume"
             )
+    if "data" not in saved:
+        write(
+            f"note: {suite_dir / PLAN_FILE} records no data fingerprints (planned before they "
+            "were recorded): runs finished before are not checked against changed data"
+        )
+        return False
+    changed = sorted(t for t, fp in plan["data"].items() if saved["data"].get(t) != fp)
+    if changed:
+        raise ExperimentError(
+            f"--resume {suite_dir}: the data of task(s) {', '.join(changed)} changed since the "
+            "suite was planned (file fingerprints differ); its finished runs trained on the old "
+            "data and would be compared with runs on the new: restore the data, or start a new "
+            "suite without --resume"
+        )
+    return True
+
+
+def data_fingerprints(base: RunConfig) -> dict[str, str]:
+    """Per task, sha256 over its train and dev files' bytes: what `--resume` checks so that
+    runs trained on other data are never mixed into one report."""
+    from pipeline.data import fingerprint_files
+
+    paths = {
+        t.name: [t.split_path(s, base.data_root) for s in ("train", "dev")] for t in base.tasks
+    }
+    return {name: fingerprint_files([p for p in ps if p.is_file()]) for name, ps in paths.items()}
 
 
 def run_experiment(
@@ -178,29 +248,31 @@ def run_experiment(
             f"{', '.join(PARTIAL_REPORTS)}"
         )
     opts = opts or ExperimentOptions()
+    seed_list = seeds_from(base, seeds)  # bounded, before anything is planned
     start = time.monotonic()
     commit = code_version()  # the code that trains the runs, not whatever is checked out later
     # Check data and encoder once, before any run starts (and size the runs for the ETA).
-    resolve_encoder_path(base.encoder.path, base.encoder.allow_download)
+    encoder_path = resolve_encoder_path(base.encoder.path, base.encoder.allow_download)
+    check_encoder_max_length(base, encoder_path, source="the suite's config")
     n_train = {t.name: len(t.splits["train"]) for t in load_tasks(base, splits=["train"])}
-    seed_list = seeds_from(base, seeds)
     specs: list[RunSpec] = module.plan(base, seed_list, opts)
     suite_dir = suite_directory(base, suite, output, resume).resolve()
-    configs = {s.name: build_config(base, s, suite_dir) for s in specs}
     plan = {
         "suite": suite,
         "config": config_to_dict(base),
         "options": json.loads(json.dumps(opts.to_json())),
         "specs": [s.to_json() for s in specs],
+        "data": data_fingerprints(base),
     }
-    if resume is not None:
-        check_plan(suite_dir, plan)
+    if resume is not None and not check_plan(suite_dir, plan, write):
+        del plan["data"]  # a fingerprint now would not be the one the earlier runs trained on
+    configs = {s.name: build_config(base, s, suite_dir) for s in specs}
     suite_dir.mkdir(parents=True, exist_ok=True)
     (suite_dir / PLAN_FILE).write_text(json.dumps(plan | {"seeds": seed_list}, indent=1))
     write(f"{suite} suite: {len(specs)} runs ({len(seed_list)} seed(s)) -> {suite_dir}")
     pending: list[str] = []
     if report_only:
-        results = load_results(suite_dir)
+        results = load_results(suite_dir, specs)
         pending = [s.name for s in specs if s.name not in results]
         write(f"report only: {len(specs) - len(pending)} runs finished, {len(pending)} not yet")
         prepared: dict[str, Any] = {}

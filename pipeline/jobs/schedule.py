@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.jobs.submit import JobClient, retrain_entrypoint, submit, tick_run_name
@@ -86,10 +85,18 @@ class Schedule(BaseModel):
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        from croniter import croniter
+        from croniter import CroniterBadDateError, croniter
 
         if len(value.split()) != 5 or not croniter.is_valid(value):
             raise ValueError(f"not a 5-field cron expression: {value!r}")
+        # A valid expression can still match no date at all (`0 2 31 2 *`, February 31st):
+        # the scheduler would then fail on it, and stop every other schedule with it.
+        base = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+        try:
+            croniter(value, base).get_next(dt.datetime)
+            croniter(value, base).get_prev(dt.datetime)
+        except CroniterBadDateError:
+            raise ValueError(f"{value!r} matches no date, so it would never fire") from None
         return value
 
     def entrypoint_for(self, run_name: str) -> str:
@@ -107,14 +114,23 @@ class ScheduleFile(BaseModel):
 
 def load_schedules(path: Path) -> list[Schedule]:
     """Validate a schedule file; every error is reported at once with its field path."""
+    from pipeline.config import YamlFileError, load_yaml_file
+
     path = Path(path)
     if not path.is_file():
         raise ScheduleError(f"{path}: file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = load_yaml_file(path) or {}
+    except YamlFileError as err:
+        raise ScheduleError(f"{path}: {err.problem}") from None
     try:
         parsed = ScheduleFile.model_validate(raw)
     except ValidationError as err:
-        lines = [f"{path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        lines = [
+            f"{path}: {'.'.join(str(p) for p in e['loc'])}{_schedule_name(raw, e['loc'])}: "
+            f"{e['msg']}"
+            for e in err.errors()
+        ]
         raise ScheduleError("\n".join(lines)) from None
     problems = []
     names = [s.name for s in parsed.schedules]
@@ -134,6 +150,16 @@ def load_schedules(path: Path) -> list[Schedule]:
     if problems:
         raise ScheduleError("\n".join(problems))
     return parsed.schedules
+
+
+def _schedule_name(raw: object, loc: tuple) -> str:
+    """' (schedule NAME)' for an error inside a named schedule entry, else ''."""
+    if len(loc) < 2 or loc[0] != "schedules" or not isinstance(loc[1], int):
+        return ""
+    entries = raw.get("schedules") if isinstance(raw, dict) else None
+    entry = entries[loc[1]] if isinstance(entries, list) and loc[1] < len(entries) else None
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return f" (schedule {name!r})" if isinstance(name, str) else ""
 
 
 def due_tick(cron: str, now: dt.datetime) -> dt.datetime:
@@ -194,6 +220,16 @@ class StateStore:
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(state_dir) / STATE_FILE
         self.db = sqlite3.connect(self.path, isolation_level=None)  # autocommit statements
+        try:
+            self._create()
+        except sqlite3.DatabaseError as err:
+            self.db.close()
+            raise ScheduleError(
+                f"{self.path}: not a usable scheduler state ({err}); move it away to start "
+                "a new history"
+            ) from None
+
+    def _create(self) -> None:
         self.db.execute(
             """CREATE TABLE IF NOT EXISTS ticks (
                 schedule TEXT NOT NULL, tick TEXT NOT NULL, submission_id TEXT,

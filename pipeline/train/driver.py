@@ -25,7 +25,12 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.config import RunConfig, check_writable_outputs, config_to_dict
+from pipeline.config import (
+    RunConfig,
+    check_encoder_max_length,
+    check_writable_outputs,
+    config_to_dict,
+)
 from pipeline.data import (
     Split,
     TaskData,
@@ -51,6 +56,7 @@ from pipeline.runs import (
     RunRecord,
     StageRecord,
     TaskRecord,
+    check_new_run,
     point_latest,
     read_record,
     write_run,
@@ -463,7 +469,10 @@ def train(
     (the retraining job passes its Pushgateway epoch callback; local mode runs none).
 
     Raises:
-        DataError, EncoderNotFoundError: bad data or encoder, before Ray starts.
+        RunNameError: `run_name` is not a plain directory name, is `latest`, or names an
+            existing run (nothing stored is ever overwritten); checked first.
+        ConfigError, DataError, EncoderNotFoundError: bad outputs, data or encoder, before Ray
+            starts.
         TrainingError: the cluster cannot host the run, or training failed.
     """
     import ray.train
@@ -472,10 +481,13 @@ def train(
     from pipeline.train.loop import train_loop_per_worker
 
     start = time.monotonic()
-    run_name = run_name or new_run_name(config.name)
+    given = run_name is not None
+    run_name = run_name if given else new_run_name(config.name)
+    check_new_run(config.storage_path, run_name, "--run-name" if given else "run name")
     run_dir = config.storage_path / run_name
     check_writable_outputs(config, source=f"run {run_name}")
     encoder_path = resolve_encoder_path(config.encoder.path, config.encoder.allow_download)
+    check_encoder_max_length(config, encoder_path, source=f"run {run_name}")
 
     tasks = load_tasks(config)
     full_splits = {(t.name, name): split for t in tasks for name, split in t.splits.items()}
