@@ -309,28 +309,61 @@ def read_rows(
                     except UnicodeDecodeError as err:
                         raise _StopFile(i, _not_utf8(err)) from None
 
-            reader = csv.DictReader(text_lines(), delimiter="\t" if fmt == "tsv" else ",")
+            # csv.reader, not DictReader: each record's first line must be known (reader.line_num
+            # is its last), to name where a quote went wrong rather than where the file ended.
+            reader = csv.reader(text_lines(), delimiter="\t" if fmt == "tsv" else ",")
+            ended = 0  # the last line of the previous record (or blank line)
+            header: list[str] | None = None
             try:
-                header = reader.fieldnames or []
-                record_bytes = 0
-                missing = [c for c in (text_field, label_field) if c not in header]
-                if missing:
-                    return [], [
-                        f"{path}:1: header has no column {missing[0]!r} (columns: {header})"
-                    ]
-                twice = sorted({c for c in header if header.count(c) > 1})
-                if twice:
-                    return [], [f"{path}:1: header names column(s) {twice} more than once"]
-                for record in reader:
+                for values in reader:
                     record_bytes = 0
-                    line = reader.line_num
-                    if None in record:
-                        bad(line, f"more values than the {len(header)} header columns")
+                    start, end = ended + 1, reader.line_num
+                    ended = end
+                    if not values:  # a blank line
                         continue
-                    if any(v is None for v in record.values()):
-                        bad(line, f"fewer values than the {len(header)} header columns")
+                    where = f" (the record runs from line {start} to line {end})"
+                    spans = end > start
+                    if header is None:
+                        header = values
+                        missing = [c for c in (text_field, label_field) if c not in header]
+                        if missing:
+                            return [], [
+                                f"{path}:{start}: header has no column {missing[0]!r} "
+                                f"(columns: {header})"
+                            ]
+                        twice = sorted({c for c in header if header.count(c) > 1})
+                        if twice:
+                            return [], [
+                                f"{path}:{start}: header names column(s) {twice} more than once"
+                            ]
                         continue
-                    take(line, record)
+                    if spans and fmt == "tsv":
+                        # TSV has one record per line. A text that starts with `"` opens a quoted
+                        # field, which would otherwise swallow the next lines, labels and all.
+                        bad(
+                            start,
+                            f"a quoted field runs from line {start} to line {end}: in tsv a "
+                            "record is one line; a text that starts with a double quote must be "
+                            'quoted whole, with its quotes doubled ("""a"" b" for "a" b)',
+                        )
+                        continue
+                    if len(values) > len(header):
+                        bad(
+                            start,
+                            f"more values than the {len(header)} header columns"
+                            + (where if spans else ""),
+                        )
+                        continue
+                    if len(values) < len(header):
+                        bad(
+                            start,
+                            f"fewer values than the {len(header)} header columns"
+                            + (where + ": an unclosed quote?" if spans else ""),
+                        )
+                        continue
+                    take(start, dict(zip(header, values, strict=True)))
+                if header is None:
+                    return [], [f"{path}:1: no header row (the file has no {fmt} records)"]
             except _StopFile as err:
                 bad(err.line, err.message)
             except csv.Error as err:

@@ -640,3 +640,75 @@ def test_a_suite_run_retried_after_a_failure_is_not_blocked_by_its_leftovers(tin
     assert again["status"] == "ok", again
     kept = list(config.storage_path.glob("mtl-s0.replaced-*"))
     assert len(kept) == 1 and (kept[0] / "run.json").read_text() == first
+
+
+# --------------------------------------------------------------------------- csv/tsv records
+def _text_file(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_tsv_text_starting_with_a_quote_is_an_error_at_its_line_not_a_merged_row(tmp_path):
+    # Review #16: csv's quoting read lines 2-3 as one example (a tab and a newline in its text,
+    # line 2's label lost) and reported nothing.
+    path = _text_file(
+        tmp_path / "train.tsv",
+        'text\tlabel\n"He left\tpos\nshe said" quietly\tneg\nthird row\tpos\nfourth row\tneg\n',
+    )
+    rows, errors = read_rows(path, "tsv", "text", "label")
+    assert rows == [(4, "third row", "pos"), (5, "fourth row", "neg")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{path}:2: a quoted field runs from line 2 to line 3: in tsv")
+
+
+def test_an_unclosed_quote_is_reported_where_the_record_starts(tmp_path):
+    # Before, the error named the end of the file (line 5), where the swallowing stopped.
+    tsv = _text_file(tmp_path / "a.tsv", 'text\tlabel\n"He left\tpos\nb\tpos\nc\tneg\n')
+    rows, errors = read_rows(tsv, "tsv", "text", "label")
+    assert rows == []
+    assert errors[0].startswith(f"{tsv}:2: a quoted field runs from line 2 to line 4")
+    csv_path = _text_file(tmp_path / "a.csv", 'text,label\n"He left,pos\nb,pos\nc,neg\n')
+    rows, errors = read_rows(csv_path, "csv", "text", "label")
+    assert rows == []
+    assert errors == [
+        f"{csv_path}:2: fewer values than the 2 header columns (the record runs from line 2 "
+        "to line 4): an unclosed quote?"
+    ]
+
+
+def test_quoted_tsv_fields_still_hold_tabs_and_doubled_quotes(tmp_path):
+    path = _text_file(
+        tmp_path / "train.tsv", 'text\tlabel\n"""a"" b"\tpos\n\n"tab\there"\tneg\nplain\tpos\n'
+    )
+    rows, errors = read_rows(path, "tsv", "text", "label")
+    assert errors == []
+    assert rows == [(2, '"a" b', "pos"), (4, "tab\there", "neg"), (5, "plain", "pos")]
+
+
+def test_a_csv_record_spanning_lines_is_still_read_and_named_by_its_first_line(tmp_path):
+    path = _text_file(tmp_path / "train.csv", 'text,label\n"two\nlines",pos\nnext,neg\n')
+    rows, errors = read_rows(path, "csv", "text", "label")
+    assert errors == []
+    assert rows == [(2, "two\nlines", "pos"), (4, "next", "neg")]
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_a_csv_file_without_a_header_row_is_an_error(tmp_path, content):
+    path = _text_file(tmp_path / "train.tsv", content)
+    assert read_rows(path, "tsv", "text", "label") == (
+        [],
+        [f"{path}:1: no header row (the file has no tsv records)"],
+    )
+
+
+def test_validate_refuses_a_promotion_minimum_for_an_unknown_task(tiny_config_file):
+    # Review #22: a typo'd key passed `validate`; only `retrain` refused it, once a job ran.
+    cfg = yaml.safe_load(tiny_config_file.read_text())
+    cfg["promotion"] = {"minimums": {"sentimnet": 60}}
+    tiny_config_file.write_text(yaml.safe_dump(cfg))
+    rc, _, err = run_cli(["validate", str(tiny_config_file)])
+    assert rc == 2 and "Traceback" not in err
+    assert "promotion.minimums: unknown task(s) ['sentimnet']" in err, err
+    cfg["promotion"] = {"minimums": {"sentiment": 60}}
+    tiny_config_file.write_text(yaml.safe_dump(cfg))
+    assert run_cli(["validate", str(tiny_config_file)])[0] == 0
