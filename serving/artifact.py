@@ -201,6 +201,18 @@ class TaskInfo(_Strict):
                 f"output: {self.output!r}, but task {self.name!r} is answered by "
                 f"{output_name(self.name)!r}"
             )
+        ys = self.calibration.knots_y if self.calibration is not None else None
+        chance = 1.0 / len(self.labels)
+        if ys and max(ys) < chance:
+            # The answered class's softmax probability is at least 1/K, and an isotonic fit's
+            # top block is at least the head's dev accuracy: a map that never reaches chance
+            # (all zeros, say) comes from no working head, and would pin every answer's
+            # probability just above the runner-up's.
+            raise ValueError(
+                f"calibration.knots_y: every value is below chance (1/{len(self.labels)} = "
+                f"{chance:.3g}; the largest is {max(ys):.3g}): not the top-label map of a "
+                "working head"
+            )
         return self
 
 

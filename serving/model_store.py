@@ -4,8 +4,9 @@ promotion, the promotion history, and what to fall back to when a model does not
 Which model the service loads:
     1. $POLYTASK_MODEL (or --model): a tag, `name:version` or `name` (= its latest version);
        pinned, so the service never swaps it (and never falls back from it).
-    2. The promoted model: the newest version of the model name that carries the label
-       `stage=production` (PROMOTION_LABEL).
+    2. The promoted model: the version of the model name that carries the label
+       `stage=production` (PROMOTION_LABEL). A promotion killed between labelling its target
+       and unlabelling the others leaves two; the one the history recorded last counts.
     3. The latest version of the model name, leaving out candidates (`stage=candidate`,
        CANDIDATE_LABEL: the retraining job's challenger, registered before its gate) and
        incomplete versions (no metadata.json: a registration still copying, or interrupted).
@@ -26,7 +27,8 @@ Promotion (`promote`, `rollback`; the CLI's `polytask models` and the retraining
       $BENTOML_HOME/polytask/store.lock, and atomically (temporary file, fsync, rename): a
       reader (the service, `models list`, another promotion) sees the old file or the new one,
       never half of one. The new version is labelled before the others are unlabelled, so a
-      reader always finds a promoted version.
+      reader always finds a promoted version; a promotion takes effect once its history line
+      is written (see `current_promoted`).
     - The history, $BENTOML_HOME/polytask/promotions.jsonl, gets one JSON object per promotion:
       {"name", "tag", "at" (UTC ISO 8601), "by" ("retrain" | "promote" | "rollback"),
       "reason"}. It sits beside the store's `models/` directory, so BentoML never mistakes it
@@ -172,7 +174,10 @@ def resolve_model(tag: str | None = None, name: str | None = None) -> ResolvedMo
             f"{', promote one with `polytask models promote TAG`' if skipped else ''}, or set "
             f"{MODEL_ENV} to a tag (`bentoml models list` shows what is there)"
         )
-    chosen = max(servable, key=lambda m: m.info.creation_time)
+    if promoted:
+        chosen = current_promoted(name, promoted)
+    else:
+        chosen = max(servable, key=lambda m: m.info.creation_time)
     return ResolvedModel(str(chosen.tag), Path(chosen.path), "promoted" if promoted else "latest")
 
 
@@ -201,11 +206,49 @@ def fallback_candidates(
 
 
 def promoted_tag(name: str) -> str | None:
-    """The version of `name` labelled `stage=production` (the newest, if several are)."""
+    """The version of `name` labelled `stage=production` (see `current_promoted` if several
+    are)."""
     promoted = [m for m in _versions(name) if _is_promoted(m)]
     if not promoted:
         return None
-    return str(max(promoted, key=lambda m: m.info.creation_time).tag)
+    return str(current_promoted(name, promoted).tag)
+
+
+# Sets of doubly labelled tags already logged by this process (each is logged once).
+_reported_doubles: set[frozenset[str]] = set()
+
+
+def current_promoted(name: str, promoted: list[Any]) -> Any:
+    """The promoted version when several carry the label: the one whose promotion the history
+    recorded last. A promotion labels its target, unlabels the others, then writes its history
+    line; one killed in between leaves two labels, and it did not happen until its line is
+    written. So every reader (service, replicas, rollback) agrees on the version promoted
+    before; the next promote or rollback removes the stray label. Without any of them in the
+    history, the newest created."""
+    if len(promoted) == 1:
+        return promoted[0]
+    by_tag = {str(m.tag): m for m in promoted}
+    chosen = None
+    for event in reversed(read_history(name, strict=False)):
+        if event.tag in by_tag:
+            chosen = by_tag[event.tag]
+            break
+    if chosen is None:
+        chosen = max(promoted, key=lambda m: m.info.creation_time)
+    key = frozenset(by_tag)
+    if key not in _reported_doubles:
+        _reported_doubles.add(key)
+        logger.warning(
+            "model store: %d versions of %s are labelled %s=%s (%s), a promotion interrupted "
+            "before its history line was written; %s counts, as the last recorded (the next "
+            "`polytask models promote` or `rollback` removes the other labels)",
+            len(promoted),
+            name,
+            *PROMOTION_LABEL,
+            ", ".join(sorted(by_tag)),
+            chosen.tag,
+        )
+    return chosen
 
 
 # --------------------------------------------------------------------------- promotion

@@ -315,3 +315,27 @@ def test_special_tokens_in_a_text_are_text_in_serving_and_training(tiny_artifact
     assert ids[0] in special and ids[-1] in special  # the template's own [CLS] ... [SEP]
     assert not special & set(ids[1:-1]), ids
     assert load_tokenizer(str(tiny_encoder_dir))(text)["input_ids"] == ids
+
+
+def _top_label_map(ys: list[float]) -> Callable[[dict], None]:
+    def edit(meta: dict) -> None:
+        cal = meta["tasks"][0]["calibration"]
+        cal["method"] = "temperature+isotonic"
+        cal["knots_x"] = [0.5, 0.7, 0.9, 1.0][: len(ys)]
+        cal["knots_y"] = ys
+
+    return edit
+
+
+def test_a_top_label_map_that_never_reaches_chance_is_refused(tiny_artifact, tmp_path):
+    # Review L6: all-zero knots pinned every answer's probability at about 0.5.
+    labels = ArtifactMetadata.read(tiny_artifact).tasks[0].labels
+    assert len(labels) == 2
+    bad = copy_of(tiny_artifact, tmp_path / "zero", _top_label_map([0.0, 0.0, 0.0]))
+    with pytest.raises(ArtifactError, match=r"calibration.knots_y: every value is below chance"):
+        ArtifactMetadata.read(bad)
+    # A flat map (a one-block isotonic fit, at the head's accuracy) is a valid map.
+    flat = copy_of(tiny_artifact, tmp_path / "flat", _top_label_map([0.8, 0.8]))
+    assert ArtifactMetadata.read(flat).tasks[0].calibration.knots_y == [0.8, 0.8]
+    rising = copy_of(tiny_artifact, tmp_path / "rising", _top_label_map([0.3, 0.6, 0.9]))
+    assert ArtifactMetadata.read(rising).tasks[0].calibration.knots_y == [0.3, 0.6, 0.9]

@@ -379,3 +379,52 @@ def test_registration_refuses_links_and_special_files(tiny_artifact, store, tmp_
     assert not list((store / "models").glob(f"{NAME}/*/"))  # nothing was registered
     assert not any("hunter2" in p.read_text() for p in store.rglob("*.txt"))
     assert register_artifact(tiny_artifact, NAME)  # a plain artifact still registers
+
+
+# --------------------------------------------------------------------------- L2: two labels
+def _label_only(tag: str) -> None:
+    """What a promotion killed after labelling its target (before unlabelling the others and
+    writing its history line) leaves behind."""
+    import bentoml
+
+    from serving.model_store import PROMOTION_LABEL, _write_model_yaml
+
+    model = bentoml.models.get(tag)
+    model.info.labels[PROMOTION_LABEL[0]] = PROMOTION_LABEL[1]
+    _write_model_yaml(model)
+
+
+def test_an_interrupted_promotion_does_not_take_effect(tiny_artifact, store, caplog):
+    # Review L2: with two `production` labels the newest-created version won, so a promotion
+    # killed halfway served its target or not depending on which version was older.
+    from serving.model_store import promote, promoted_tag, resolve_model, rollback
+
+    a, b = register_copy(tiny_artifact, NAME), register_copy(tiny_artifact, NAME)
+    promote(a)
+    _label_only(b)  # b is newer: the old rule served it, unrecorded
+    assert _stage(a) == _stage(b) == "production"
+    with caplog.at_level(logging.WARNING, logger="serving.model_store"):
+        assert resolve_model().tag == a
+        assert promoted_tag(NAME) == a
+        assert resolve_model().tag == a
+    warned = [r for r in caplog.records if "labelled stage=production" in r.getMessage()]
+    assert len(warned) == 1 and a in warned[0].getMessage()  # logged once, naming the winner
+
+    promote(b)  # the next promotion repairs the labels
+    assert (_stage(a), _stage(b)) == (None, "production")
+    assert resolve_model().tag == b
+
+    _label_only(a)  # an interrupted rollback to the older version: b stays the one recorded
+    assert resolve_model().tag == b
+    assert rollback(NAME) == a  # and a rollback still goes back from b
+    assert (_stage(a), _stage(b)) == ("production", None)
+
+
+def test_models_list_marks_the_label_that_does_not_count_as_stale(tiny_artifact, store):
+    from pipeline.jobs.models import list_versions
+    from serving.model_store import promote
+
+    a, b = register_copy(tiny_artifact, NAME), register_copy(tiny_artifact, NAME)
+    promote(a)
+    _label_only(b)
+    assert {v.tag: v.stage for v in list_versions(NAME)} == {a: "production", b: "stale"}

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from serving.model_store import (
     PROMOTION_LABEL,
     HistoryError,
     PromotionError,
+    current_promoted,
     history_path,
     is_incomplete,
     promote,
@@ -72,14 +74,27 @@ class ModelVersion:
 
 def list_versions(name: str | None = None) -> list[ModelVersion]:
     """Every version in the store (of `name` when given), oldest first; unreadable and
-    half-copied ones with stage `incomplete` (an unreadable one dated by its directory)."""
+    half-copied ones with stage `incomplete` (an unreadable one dated by its directory), and a
+    `production` label an interrupted promotion left beside the one that counts as `stale`."""
     models, unreadable = scan_versions(name)
-    key, _ = PROMOTION_LABEL
+    key, value = PROMOTION_LABEL
+    labelled: dict[str, list[Any]] = {}
+    for m in models:
+        if m.info.labels.get(key) == value:
+            labelled.setdefault(m.tag.name, []).append(m)
+    current = {str(current_promoted(n, ms).tag) for n, ms in labelled.items()}
+
+    def stage(m: Any) -> str | None:
+        if is_incomplete(m):
+            return "incomplete"
+        label = m.info.labels.get(key)
+        return "stale" if label == value and str(m.tag) not in current else label
+
     out = [
         ModelVersion(
             tag=str(m.tag),
             created=m.info.creation_time,
-            stage="incomplete" if is_incomplete(m) else m.info.labels.get(key),
+            stage=stage(m),
             dev_macro_accuracy=m.info.metadata.get("dev_macro_accuracy"),
             run_id=m.info.labels.get("run_id"),
             lineage=m.info.metadata.get("lineage"),
