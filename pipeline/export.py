@@ -14,18 +14,26 @@ The checks run the artifact with `serving.runtime.Runtime`, the one way an artif
 (the service, `polytask predict`, promotion and the retraining gate use it too); only the
 PyTorch reference is computed here. The artifact is built in a temporary sibling directory
 and moved into place only when every check passed, so a failed export never leaves a
-half-written artifact behind.
+half-written artifact behind. One export or registration of an artifact directory runs at a
+time (`artifact_lock`, a lock file beside it), and an export first removes the temporaries
+that killed exports of the same directory left (`remove_stale_temporaries`); a registration
+likewise removes BentoML's temporary copies of killed registrations
+(`remove_stale_bentoml_temporaries`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import socket
+import stat
 import tempfile
 import time
 import uuid
@@ -67,6 +75,15 @@ CALIBRATION_TEXTS = 256
 # BentoML's rule for a tag's name (bentoml/_internal/tag.py), checked before any work is done.
 MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9]([-._a-z0-9]*[a-z0-9])?$")
 MODEL_NAME_MAX_LENGTH = 63
+# How long an export (or registration) of an artifact directory waits for another one of the
+# same directory to finish before failing (`artifact_lock`). Short on purpose: an export holds
+# the lock for its whole run (minutes: graph export, parity, int8, calibration, registration),
+# and a second export of the same directory would only replace the first one's artifact when it
+# finished; that is rarely what was meant (two jobs writing one output), and a command that
+# sits silent for minutes looks hung. Failing after a few seconds says what is going on; the
+# few seconds ride out a registration of the directory that is finishing.
+ARTIFACT_LOCK_TIMEOUT_S = 10.0
+_LOCK_POLL_S = 0.05
 
 Quantize = Literal["none", "int8"]
 
@@ -128,8 +145,13 @@ def export_run(
     check_model_name(name)
     out = Path(output_dir) if output_dir is not None else run_dir / DEFAULT_ARTIFACT_DIR
     start = time.monotonic()
-    metadata = write_artifact(run_dir, out, quantize=quantize, tolerance=tolerance, model_name=name)
-    tag = register_artifact(out, name, candidate=candidate) if register else None
+    # One lock over writing and registering: another export of `out` cannot replace the
+    # artifact while BentoML copies it into the store.
+    with _locked_output(out):
+        metadata = _write_artifact(
+            run_dir, out, quantize=quantize, tolerance=tolerance, model_name=name
+        )
+        tag = _register_artifact(out, name, candidate=candidate) if register else None
     logger.info(
         "export of %s done in %.1fs: %s%s",
         metadata.run_id,
@@ -195,15 +217,40 @@ def write_artifact(
 
     Raises:
         ExportError: parity above `tolerance`, unexpected graph inputs or outputs, a tokenizer
-            without tokenizer.json, or an `out_dir` that holds something else than an artifact.
+            without tokenizer.json, an `out_dir` that holds something else than an artifact,
+            or another export of `out_dir` running (`artifact_lock`).
     """
+    out_dir = Path(out_dir)
+    with _locked_output(out_dir):
+        return _write_artifact(
+            run_dir,
+            out_dir,
+            quantize=quantize,
+            tolerance=tolerance,
+            max_int8_drop=max_int8_drop,
+            model_name=model_name,
+            min_int8_speedup=min_int8_speedup,
+        )
+
+
+def _write_artifact(
+    run_dir: Path,
+    out_dir: Path,
+    quantize: Quantize = "none",
+    tolerance: float = 1e-4,
+    max_int8_drop: float = 0.5,
+    model_name: str | None = None,
+    min_int8_speedup: float = 1.0,
+) -> ArtifactMetadata:
+    """`write_artifact`, for a caller that holds `artifact_lock(out_dir)`."""
     from pipeline.data import load_tasks
     from pipeline.runs import load_run
 
     if quantize not in ("none", "int8"):
         raise ExportError(f"quantize: {quantize!r}; expected 'none' or 'int8'")
-    out_dir = Path(out_dir)
     _check_replaceable(out_dir)
+    # Under the lock no other export of `out_dir` runs: temporaries of earlier ones are orphans.
+    remove_stale_temporaries(out_dir)
     run = load_run(run_dir)
     record = run.record
     enc = record.encoder
@@ -215,7 +262,6 @@ def write_artifact(
     name = model_name or default_model_name(run.config.name)
     check_model_name(name)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         onnx_path = work / ONNX_FILE
@@ -409,6 +455,201 @@ def _publish(work: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         work.rename(out_dir)
+
+
+# --------------------------------------------------------------------------- output lock
+def lock_file(out_dir: Path) -> Path:
+    """The lock file of the artifact directory `out_dir`: `.<name>.lock` beside it."""
+    return out_dir.with_name(f".{out_dir.name}.lock")
+
+
+def _check_output_name(out_dir: Path) -> None:
+    """Refuse a path without a name of its own ("/", ".", ".."): its temporaries, old copy and
+    lock file are named after it, beside it."""
+    if out_dir.name in ("", ".", ".."):
+        raise ExportError(f"{out_dir}: give the artifact directory by a path that ends in its name")
+
+
+@contextlib.contextmanager
+def artifact_lock(
+    out_dir: Path, timeout: float | None = None, optional: bool = False
+) -> Iterator[None]:
+    """Hold the lock of the artifact directory `out_dir`: one export or registration of it at a
+    time, across processes (and threads).
+
+    The lock is an flock on `lock_file(out_dir)`, beside `out_dir` on the same volume, so that
+    processes sharing the volume (containers, a network file system) see it; the kernel
+    releases it when its holder dies, even by SIGKILL. The file holds the holder's pid and host,
+    for the message of the export that waits. It is removed on release, while still locked:
+    whoever then locks the removed file sees that it is no longer the one at the path and tries
+    again, so every holder holds the file that is there. (filelock's UnixFileLock keeps its file
+    on purpose, and removing it from outside is unsafe; hence flock here, with that check.)
+
+    Args:
+        out_dir: The artifact directory; its parent must exist.
+        timeout: Seconds to wait for another holder; default ARTIFACT_LOCK_TIMEOUT_S.
+        optional: Go on without the lock when its file cannot be created (a read-only or
+            missing directory, which no export can be writing either): for registration.
+
+    Raises:
+        ExportError: another export held the lock for `timeout` seconds (the message names the
+            lock file and its holder).
+    """
+    import fcntl
+
+    out_dir = Path(out_dir)
+    _check_output_name(out_dir)
+    path = lock_file(out_dir)
+    wait = ARTIFACT_LOCK_TIMEOUT_S if timeout is None else timeout
+    deadline = time.monotonic() + wait
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        try:
+            fd = os.open(path, flags, 0o666)
+        except OSError as err:
+            if not optional:
+                raise ExportError(f"{path}: cannot create the export's lock file: {err}") from err
+            logger.debug("%s: not locked (%s)", out_dir, err)
+            fd = None
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                # A file system without flock: export as before the lock existed.
+                logger.warning("%s: not locked, the file system has no locks", out_dir)
+                path.unlink(missing_ok=True)
+                fd = None
+                break
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            if time.monotonic() >= deadline:
+                raise ExportError(
+                    f"{out_dir}: another export of this artifact directory is running "
+                    f"({_holder(path)}; lock file {path}), still after {wait:g} s; wait for it "
+                    f"to finish or choose another output directory"
+                ) from None
+            time.sleep(_LOCK_POLL_S)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if _is_at(fd, path):
+            break
+        os.close(fd)  # its holder removed it as we locked it: lock the one there now
+    if fd is None:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # only for the message of an export that waits
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        try:
+            if _is_at(fd, path):
+                path.unlink()
+        finally:
+            os.close(fd)
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """Whether the file open as `fd` is the one at `path` (no link followed)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock, as its file says."""
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        text = ""
+    return f"held by {text}" if text else "holder unknown"
+
+
+@contextlib.contextmanager
+def _locked_output(out_dir: Path) -> Iterator[None]:
+    """Create `out_dir`'s parent if needed and hold `artifact_lock(out_dir)`; when the body
+    fails, remove the parent directories created here again if they are empty."""
+    _check_output_name(out_dir)
+    created = None
+    for parent in reversed(out_dir.parents):  # the outermost missing one is created first
+        if not parent.exists():
+            created = parent
+            break
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with artifact_lock(out_dir):
+            yield
+    except BaseException:
+        if created is not None:
+            for parent in (out_dir.parent, *out_dir.parent.parents):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+                if parent == created:
+                    break
+        raise
+
+
+# The names of the temporaries `write_artifact` makes beside `<name>`: its work directory
+# (tempfile.mkdtemp: 8 characters of [a-z0-9_]) and the earlier artifact while it is replaced
+# (8 hex digits).
+_TEMP_SUFFIX = r"\.(?:tmp-[a-z0-9_]{8}|old-[0-9a-f]{8})"
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Remove the temporary siblings of `out_dir` that earlier exports of it left behind when
+    they were killed (`.<name>.tmp-*`, a partial artifact of ~100 MB) or could not finish
+    replacing it (`.<name>.old-*`).
+
+    Call it holding `artifact_lock(out_dir)`: no other export of `out_dir` runs then, so every
+    such sibling is an orphan. Only directories with exactly these names, as this module makes
+    them, are removed; anything else (other names, links, files) is left alone. Each removal is
+    logged with its size.
+
+    Returns:
+        The directories removed.
+    """
+    pattern = re.compile(re.escape(f".{out_dir.name}") + _TEMP_SUFFIX)
+    removed = []
+    try:
+        entries = list(os.scandir(out_dir.parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not pattern.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        path = Path(entry.path)
+        size = _tree_size(path)
+        try:
+            shutil.rmtree(path)
+        except OSError as err:
+            logger.warning("could not remove %s, left by an earlier export: %s", path, err)
+            continue
+        removed.append(path)
+        logger.warning(
+            "removed %s (%.1f MB), left by an earlier export of %s that did not finish",
+            path,
+            size / 1e6,
+            out_dir,
+        )
+    return removed
+
+
+def _tree_size(root: Path) -> int:
+    """Bytes in the files under `root` (no link followed)."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
 
 
 # --------------------------------------------------------------------------- ONNX graph
@@ -1036,6 +1277,119 @@ def _check_plain_tree(root: Path) -> None:
                 )
 
 
+# BentoML's temporary directory for a new version (bentoml/_internal/models/model.py,
+# `Model.create`: tempfile.mkdtemp(prefix=f"bentoml-model-{name}-")), and the marker that a
+# registration of this module puts beside it while it runs.
+_BENTOML_TEMP = re.compile(r"bentoml-model-[-._a-z0-9]+-[a-z0-9_]{8}")
+_BENTOML_MARKER = re.compile(r"\.polytask-register-(?P<temp>.+)\.lock")
+
+
+@contextlib.contextmanager
+def _bentoml_temp_marker(temp: Path) -> Iterator[None]:
+    """Keep `.polytask-register-<temp name>.lock` beside BentoML's temporary directory `temp`,
+    flock-ed for the duration (the kernel releases it when this process dies, even by
+    SIGKILL). The marker is created and locked under another name and renamed into place, so
+    it is never seen unlocked while its registration lives. Best effort: without a marker
+    (an unexpected name, a full disk), the directory is simply never cleaned by us."""
+    import fcntl
+
+    if not _BENTOML_TEMP.fullmatch(temp.name):
+        yield
+        return
+    marker = temp.with_name(f".polytask-register-{temp.name}.lock")
+    pending = temp.with_name(f".polytask-register-{temp.name}.{uuid.uuid4().hex[:8]}.pending")
+    try:
+        fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as err:
+        logger.debug("%s: no marker (%s)", temp, err)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else has it
+        pending.rename(marker)
+    except OSError as err:
+        logger.debug("%s: no marker (%s)", temp, err)
+        pending.unlink(missing_ok=True)
+        os.close(fd)
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            if _is_at(fd, marker):
+                marker.unlink()
+        finally:
+            os.close(fd)
+
+
+def remove_stale_bentoml_temporaries(tmp_dir: Path | None = None) -> list[Path]:
+    """Remove BentoML's temporary copies of versions whose registration was killed (a full
+    artifact each, ~100 MB, in tempfile.gettempdir()).
+
+    Only directories named by a marker of `_bentoml_temp_marker` whose lock is free, that is
+    whose registration no longer runs, are removed, with the marker, and only if they are
+    `bentoml-model-*` directories of this user; nothing else in the directory is touched (other
+    processes' temporary directories, unmarked ones, markers that are held).
+
+    Args:
+        tmp_dir: Where to look; default tempfile.gettempdir(), where BentoML puts them.
+
+    Returns:
+        The directories removed.
+    """
+    import fcntl
+
+    tmp_dir = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
+    removed = []
+    try:
+        names = [
+            m
+            for m in map(_BENTOML_MARKER.fullmatch, os.listdir(tmp_dir))
+            if m and _BENTOML_TEMP.fullmatch(m["temp"])
+        ]
+    except OSError:
+        return removed
+    for match in names:
+        marker = tmp_dir / match.string
+        try:
+            fd = os.open(marker, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone meanwhile, or another user's
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its registration is running
+            if not _is_at(fd, marker):
+                continue  # removed by another cleaner as we locked it
+            temp = tmp_dir / match["temp"]
+            try:
+                info = temp.lstat()
+            except FileNotFoundError:
+                info = None
+            if info is not None:
+                if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                    continue
+                size = _tree_size(temp)
+                try:
+                    shutil.rmtree(temp)
+                except OSError as err:
+                    logger.warning("could not remove %s: %s", temp, err)
+                    continue
+                removed.append(temp)
+                logger.warning(
+                    "removed %s (%.1f MB), BentoML's copy of a model version whose "
+                    "registration did not finish",
+                    temp,
+                    size / 1e6,
+                )
+            marker.unlink()
+        finally:
+            os.close(fd)
+    return removed
+
+
 def register_artifact(
     artifact_dir: Path, model_name: str | None = None, candidate: bool = False
 ) -> str:
@@ -1058,13 +1412,21 @@ def register_artifact(
 
     Raises:
         ExportError: the directory holds a symbolic link or something other than regular
-            files and directories (named in the message).
+            files and directories (named in the message), or an export of it is running.
     """
+    artifact_dir = Path(artifact_dir)
+    # Locked so that no export replaces the artifact while it is copied; optional, so that a
+    # read-only artifact directory (which no export can be writing) can still be registered.
+    with artifact_lock(artifact_dir, optional=True):
+        return _register_artifact(artifact_dir, model_name, candidate)
+
+
+def _register_artifact(artifact_dir: Path, model_name: str | None, candidate: bool) -> str:
+    """`register_artifact`, for a caller that holds `artifact_lock(artifact_dir)`."""
     import bentoml
 
     from serving.model_store import CANDIDATE_LABEL
 
-    artifact_dir = Path(artifact_dir)
     metadata = ArtifactMetadata.read(artifact_dir)
     _check_plain_tree(artifact_dir)
     name = model_name or metadata.model_name
@@ -1072,26 +1434,37 @@ def register_artifact(
     renamed = name != metadata.model_name
     if renamed:
         metadata = metadata.model_copy(update={"model_name": name})
-    with bentoml.models.create(
-        name,
-        labels={
-            "run_id": metadata.run_id,
-            "precision": metadata.precision,
-            "polytask_version": metadata.polytask_version,
-            **({CANDIDATE_LABEL[0]: CANDIDATE_LABEL[1]} if candidate else {}),
-        },
-        # Small, for `bentoml models get`; the full record is metadata.json inside the model.
-        metadata={
-            "tasks": metadata.task_names,
-            "encoder": metadata.encoder.name,
-            "max_length": metadata.encoder.max_length,
-            "dev_macro_accuracy": metadata.dev_macro_accuracy,
-            "parity_max_abs_diff": metadata.parity.max_abs_diff,
-            "config_fingerprint": metadata.config_fingerprint,
-            # add-task / remove-task: "<parent run> +new -old" (`polytask models list`)
-            "lineage": lineage_text(metadata) or "",
-        },
-    ) as model:
+    remove_stale_bentoml_temporaries()
+    with (
+        contextlib.ExitStack() as stack,
+        bentoml.models.create(
+            name,
+            labels={
+                "run_id": metadata.run_id,
+                "precision": metadata.precision,
+                "polytask_version": metadata.polytask_version,
+                **({CANDIDATE_LABEL[0]: CANDIDATE_LABEL[1]} if candidate else {}),
+            },
+            # Small, for `bentoml models get`; the full record is metadata.json inside the model.
+            metadata={
+                "tasks": metadata.task_names,
+                "encoder": metadata.encoder.name,
+                "max_length": metadata.encoder.max_length,
+                "dev_macro_accuracy": metadata.dev_macro_accuracy,
+                "parity_max_abs_diff": metadata.parity.max_abs_diff,
+                "config_fingerprint": metadata.config_fingerprint,
+                # add-task / remove-task: "<parent run> +new -old" (`polytask models list`)
+                "lineage": lineage_text(metadata) or "",
+            },
+        ) as model,
+    ):
+        # BentoML builds the version in a temporary directory of its own (`bentoml-model-
+        # <name>-*` under tempfile.gettempdir(), no way to choose it short of changing
+        # tempfile.tempdir for the whole process) and copies it into the store on leaving this
+        # block. A marker beside it, locked while this process lives, lets a later
+        # registration remove it if this one is killed (`remove_stale_bentoml_temporaries`).
+        stack.enter_context(_bentoml_temp_marker(Path(model.path)))
+        stack.callback(shutil.rmtree, model.path, ignore_errors=True)  # before the marker goes
         # symlinks=True: a link that appeared since the check is copied as a link, never as
         # the file outside the artifact it points to.
         shutil.copytree(artifact_dir, model.path, dirs_exist_ok=True, symlinks=True)
