@@ -26,6 +26,10 @@ A client can therefore not create metric series (or access-log lines) with paths
 A Content-Type that is not ASCII gets a 415 there too (BentoML's access log could not decode
 it). `AccessLogEscaper` escapes control characters in BentoML's access log lines (defence in
 depth).
+
+Below the ASGI app, `serving.connections` bounds how long a request head may take and how many
+connections a worker holds, and answers the HTTP parser's own refusals (a malformed or
+oversized request head) in the same JSON format, counted the same way.
 """
 
 from __future__ import annotations
@@ -244,10 +248,8 @@ async def send_error(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """Answer with `{"error", "reason"}` and count it by reason (a bounded label)."""
-    from serving.metrics import get_metrics
-
-    get_metrics().rejected.labels(reason=reason).inc()
-    body = json.dumps({"error": message, "reason": reason}).encode()
+    count_rejected(reason)
+    body = error_body(reason, message)
     await send(
         {
             "type": "http.response.start",
@@ -260,6 +262,18 @@ async def send_error(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def error_body(reason: str, message: str) -> bytes:
+    """The JSON body of every refusal: `{"error": message, "reason": reason}`."""
+    return json.dumps({"error": message, "reason": reason}).encode()
+
+
+def count_rejected(reason: str) -> None:
+    """Count a refusal in `polytask_rejected_requests_total{reason}` (a bounded label)."""
+    from serving.metrics import get_metrics
+
+    get_metrics().rejected.labels(reason=reason).inc()
 
 
 # --------------------------------------------------------------------------- access log

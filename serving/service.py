@@ -38,6 +38,9 @@ Environment (read when the service module is imported / a worker starts):
     POLYTASK_METRICS_API_KEYS(_FILE)
                                the trust boundary: limits and API keys (serving/settings.py)
     POLYTASK_BODY_TIMEOUT_S    seconds a request body may take to arrive (10; serving/guard.py)
+    POLYTASK_HEADER_TIMEOUT_S, POLYTASK_MAX_CONNECTIONS
+                               a request head's deadline (10 s) and open connections per HTTP
+                               worker (1000), below the ASGI app (serving/connections.py)
     POLYTASK_ORT_THREADS       onnxruntime intra-op threads per Encoder worker
     POLYTASK_ORT_SPINNING      1: idle intra-op threads spin (default 0: they sleep)
     POLYTASK_ORT_PARALLEL      1: a call with enough work runs its length buckets on one
@@ -73,6 +76,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving.artifact import ArtifactMetadata
+from serving.connections import install_connection_guard
 from serving.guard import (
     BODY_TIMEOUT_ENV,
     ApiKeyGuard,
@@ -623,6 +627,9 @@ class FrontDoorService(bentoml.Service):
 
     def to_asgi(self, is_main: bool = True) -> Any:
         install_access_log_escaper()
+        # BentoML's worker calls this before it builds its uvicorn server: the header timeout,
+        # connection limit and JSON protocol errors are in place for that server.
+        install_connection_guard()
         return FrontDoor(super().to_asgi(is_main=is_main), routes=ROUTES)
 
 

@@ -10,6 +10,11 @@
     POLYTASK_API_KEYS_FILE      a file with one API key per line (`#` starts a comment)
     POLYTASK_METRICS_API_KEYS   keys for /metrics (comma-separated); /metrics is open without
     POLYTASK_METRICS_API_KEYS_FILE  the same, from a file
+    POLYTASK_HEADER_TIMEOUT_S   seconds a request head may take to arrive, from the connection's
+                                start or the previous answer (default 10): then 408, or the
+                                connection is closed if nothing came (serving/connections.py)
+    POLYTASK_MAX_CONNECTIONS    open connections per HTTP worker (default 1000): one beyond gets
+                                503 with Retry-After and is closed (serving/connections.py)
 
 Keys are kept only as SHA-256 digests and compared in constant time; they are never logged,
 and `repr(settings)` does not show them. A bad value (a limit that is not a positive integer,
@@ -32,6 +37,8 @@ MAX_BODY_BYTES_ENV = "POLYTASK_MAX_BODY_BYTES"
 MAX_TEXT_CHARS_ENV = "POLYTASK_MAX_TEXT_CHARS"
 API_KEYS_ENV = "POLYTASK_API_KEYS"
 METRICS_API_KEYS_ENV = "POLYTASK_METRICS_API_KEYS"
+HEADER_TIMEOUT_ENV = "POLYTASK_HEADER_TIMEOUT_S"
+MAX_CONNECTIONS_ENV = "POLYTASK_MAX_CONNECTIONS"
 
 DEFAULT_MAX_TEXTS = 64
 # 64 texts of 10,000 characters are ~640 KB of JSON; 1 MiB leaves room for escapes.
@@ -39,6 +46,12 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 # Far beyond what the model reads (128 tokens are ~600 characters of English), small enough
 # that validation and the runtime's cut stay cheap.
 DEFAULT_MAX_TEXT_CHARS = 10_000
+# A client sends its request head in one round trip; 10 s leaves room for slow links and stops
+# a connection that sends nothing (or trickles its headers) from being held for good.
+DEFAULT_HEADER_TIMEOUT_S = 10
+# Per HTTP worker. Far above what a replica serves at once (requests are merged into a few model
+# calls); a worker whose file limit is too low for it warns at start (serving/connections.py).
+DEFAULT_MAX_CONNECTIONS = 1000
 
 
 class SettingsError(ValueError):
@@ -83,6 +96,8 @@ class ServingSettings(BaseModel):
     max_text_chars: int = Field(default=DEFAULT_MAX_TEXT_CHARS, ge=1)
     api_keys: KeySet = Field(default_factory=KeySet)
     metrics_api_keys: KeySet = Field(default_factory=KeySet)
+    header_timeout_s: int = Field(default=DEFAULT_HEADER_TIMEOUT_S, ge=1)
+    max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServingSettings:
@@ -98,6 +113,8 @@ class ServingSettings(BaseModel):
             max_text_chars=_positive_int(env, MAX_TEXT_CHARS_ENV, DEFAULT_MAX_TEXT_CHARS),
             api_keys=_keys(env, API_KEYS_ENV),
             metrics_api_keys=_keys(env, METRICS_API_KEYS_ENV),
+            header_timeout_s=_positive_int(env, HEADER_TIMEOUT_ENV, DEFAULT_HEADER_TIMEOUT_S),
+            max_connections=_positive_int(env, MAX_CONNECTIONS_ENV, DEFAULT_MAX_CONNECTIONS),
         )
 
 
