@@ -8,15 +8,18 @@ side in one run:
     (2) the hostile mix: the same valid clients, plus `--hostile` clients (together
         `--concurrency`) sending, in turn, poison texts (lone surrogates, over-long texts), oversized bodies (over
         Content-Length and chunked), deeply nested and malformed JSON, huge numbers, invalid
-        UTF-8, wrong types and content types; the service's readiness polled throughout
+        UTF-8, wrong types and content types; and `--slow` connections that send nothing,
+        half a request head, or a head trickled a byte at a time (slowloris), each opened
+        again as soon as the server closes it; the service's readiness polled throughout
 
 and prints: valid requests failed (must be 0), hostile requests by status, whether /readyz
 ever failed, the valid p99 under the mix next to the clean p99 (target: within 3x), the time
-to refuse a 20 MB body, the service's memory before and after, and /metrics' rejections by
-reason.
+to refuse a 20 MB body, the service's memory before and after, how long the server held the
+slow connections and what it answered them, and /metrics' rejections by reason.
 
     python bench/hostile.py [ARTIFACT_DIR]      # default: runs/latest/artifact
-        [--seconds 60] [--concurrency 32] [--hostile 8] [--hostile-rate R] [--threads N]
+        [--seconds 60] [--concurrency 32] [--hostile 8] [--hostile-rate R] [--slow 64]
+        [--threads N]
 
 Hostile clients run in a process of their own. By default each sends at the pace a valid client
 had in the clean phase, so they are their share of the traffic (8 of 32 clients: about a
@@ -83,10 +86,17 @@ def _send(http, url: str, body, headers) -> int:
 
 
 def run_phase(
-    url: str, texts: list[str], valid: int, hostile: int, seconds: float, rate: float = 0.0
+    url: str,
+    texts: list[str],
+    valid: int,
+    hostile: int,
+    seconds: float,
+    rate: float = 0.0,
+    slow: int = 0,
 ):
     """`valid` closed-loop valid clients and `hostile` hostile ones, each sending `rate`
-    requests/s (0: as fast as answers come); latencies and outcomes."""
+    requests/s (0: as fast as answers come), with `slow` slow connections; latencies and
+    outcomes (the slow connections' among the hostile ones)."""
     import httpx
 
     latencies: list[float] = []
@@ -128,7 +138,9 @@ def run_phase(
     # would take the GIL from the valid clients and inflate the latencies measured here.
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    attackers = ctx.Process(target=hostile_process, args=(url, hostile, seconds, rate, results))
+    attackers = ctx.Process(
+        target=hostile_process, args=(url, hostile, seconds, rate, results, slow)
+    )
     if hostile:
         attackers.start()
     threads = [threading.Thread(target=valid_client, args=(k,)) for k in range(valid)]
@@ -137,15 +149,60 @@ def run_phase(
         t.start()
     for t in threads:
         t.join()
+    held: dict[str, list[float]] = {}
     if hostile:
-        hostile_status.update(results.get(timeout=seconds + 120))
+        counts, held = results.get(timeout=seconds + 120)
+        hostile_status.update(counts)
         attackers.join()
-    return latencies, valid_failed, hostile_status, not_ready[0]
+    return latencies, valid_failed, hostile_status, not_ready[0], held
 
 
-def hostile_process(url: str, clients: int, seconds: float, rate: float, results) -> None:
+SLOW_KINDS = ("slow_silent", "slow_half_head", "slow_trickle")
+
+
+def slow_connection(url: str, kind: str, stop: float) -> tuple[str, float] | None:
+    """One slow connection of `kind`, held until the server closes it or `stop`: (what the
+    server answered: its status, or "closed" without an answer; seconds held), or None when
+    `stop` came first."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    head = f"POST /predict HTTP/1.1\r\nHost: {parts.hostname}\r\n".encode()
+    start = time.perf_counter()
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        if kind == "slow_half_head":
+            sock.sendall(head)
+        sent = 0
+        sock.settimeout(0.5)
+        while time.perf_counter() < stop:
+            if kind == "slow_trickle":
+                try:
+                    sock.sendall((head + b"x-pad: " + b"a" * 10_000)[sent : sent + 1])
+                    sent += 1
+                except OSError:
+                    return "closed", time.perf_counter() - start
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return "closed", time.perf_counter() - start
+            held = time.perf_counter() - start
+            if not data:
+                return "closed", held
+            status = data.split(b" ", 2)[1].decode(errors="replace") if b" " in data else "?"
+            return status, held
+    return None
+
+
+def hostile_process(
+    url: str, clients: int, seconds: float, rate: float, results, slow: int = 0
+) -> None:
     """`clients` hostile clients for `seconds`, each sending `rate` requests/s (0: closed
-    loop, as fast as the answers come); puts {(kind, status): count}."""
+    loop, as fast as the answers come), and `slow` slow connections (`slow_connection`, each
+    opened again once closed); puts {(kind, status): count} and, under ("held", kind), the
+    seconds each slow connection was held."""
     import httpx
 
     attacks = hostile_requests()
@@ -167,12 +224,29 @@ def hostile_process(url: str, clients: int, seconds: float, rate: float, results
                     status[(kind, code)] += 1
                 i += 1
 
+    held: dict[str, list[float]] = {}
+
+    def slow_client(k: int) -> None:
+        kind = SLOW_KINDS[k % len(SLOW_KINDS)]
+        while time.perf_counter() < stop:
+            try:
+                outcome = slow_connection(url, kind, stop)
+            except OSError:
+                outcome = ("refused", 0.0)
+                time.sleep(0.1)
+            if outcome is None:
+                break
+            with lock:
+                status[(kind, outcome[0])] += 1
+                held.setdefault(kind, []).append(outcome[1])
+
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    threads += [threading.Thread(target=slow_client, args=(k,)) for k in range(slow)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    results.put(dict(status))
+    results.put((dict(status), held))
 
 
 def server_rss(pid: int) -> int:
@@ -218,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         "phase, so hostile clients are that share of the traffic; 0: as fast as answers come, "
         "a flood)",
     )
+    parser.add_argument(
+        "--slow",
+        type=int,
+        default=64,
+        help="slow connections in the mix (silent, half a head, a trickled head; 0: none)",
+    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/data/senteval")
     args = parser.parse_args(argv)
@@ -237,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             f"server {url}; {valid} valid clients, then the same plus {args.hostile} hostile "
             f"ones; {args.seconds:.0f} s per phase"
         )
-        clean, clean_failed, _, clean_unready = run_phase(url, texts, valid, 0, args.seconds)
+        clean, clean_failed, _, clean_unready, _ = run_phase(url, texts, valid, 0, args.seconds)
         rss_before = server_rss(pid)
         start = time.perf_counter()
         code = _send(
@@ -247,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         rss_refused = server_rss(pid)
         per_client = len(clean) / args.seconds / valid
         rate = per_client if args.hostile_rate is None else args.hostile_rate
-        mixed, failed, hostile, unready = run_phase(
-            url, texts, valid, args.hostile, args.seconds, rate
+        mixed, failed, hostile, unready, held = run_phase(
+            url, texts, valid, args.hostile, args.seconds, rate, args.slow
         )
         rss_after = server_rss(pid)
         reasons = rejections(url)
@@ -259,8 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"valid latency ms: p50 {pct(clean, 50):.1f}  p99 {pct(clean, 99):.1f}")
     pace = f"{rate:.1f} requests/s each" if rate > 0 else "as fast as answers come (a flood)"
-    n_hostile = sum(hostile.values())
-    print(f"\n== hostile mix ({valid} valid + {args.hostile} hostile clients, {pace})")
+    n_hostile = sum(n for (kind, _), n in hostile.items() if kind not in SLOW_KINDS)
+    print(
+        f"\n== hostile mix ({valid} valid + {args.hostile} hostile clients, {pace}; "
+        f"{args.slow} slow connections)"
+    )
     print(
         f"hostile share of the requests: {n_hostile / max(1, n_hostile + len(mixed)):.0%} "
         f"({n_hostile} hostile)"
@@ -276,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     print("hostile requests by kind -> status:")
     for kind, counts in sorted(by_kind.items()):
         print(f"  {kind:<20} {dict(counts)}")
+    for kind, seconds_held in sorted(held.items()):
+        print(
+            f"  {kind:<20} held by the server: median {statistics.median(seconds_held):.1f} s, "
+            f"longest {max(seconds_held):.1f} s ({len(seconds_held)} connections closed)"
+        )
     print(f"/readyz not 200: {clean_unready + unready} of the polls (every 0.5 s)")
     print(
         f"20 MB body: status {code} in {1000 * refuse_s:.0f} ms; service memory "
