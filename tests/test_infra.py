@@ -514,7 +514,10 @@ def test_alerts_cover_the_issue_and_name_only_known_metrics() -> None:
 
     assert "polytask_train_dev_accuracy" in expr("PolytaskTaskAccuracyDropped")
     unavailable = expr("PolytaskServingUnavailable")
-    assert 'polytask_rejected_requests_total{reason="unavailable"}' in unavailable
+    assert 'polytask_rejected_requests_total{reason=~"unavailable|too_many_connections"}' in (
+        unavailable
+    )
+    assert "polytask_retrain_last_failure_timestamp_seconds" in expr("PolytaskRetrainingFailed")
     assert 'bentoml_service_request_total{endpoint="/predict"}' in unavailable
     assert "http_response_code" in expr("PolytaskServingErrorRate")
     assert "polytask_predictions_total" in expr("PolytaskNoPredictions")
