@@ -344,3 +344,73 @@ def test_each_stage1_epoch_report_is_pushed_by_the_ray_callback(stub):
             ("polytask_train_epoch_dev_accuracy", "topic"): 0.65,
         }
     )
+
+
+@pytest.fixture
+def trickling_pushgateway() -> Iterator[str]:
+    """A server that answers one byte every 0.2 s, forever: no socket read ever times out."""
+    import socket
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    stop = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+                    if stop.is_set():
+                        return
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.2)
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    server.close()
+
+
+def test_a_trickling_pushgateway_cannot_hold_a_job_open(trickling_pushgateway, run_record, caplog):
+    # Review s24 #11: each read got its timeout, but the answer never ended, so retrain's last
+    # push (after the gate had decided) blocked for good.
+    import time
+
+    result: dict[str, object] = {}
+
+    def push() -> None:
+        result["metrics"] = monitoring.push_retrain_metrics(
+            trickling_pushgateway,
+            "j",
+            "c",
+            run_record,
+            duration_seconds=1.0,
+            promoted=True,
+            timeout=0.5,
+        )
+        result["failure"] = monitoring.push_retrain_failure(
+            trickling_pushgateway, "j", "c", timeout=0.5
+        )
+
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="pipeline.jobs.monitoring"):
+        caller = threading.Thread(target=push, daemon=True)
+        caller.start()
+        caller.join(60)  # generous: the deadline is 3 x 0.5 s per push
+    assert not caller.is_alive(), "a push is still blocked"
+    assert result == {"metrics": False, "failure": False}
+    assert time.monotonic() - start < 60
+    abandoned = [r for r in caplog.records if "no complete answer within 1.5 s" in r.getMessage()]
+    assert len(abandoned) == 2

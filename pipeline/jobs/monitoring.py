@@ -39,13 +39,16 @@ added to the decision taken, and both decisions are pushed, so `increase()` sees
 the Pushgateway restarts, the counter starts again from 0, which Prometheus treats as a counter
 reset. Two concurrent jobs of one config could lose an increment; the scheduler never runs two.
 
-Monitoring never fails a retraining job: no Pushgateway configured logs one line; a network
-error logs a warning.
+Monitoring never fails a retraining job, nor holds it open: no Pushgateway configured logs one
+line; a network error logs a warning; a push (reading the counter back included) that has no
+complete answer within `PUSH_DEADLINE_FACTOR` times its per-request timeout is abandoned with a
+warning.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,6 +57,9 @@ if TYPE_CHECKING:
     from pipeline.runs import RunRecord
 
 logger = logging.getLogger(__name__)
+# A push (the counter's read-back and the POST) gets this many times its per-read timeout in
+# all: a Pushgateway that trickles its answer never times a read out.
+PUSH_DEADLINE_FACTOR = 3
 
 DECISIONS: tuple[str, ...] = ("promoted", "refused")
 STAGES: dict[str, str] = {"joint": "joint", "align_best": "align", "final": "final"}
@@ -240,18 +246,45 @@ def _pushadd(
     make_registry: Callable[[], Any],
     timeout: float,
 ) -> bool:
-    """POST the registry `make_registry()` builds to this job's group; never raises."""
+    """POST the registry `make_registry()` builds to this job's group; never raises, and
+    returns within `PUSH_DEADLINE_FACTOR * timeout` seconds.
+
+    `timeout` bounds each socket read, not a request: a Pushgateway (or a proxy) that trickles
+    its answer a byte at a time would hold the job open for good, after its work is done. So
+    the push runs in a daemon thread, abandoned at the deadline (it cannot keep the process
+    alive; one thread per push at most)."""
     from prometheus_client import pushadd_to_gateway
 
-    try:
-        pushadd_to_gateway(
+    outcome: list[BaseException | None] = []
+
+    def push() -> None:
+        try:
+            pushadd_to_gateway(
+                pushgateway,
+                job=job,
+                registry=make_registry(),
+                grouping_key=grouping_key(config_name),
+                timeout=timeout,
+            )
+        except Exception as err:  # network or HTTP errors, an unexpected record: never fatal
+            outcome.append(err)
+        else:
+            outcome.append(None)
+
+    deadline = PUSH_DEADLINE_FACTOR * timeout
+    worker = threading.Thread(target=push, name=f"pushgateway-{what}", daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if not outcome:
+        logger.warning(
+            "%s not pushed to %s: no complete answer within %g s; the push was abandoned",
+            what,
             pushgateway,
-            job=job,
-            registry=make_registry(),
-            grouping_key=grouping_key(config_name),
-            timeout=timeout,
+            deadline,
         )
-    except Exception as err:  # network errors, HTTP errors, an unexpected record: never fatal
+        return False
+    err = outcome[0]
+    if err is not None:
         logger.warning("%s not pushed to %s: %s: %s", what, pushgateway, type(err).__name__, err)
         return False
     return True

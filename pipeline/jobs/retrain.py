@@ -24,6 +24,7 @@ or promote a working version first).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -96,6 +97,22 @@ def check_promotion_config(config: RunConfig) -> None:
             "config",
             [f"promotion.minimums: unknown task(s) {unknown}; the config has {config.task_names}"],
         )
+
+
+def check_evaluation_data(config: RunConfig) -> None:
+    """The gate's own evaluation set (`promotion.eval_data_dir`), when set, must hold every
+    task's `dev` file with labels the task knows: checked before any training (by `validate`
+    and `retrain`), not found missing after a whole training and export.
+
+    Raises:
+        DataError: a missing or bad file (file:line), or a label the task does not have.
+    """
+    if config.promotion.eval_data_dir is None:
+        return
+    from pipeline.data import load_tasks
+
+    labels = {t.name: t.labels for t in load_tasks(config)}
+    load_tasks(evaluation_config(config), [EVAL_SPLIT], labels)
 
 
 def evaluation_config(config: RunConfig) -> RunConfig:
@@ -250,9 +267,13 @@ def _retrain(
     from pipeline.train.driver import train
 
     check_promotion_config(config)
+    check_evaluation_data(config)
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     t0 = time.monotonic()
     name = model_name or default_model_name(config.name)
+    # What the challenger will be compared with, as the run starts: a champion that is gone
+    # by the time of the gate must not turn the comparison into the first model's rules.
+    champion_at_start = promoted_tag(name)
 
     mon = config.monitoring  # per-epoch gauges to the Pushgateway, if one is configured
     push_epochs = epoch_callback(mon.pushgateway, mon.job, config.name, config.task_names)
@@ -268,6 +289,50 @@ def _retrain(
     exported = export_run(result.run_dir, model_name=name, register=True, candidate=True)
     tag = str(exported.tag)
     t_export = time.monotonic()
+    try:
+        return _gate(
+            config, result, exported, name, champion_at_start, started, t0, t_train, t_export
+        )
+    except BaseException:
+        # Whatever stopped the gate (a data error, a deleted champion, Ctrl-C), the challenger
+        # must not stay behind as a candidate nobody decided on; unless it was promoted.
+        if not _is_promoted(tag):
+            with contextlib.suppress(Exception):
+                bentoml.models.delete(tag)
+                logger.warning("challenger %s removed from the store: the gate did not finish", tag)
+        raise
+
+
+def _is_promoted(tag: str) -> bool:
+    import bentoml
+
+    from serving.model_store import PROMOTION_LABEL
+
+    try:
+        model = bentoml.models.get(tag)
+    except Exception:
+        return False
+    key, value = PROMOTION_LABEL
+    return model.info.labels.get(key) == value
+
+
+def _gate(
+    config: RunConfig,
+    result: Any,
+    exported: Any,
+    name: str,
+    champion_at_start: str | None,
+    started: str,
+    t0: float,
+    t_train: float,
+    t_export: float,
+) -> tuple[RetrainRecord, RunRecord]:
+    """Evaluate the exported challenger and the champion, decide, promote or not, and write the
+    record (`_retrain` after the export)."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    tag = str(exported.tag)
 
     eval_config = evaluation_config(config)
     # Without its own evaluation set the gate scores the dev texts the calibration maps were
@@ -288,11 +353,25 @@ def _retrain(
             f"(artifact kept in {exported.artifact_dir})"
         ) from None
     champion = promoted_tag(name)
+    if champion is None and champion_at_start is not None:
+        raise PromotionError(
+            f"champion {champion_at_start} was promoted when this retrain started and no "
+            f"version of {name} is promoted now (deleted or unlabelled meanwhile): the gate "
+            f"has nothing to compare {tag} with; promote the version that should be served "
+            f"(`polytask models promote TAG`), then retrain"
+        )
     champion_eval = None
     champion_acc = None
     unchanged: list[str] = []
     if champion is not None:
-        champion_dir = Path(bentoml.models.get(champion).path)
+        try:
+            champion_dir = Path(bentoml.models.get(champion).path)
+        except NotFound:
+            raise PromotionError(
+                f"champion {champion} was removed from the store during the gate: nothing to "
+                f"compare {tag} with; promote the version that should be served "
+                f"(`polytask models promote TAG`), then retrain"
+            ) from None
         try:
             champion_eval = evaluate_artifact(
                 champion_dir, eval_config, champion_answers, cross_fit
