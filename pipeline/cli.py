@@ -74,7 +74,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.config import check_encoder_max_length, check_writable_outputs, load_config
     from pipeline.data import format_stats, load_tasks, warn_large_batch
     from pipeline.features import resolve_encoder_path
-    from pipeline.jobs.retrain import check_promotion_config
+    from pipeline.jobs.retrain import check_evaluation_data, check_promotion_config
 
     config = load_config(args.config, data_dir=args.data_dir, overrides=_overrides(args.set))
     check_writable_outputs(config, source=str(args.config))
@@ -82,6 +82,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_encoder_max_length(config, encoder_path, source=str(args.config))
     check_promotion_config(config)  # retrain checks it too, but only once a job runs
     tasks = load_tasks(config)
+    check_evaluation_data(config)  # promotion.eval_data_dir, if set
     warn_large_batch(tasks, config.train.batch_size)
     print(format_stats(tasks))
     print(f"{args.config}: OK ({len(tasks)} tasks)")
