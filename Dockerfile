@@ -44,8 +44,9 @@ RUN pip install "/tmp/polytask[serve]" \
     && rm -rf /tmp/polytask /opt/venv/bin/polytask
 
 # Non-root. The model store is BENTOML_HOME under /home/polytask/store: mount the shared volume
-# there (infra/k8s/serve.yaml), as the train image and the Ray pods do. The service never writes
-# outside it and /tmp.
+# there (infra/k8s/serve.yaml), as the train image and the Ray pods do. The service writes
+# nowhere else but /tmp (BentoML's sockets, each server's own Prometheus files) and ~/.cache
+# (onnxruntime): serve.yaml mounts emptyDirs there and makes the root filesystem read-only.
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin polytask \
     && mkdir -p /home/polytask/store/bentoml \
     && chown -R polytask:polytask /home/polytask

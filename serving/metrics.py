@@ -38,9 +38,21 @@ that compare them with dev's are in infra/prometheus/alerts.yml (group polytask-
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import os
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Each server's own Prometheus multiprocess directory: `<tempdir>/polytask-prometheus-<pid>`.
+PRIVATE_DIR_PREFIX = "polytask-prometheus-"
 
 CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -192,3 +204,70 @@ def get_metrics() -> Metrics:
             multiprocess_mode="livemostrecent",
         ),
     )
+
+
+# --------------------------------------------------------------------------- multiprocess dir
+def use_private_multiproc_dir() -> Path | None:
+    """Give this server its own Prometheus multiprocess directory, in the temporary directory.
+
+    BentoML keeps the files in `$BENTOML_HOME/prometheus_multiproc_dir` and empties that
+    directory whenever a server starts (`ensure_prometheus_dir`). BENTOML_HOME is the model
+    store, which replicas share (infra/k8s/serve.yaml mounts one volume in every pod; two
+    `polytask serve` on one machine share it too): a replica that started wiped the others'
+    counters, their later samples went to deleted files, and each /metrics showed the newest
+    replica's traffic. So the supervisor points BentoML at `<tempdir>/polytask-prometheus-
+    <pid>` (a pod's own /tmp; one per server on a machine) and removes such directories left
+    by servers that no longer run.
+
+    Called when serving.service is imported: BentoML's supervisor imports it before it starts
+    the server (`bentoml serve` and `polytask serve` alike). In a worker, whose
+    PROMETHEUS_MULTIPROC_DIR the supervisor set, it does nothing; so too where the variable
+    was set by hand.
+
+    Returns:
+        The directory chosen, or None when nothing was changed.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    root = Path(tempfile.gettempdir())
+    remove_dead_multiproc_dirs(root)
+    path = root / f"{PRIVATE_DIR_PREFIX}{os.getpid()}"
+    BentoMLContainer.prometheus_multiproc_dir.set(str(path))
+    return path
+
+
+def remove_dead_multiproc_dirs(root: Path) -> list[Path]:
+    """Remove `root/polytask-prometheus-<pid>` directories of this user whose process is gone;
+    nothing else (other names, links, other users', live servers')."""
+    removed: list[Path] = []
+    pattern = re.compile(re.escape(PRIVATE_DIR_PREFIX) + r"(\d+)")
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+                continue
+            if _alive(int(match.group(1))):
+                continue
+            shutil.rmtree(entry.path)
+            removed.append(Path(entry.path))
+    if removed:
+        logger.info("removed %d metrics directories of servers no longer running", len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -86,7 +86,7 @@ from serving.guard import (
     install_access_log_escaper,
     read_body,
 )
-from serving.metrics import get_metrics
+from serving.metrics import get_metrics, use_private_multiproc_dir
 from serving.model_store import (
     MODEL_ENV,
     LoadFailure,
@@ -118,6 +118,10 @@ from serving.settings import (
 logger = logging.getLogger(__name__)
 
 RELOAD_ENV = "POLYTASK_RELOAD_SECONDS"
+
+# Before BentoML's supervisor starts the server: each server gets its own metrics files, never
+# the shared store's, which every starting replica emptied (serving.metrics).
+use_private_multiproc_dir()
 
 
 def _env_int(name: str, default: int) -> int:

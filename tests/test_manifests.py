@@ -337,6 +337,8 @@ def test_env_paths_lie_on_the_mounted_store_where_the_images_expect_it() -> None
             mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
             for name in mounts.values():
                 assert name in volumes, f"{where}: mounts an undefined volume {name}"
+                if "emptyDir" in volumes[name]:  # scratch space: /tmp, caches
+                    continue
                 assert volumes[name]["persistentVolumeClaim"]["claimName"] == claim, where
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             target = images()[container["image"]]
@@ -368,3 +370,37 @@ def test_serve_env_names_settings_the_service_reads_and_matches_the_image() -> N
 
     image_env = dockerfile_env("serve")
     assert env["POLYTASK_MODEL_NAME"] == image_env["POLYTASK_MODEL_NAME"] == DEFAULT_MODEL_NAME
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard() -> None:
+    # Session 24 review: no container securityContext anywhere; the Ray pods did not even say
+    # runAsNonRoot. The "restricted" profile's requirements, for every pod of ours.
+    for where, spec in pod_specs():
+        pod = spec.get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True, where
+        assert pod.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+        for container in spec["containers"]:
+            context = container.get("securityContext", {})
+            assert context.get("allowPrivilegeEscalation") is False, where
+            assert context.get("capabilities", {}).get("drop") == ["ALL"], where
+
+
+def test_the_serve_pod_has_a_read_only_root_and_scratch_volumes_where_it_writes() -> None:
+    (deployment,) = [
+        d for d in docs_of_kind("Deployment") if d["metadata"]["name"] == "polytask-serve"
+    ]
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    (container,) = spec["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    # BentoML's sockets and each server's Prometheus files; onnxruntime's device id.
+    for path in ("/tmp", "/home/polytask/.cache"):
+        assert "emptyDir" in mounts[path], path
+
+
+def test_the_raycronjob_fires_in_utc_like_the_cronjob() -> None:
+    (cron,) = docs_of_kind("CronJob")
+    (ray_cron,) = docs_of_kind("RayCronJob")
+    assert ray_cron["spec"]["timeZone"] == cron["spec"]["timeZone"] == "Etc/UTC"
