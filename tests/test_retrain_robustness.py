@@ -125,3 +125,35 @@ def test_a_gate_that_fails_leaves_no_candidate(champion_store, monkeypatch):
     with pytest.raises(DataError):
         retrain_module.retrain(config, "two")
     assert _stages() == {champion: "production"}
+
+
+def test_sigterm_during_the_gate_pushes_the_failure_and_leaves_no_candidate(
+    champion_store, monkeypatch
+):
+    # `ray job stop` sends SIGTERM: before, the process just ended, leaving the challenger as
+    # a candidate forever and no failure for the alerts.
+    import os
+    import signal
+    import time
+
+    import pipeline.jobs.monitoring as monitoring
+    import pipeline.jobs.retrain as retrain_module
+
+    config, champion = champion_store
+    failures = []
+    monkeypatch.setattr(
+        monitoring, "push_retrain_failure", lambda *args, **kwargs: failures.append(args)
+    )
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the retrain")
+
+    monkeypatch.setattr(retrain_module, "evaluate_artifact", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(retrain_module.RetrainStopped, match="stopped by SIGTERM"):
+        retrain_module.retrain(config, "two")
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+    assert len(failures) == 1
+    assert _stages() == {champion: "production"}

@@ -29,6 +29,7 @@ import datetime as dt
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,33 @@ def check_promotion_config(config: RunConfig) -> None:
             "config",
             [f"promotion.minimums: unknown task(s) {unknown}; the config has {config.task_names}"],
         )
+
+
+class RetrainStopped(KeyboardInterrupt):
+    """The retraining process got SIGTERM (`ray job stop`, a pod's deadline, a drain). A
+    KeyboardInterrupt, so it unwinds like Ctrl-C: the gate's clean-up removes an undecided
+    challenger and the failure is pushed, where SIGTERM's default would just end the process."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into RetrainStopped while the block runs (main thread only: a handler can
+    only be set there), then put the previous handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise RetrainStopped(f"retraining stopped by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_evaluation_data(config: RunConfig) -> None:
@@ -241,8 +269,9 @@ def retrain(
 
     mon = config.monitoring
     try:
-        record, run_record = _retrain(config, run_name, model_name, incremental)
-    except Exception:
+        with _stop_on_sigterm():
+            record, run_record = _retrain(config, run_name, model_name, incremental)
+    except (Exception, KeyboardInterrupt):  # a stopped run (Ctrl-C, `ray job stop`) failed too
         push_retrain_failure(mon.pushgateway, mon.job, config.name)
         raise
     push_retrain_metrics(
