@@ -27,6 +27,14 @@ http:// address (or a bare host:port, which Ray reads as http) whose host is not
 `--allow-insecure-token` or POLYTASK_ALLOW_INSECURE_TOKEN=1. https:// is fine anywhere. The
 address checked is the one Ray's client will really use: RAY_API_SERVER_ADDRESS, then
 RAY_ADDRESS, override the address it is given. The token itself is never logged.
+
+Deadlines: Ray's `JobSubmissionClient` sends its requests with no timeout, so a dashboard that
+accepts the connection and never answers would block the caller for good. `connect` returns a
+`BoundedJobClient`: every call (the version check in `connect`, submit, status, list, stop) runs
+in a daemon worker thread joined with a deadline (`timeout_s`, default 30 s) and raises
+`RayCallTimeout` past it; the requests themselves also get `timeout=timeout_s`, so an abandoned
+call ends soon after. At most `max_pending` abandoned calls may still be running: past that,
+calls fail at once instead of starting more threads.
 """
 
 from __future__ import annotations
@@ -36,9 +44,12 @@ import hashlib
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import shlex
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -51,10 +62,27 @@ TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 INSECURE_TOKEN_ENV = "POLYTASK_ALLOW_INSECURE_TOKEN"
 # Ray's JobSubmissionClient replaces the address it is given with these, in this order.
 ADDRESS_OVERRIDE_ENVS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+DEFAULT_RAY_TIMEOUT_S = 30.0  # the deadline of every call to the Ray dashboard
+MAX_PENDING_CALLS = 4  # abandoned (timed-out) calls still running before calls fail at once
+# Ray's SubmissionClient._raise_error: "Request failed with status code 404: <body>."
+_STATUS_RE = re.compile(r"Request failed with status code (\d{3})\b")
 
 
 class SubmitError(RuntimeError):
     """The cluster refused or could not be reached; the message says what to do."""
+
+
+class RayCallTimeout(SubmitError):
+    """A call to the Ray dashboard got no answer within its deadline (it may still have taken
+    effect on the cluster: a timed-out submit can have created the job)."""
+
+    def __init__(self, what: str, timeout_s: float, detail: str = ""):
+        self.what = what
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"timed out: no answer from the Ray dashboard to {what} within {timeout_s:g} s"
+            + (f" ({detail})" if detail else "")
+        )
 
 
 class JobClient(Protocol):
@@ -65,6 +93,132 @@ class JobClient(Protocol):
 
     def get_job_info(self, job_id: str) -> Any:  # JobDetails: status, start_time, end_time...
         ...
+
+    def stop_job(self, job_id: str) -> bool: ...
+
+
+def http_status(err: BaseException) -> int | None:
+    """The HTTP status of a failed dashboard request, or None when `err` is not one (a refused
+    connection, a timeout). Ray raises a plain RuntimeError whose message *starts* with
+    "Request failed with status code N"; a `status_code` attribute (ours, or a response's)
+    is read first. Never a substring of the message: run names hold digits like "404"."""
+    for obj in (err, getattr(err, "response", None)):
+        code = getattr(obj, "status_code", None)
+        if isinstance(code, int):
+            return code
+    match = _STATUS_RE.match(str(err)) if isinstance(err, RuntimeError) else None
+    return int(match.group(1)) if match else None
+
+
+def job_missing(err: BaseException) -> bool:
+    """Whether `err` is the dashboard's 404: no job with that id."""
+    return http_status(err) == 404
+
+
+def call_with_deadline(
+    fn: Callable[[], Any], timeout_s: float, what: str, on_done: Callable[[], None] | None = None
+) -> Any:
+    """`fn()` in a daemon thread, waited for at most `timeout_s` seconds: its result, or its
+    exception re-raised here; `RayCallTimeout` past the deadline (the thread is abandoned; a
+    daemon thread never holds up the process's exit). `on_done` runs in the thread when `fn`
+    returns, whether or not anyone still waits."""
+    result: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            result["error"] = err
+        finally:
+            done.set()
+            if on_done is not None:
+                on_done()
+
+    threading.Thread(target=target, name=f"ray-call: {what}", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise RayCallTimeout(what, timeout_s)
+    if "error" in result:
+        err = result["error"]
+        if _is_requests_timeout(err):
+            raise RayCallTimeout(what, timeout_s, str(err)) from err
+        raise err
+    return result["value"]
+
+
+def _is_requests_timeout(err: BaseException) -> bool:
+    try:
+        from requests.exceptions import Timeout
+    except ImportError:  # pragma: no cover - Ray's job client needs requests
+        return False
+    return isinstance(err, Timeout)
+
+
+class BoundedJobClient:
+    """A job client whose every call has a deadline (see the module docstring).
+
+    Args:
+        client: The client to call (Ray's `JobSubmissionClient`, or a fake).
+        timeout_s: Seconds per call.
+        max_pending: Calls still running (abandoned after their deadline, plus the current
+            one) beyond which a new call fails at once with `RayCallTimeout`, so that a
+            dashboard that never answers cannot pile up threads.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        timeout_s: float = DEFAULT_RAY_TIMEOUT_S,
+        max_pending: int = MAX_PENDING_CALLS,
+    ):
+        self.client = client
+        self.timeout_s = timeout_s
+        self.max_pending = max_pending
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    @property
+    def _address(self) -> str:
+        return getattr(self.client, "_address", "?")
+
+    @property
+    def pending(self) -> int:
+        """Calls started and not yet returned (abandoned ones included)."""
+        with self._lock:
+            return self._pending
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise RayCallTimeout(
+                    what,
+                    self.timeout_s,
+                    f"not sent: {self._pending} earlier calls are still waiting for an answer",
+                )
+            self._pending += 1
+
+        def finished() -> None:
+            with self._lock:
+                self._pending -= 1
+
+        return call_with_deadline(fn, self.timeout_s, what, on_done=finished)
+
+    def submit_job(self, *, entrypoint: str, submission_id: str | None = None, **kwargs) -> str:
+        return self._call(
+            f"submit_job({submission_id})",
+            lambda: self.client.submit_job(
+                entrypoint=entrypoint, submission_id=submission_id, **kwargs
+            ),
+        )
+
+    def get_job_info(self, job_id: str) -> Any:
+        return self._call(f"get_job_info({job_id})", lambda: self.client.get_job_info(job_id))
+
+    def list_jobs(self) -> Any:
+        return self._call("list_jobs()", self.client.list_jobs)
+
+    def stop_job(self, job_id: str) -> bool:
+        return self._call(f"stop_job({job_id})", lambda: self.client.stop_job(job_id))
 
 
 def utc_stamp(when: dt.datetime) -> str:
@@ -174,17 +328,36 @@ def check_token_transport(address: str, source: str, allow_insecure: bool = Fals
     )
 
 
-def connect(address: str | None = None, allow_insecure_token: bool = False) -> JobClient:
+def _with_request_timeout(base: type, timeout_s: float) -> type:
+    """`base` (Ray's JobSubmissionClient) with `timeout=timeout_s` on every request it sends:
+    its `_do_request` forwards extra keywords to `requests.request`. The deadline thread bounds
+    the call anyway; this makes an abandoned request end too."""
+
+    class TimedSubmissionClient(base):  # type: ignore[misc,valid-type]
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", timeout_s)
+            return super()._do_request(method, endpoint, **kwargs)
+
+    return TimedSubmissionClient
+
+
+def connect(
+    address: str | None = None,
+    allow_insecure_token: bool = False,
+    timeout_s: float = DEFAULT_RAY_TIMEOUT_S,
+) -> BoundedJobClient:
     """A `JobSubmissionClient` for `address` (else RAY_ADDRESS, else the local dashboard),
-    with the bearer token attached.
+    with the bearer token attached, every call bounded by `timeout_s` (`BoundedJobClient`).
 
     Args:
         allow_insecure_token: Send the token over plain HTTP to a non-loopback host (also
             POLYTASK_ALLOW_INSECURE_TOKEN=1); refused otherwise.
+        timeout_s: Deadline of each call, the connection check included.
 
     Raises:
-        SubmitError: on 401/403, an unreachable address, or a token that would be sent
-            unencrypted to another machine (checked before any request).
+        SubmitError: on 401/403, an unreachable address, a dashboard that does not answer
+            within `timeout_s`, or a token that would be sent unencrypted to another machine
+            (checked before any request).
     """
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -202,8 +375,18 @@ def connect(address: str | None = None, allow_insecure_token: bool = False) -> J
     if "://" not in address:
         address = f"http://{address}"
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    client_class = _with_request_timeout(JobSubmissionClient, timeout_s)
     try:
-        return JobSubmissionClient(address, headers=headers)
+        client = call_with_deadline(
+            lambda: client_class(address, headers=headers),
+            timeout_s,
+            f"the version check at {address}",
+        )
+    except RayCallTimeout as err:
+        raise SubmitError(
+            f"the Ray dashboard at {address} did not answer within {timeout_s:g} s: is it "
+            f"overloaded or hung? ({err})"
+        ) from err
     except AuthenticationError as err:
         raise SubmitError(_auth_hint(address)) from err
     except ConnectionError as err:
@@ -211,6 +394,7 @@ def connect(address: str | None = None, allow_insecure_token: bool = False) -> J
             f"no Ray dashboard at {address}: start a cluster (`ray start --head`) or pass "
             f"--address ({err})"
         ) from err
+    return BoundedJobClient(client, timeout_s)
 
 
 def polytask_command() -> list[str]:
