@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +69,44 @@ def _split_name(value: str, flag: str = "--split") -> str:
             "not a path"
         )
     return value
+
+
+def _non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {number}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    """argparse type: a finite number > 0 (no nan, inf or negative learning rates)."""
+    import math
+
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value}")
+    return number
+
+
+def _check_output_file(path: Path, flag: str = "--output") -> None:
+    """Before any work: `path` can be written as a file (not a directory; its directory exists
+    or can be created, and takes a new file). Raises ValueError naming `flag` and the path."""
+    from pipeline.config import _write_problem
+
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; give a file name, e.g. {path}/eval.json")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path}: the file is not writable")
+    problem = _write_problem(path.parent)
+    if problem:
+        raise ValueError(f"{flag} {path}: {problem}")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -156,8 +195,6 @@ def cmd_add_task(args: argparse.Namespace) -> int:
 
     run_name = _run_name(args.run_name)
     parent = read_record(args.run)
-    if (args.task is None) == (args.config is None):
-        raise SystemExit("add-task: give either --task NAME (with its fields) or --config FILE")
     if args.config is not None:
         tasks = tasks_from_config(args.config, parent)
     else:
@@ -203,7 +240,10 @@ def cmd_remove_task(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate_run, format_results
 
-    results = evaluate_run(args.run, data_dir=args.data_dir, split=_split_name(args.split))
+    split = _split_name(args.split)
+    if args.output:  # before the evaluation's work, not after it
+        _check_output_file(args.output)
+    results = evaluate_run(args.run, data_dir=args.data_dir, split=split)
     print(format_results(results))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -351,6 +391,7 @@ def cmd_schedule_run(args: argparse.Namespace) -> int:
             grace_s=args.grace,
             clock_file=args.clock_file,
             allow_insecure_token=args.allow_insecure_token,
+            ray_timeout_s=args.ray_timeout,
         )
     except SubmitError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -366,7 +407,7 @@ def cmd_schedule_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from serving.cli import add_predict_arguments, add_serve_arguments
+    from serving.cli import add_predict_arguments, add_serve_arguments, positive_int
 
     parser = argparse.ArgumentParser(
         prog="polytask", description="Train and evaluate multi-task text classifiers."
@@ -525,8 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(its tasks that RUN lacks).",
     )
     p.add_argument("run", type=Path, help="the parent run directory")
-    p.add_argument("--task", help="the new task's name")
-    p.add_argument("--config", type=Path, help="a config naming the new task(s)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="the new task's name")
+    which.add_argument("--config", type=Path, help="a config naming the new task(s)")
     p.add_argument("--data-dir", help="data root holding <task>/train and dev (default RUN's)")
     p.add_argument("--train", help="training file (overrides <data-dir>/<task>/train.<format>)")
     p.add_argument("--dev", help="dev file (overrides <data-dir>/<task>/dev.<format>)")
@@ -534,9 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", help="default text")
     p.add_argument("--label-field", help="default label")
     p.add_argument("--labels", help="comma-separated label list, in output order")
-    p.add_argument("--epochs", type=int, help="epochs for the new heads (default RUN's)")
-    p.add_argument("--align-epochs", type=int, help="Algorithm 1 epochs for R and A (10)")
-    p.add_argument("--align-lr", type=float, help="R's learning rate in them (1e-3)")
+    p.add_argument("--epochs", type=positive_int, help="epochs for the new heads (default RUN's)")
+    p.add_argument(
+        "--align-epochs", type=_non_negative_int, help="Algorithm 1 epochs for R and A (10)"
+    )
+    p.add_argument("--align-lr", type=_positive_float, help="R's learning rate in them (1e-3)")
     p.add_argument("--run-name", help="run name (default: <parent>+<task>-<id>)")
     p.set_defaults(func=cmd_add_task)
 
@@ -585,7 +629,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--state-dir", type=Path, default=Path(".polytask/schedule"), help=state_help)
     q.add_argument("--poll", type=float, default=10.0, help="seconds between passes (10)")
     q.add_argument(
-        "--grace", type=float, default=120.0, help="fire a due tick at most this many s late"
+        "--grace",
+        type=float,
+        default=120.0,
+        help="fire (or retry) a due tick at most this many s late (120; must exceed --poll)",
+    )
+    q.add_argument(
+        "--ray-timeout",
+        type=float,
+        default=30.0,
+        help="deadline in s of each call to the Ray dashboard (30)",
     )
     q.add_argument("--clock-file", type=Path, help="tests: read 'now' (ISO 8601) from this file")
     with_insecure_token(q)
@@ -609,7 +662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     _setup_logging(args.verbose)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe (`| head -1`) fails here, inside the handlers
+        return code
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
     except DataError as err:
@@ -628,6 +683,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as err:  # stdout's reader went away: exit quietly, as `head` expects
+        from serving.cli import quiet_broken_pipe
+
+        return quiet_broken_pipe(err)
     return 2
 
 

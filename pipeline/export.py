@@ -6,6 +6,8 @@
       -> parity: the artifact run by serving.runtime vs PyTorch eager (a TorchScript graph
          that fails it is exported again with dynamo)
       -> [int8: quantize_dynamic, kept only if no task's dev accuracy drops too much]
+      -> [add-task / remove-task child: its kept tasks vs the parent's logits, checked on
+         the final graph, int8 or not (`_lineage`)]
       -> temperature scaling: one T per task fitted on dev logits of the final graph, with dev
          ECE before/after and the drift metrics' dev reference (pipeline/calibration.py)
       -> BentoML model store (a new version per export)
@@ -52,6 +54,7 @@ from serving.artifact import (
     ONNX_FILE,
     ArtifactMetadata,
     EncoderInfo,
+    LineageInfo,
     ParityCase,
     ParityReport,
     QuantizationReport,
@@ -353,17 +356,6 @@ def _write_artifact(
                 f"{'padded' if worst.padded else 'unpadded'})"
             )
         metadata = metadata.model_copy(update={"parity": parity})
-        if record.lineage is not None:  # add-task / remove-task: kept tasks vs the parent
-            from pipeline.incremental import check_parent_parity
-
-            lineage = check_parent_parity(
-                run,
-                Runtime(work, device="cpu"),
-                tolerance,
-                vocab_size=int(run.model.encoder.transformer.config.vocab_size),
-                pad_id=int(tokenizer.pad_token_id or 0),
-            )
-            metadata = metadata.model_copy(update={"lineage": lineage})
 
         if quantize == "int8":
             data = load_tasks(run.config, splits=["train", "dev"], labels=run.labels)
@@ -380,6 +372,10 @@ def _write_artifact(
                     "quantization": quantization,
                 }
             )
+        if record.lineage is not None:  # add-task / remove-task: kept tasks vs the parent
+            metadata = metadata.model_copy(
+                update={"lineage": _lineage(run, work, metadata, tokenizer, tolerance)}
+            )
         # Temperature scaling per task, fitted on the final graph's dev logits as served, and
         # the dev reference of the drift metrics (pipeline/calibration.py).
         step = time.monotonic()
@@ -395,6 +391,47 @@ def _write_artifact(
         raise
     logger.info("artifact written: %s (%s, %d tasks)", out_dir, metadata.precision, len(tasks))
     return metadata
+
+
+def _lineage(
+    run: Any, work: Path, metadata: ArtifactMetadata, tokenizer: Any, tolerance: float
+) -> LineageInfo | None:
+    """The lineage record of an add-task / remove-task run, its parent-parity check run on
+    the graph that ships: `work`'s model.onnx after the int8 choice.
+
+    Why on the shipped graph: the record says whether the kept tasks answer as the parent's,
+    and the promotion gate skips judging them on that word (`incremental.unchanged_tasks`).
+    An int8 graph does not answer as the parent: quantization moves the logits by ~1e-3
+    (above the 1e-4 tolerance), and int8 exports of parent and child are not even alike in
+    general (the static variant calibrates its activation scales on every task's training
+    texts, and which variant is kept depends on timings). So an int8 child records the
+    difference it has, `passed` False, and the gate judges every task; `exact` still says
+    what is true of the weights (PyTorch logits bit-identical to the parent's). Refusing
+    the combination instead would take int8 away from incremental runs for no reason, and
+    comparing with a parent's int8 artifact would need that artifact, which export does not
+    know (the champion is chosen later, in the store).
+    """
+    from pipeline.incremental import check_parent_parity
+
+    lineage = check_parent_parity(
+        run,
+        Runtime(work, device="cpu"),
+        tolerance,
+        vocab_size=int(run.model.encoder.transformer.config.vocab_size),
+        pad_id=int(tokenizer.pad_token_id or 0),
+    )
+    parity = lineage.parity if lineage is not None else None
+    if parity is not None and metadata.precision == "int8" and not parity.passed:
+        logger.warning(
+            "lineage: %s keep the parent's weights (PyTorch logits %s), but the shipped int8 "
+            "graph differs from the parent's logits by %.2e > tolerance %.0e; recorded as not "
+            "passed, so the promotion gate judges every task",
+            ", ".join(parity.tasks),
+            "bit-identical" if parity.exact else f"max abs diff {parity.eager_max_abs_diff:.2e}",
+            parity.onnx_max_abs_diff,
+            parity.tolerance,
+        )
+    return lineage
 
 
 def calibration_sample(texts: list[list[str]], n: int = CALIBRATION_TEXTS) -> list[str]:

@@ -46,6 +46,7 @@ from pipeline.runs import (
     RunRecord,
     StageRecord,
     TaskRecord,
+    check_new_run,
     load_run,
     model_path,
     point_latest,
@@ -239,8 +240,16 @@ def add_tasks(
             + f" (it has {', '.join(parent_record.tasks)}); use remove-task first to replace one"
         )
     refuse_own_paths(parent_record, "add-task")
+    if epochs is not None and epochs < 1:
+        raise IncrementalError(f"add-task: epochs {epochs}; at least 1")
+    if align_epochs is not None and align_epochs < 0:
+        raise IncrementalError(f"add-task: align_epochs {align_epochs}; at least 0")
+    if align_lr is not None and not (np.isfinite(align_lr) and align_lr > 0):
+        raise IncrementalError(f"add-task: align_lr {align_lr}; a finite number > 0")
     parent = load_run(parent_dir)
     config = parent.config
+    if run_name is not None:  # before the data and the training, as `train` checks it
+        check_new_run(config.storage_path, run_name)
     child_config = parse_config(
         config_to_dict(config)
         | {"tasks": [t.model_dump(mode="json") for t in [*config.tasks, *tasks]]},
@@ -622,6 +631,9 @@ def remove_tasks(
     start = time.monotonic()
     parent_dir = Path(parent_dir)
     parent_record = read_record(parent_dir)
+    dupes = sorted({n for n in names if list(names).count(n) > 1})
+    if dupes:
+        raise IncrementalError(f"remove-task: task(s) {dupes} given twice")
     unknown = [n for n in names if n not in parent_record.tasks]
     if unknown:
         raise IncrementalError(
@@ -781,8 +793,10 @@ def check_parent_parity(
 ) -> LineageInfo | None:
     """Export's lineage check: on probe token batches (several shapes, padded and unpadded),
     every task the run shares with its parent must give the parent's logits, in PyTorch
-    exactly (same weights, same encoder) and from the exported graph within `tolerance`.
-    None for a run without a parent."""
+    exactly (same weights, same encoder) and from the graph `runtime` runs within
+    `tolerance`. Export passes the graph it ships, after the int8 choice: an int8 graph
+    differs from the parent's logits by more than the tolerance, so its record says so
+    (`passed` False, `exact` still about the weights). None for a run without a parent."""
     from pipeline.export import eager_logits, parity_inputs
     from serving.artifact import INPUT_NAMES, LineageInfo, ParentParity
 
@@ -836,11 +850,73 @@ def check_parent_parity(
 
 
 def unchanged_tasks(challenger: ArtifactMetadata, champion: ArtifactMetadata | None) -> list[str]:
-    """The tasks the gate need not judge: those the challenger's export proved equal to its
-    parent's, when the champion is that parent. Empty otherwise (judge everything)."""
+    """The tasks the gate need not judge: those whose served answers are the champion's.
+
+    A task is unchanged only when all of these hold:
+      - the champion is the challenger's parent, and the challenger's export proved the
+        task's logits, from the graph it ships, within tolerance of the parent's PyTorch
+        logits (`lineage.parity.passed`);
+      - both artifacts are fp32. The lineage check compares with the parent's PyTorch
+        logits, and only an fp32 champion's graph is known to give those (its own `parity`
+        is checked before the int8 choice; an int8 graph moves the logits by ~1e-3, and two
+        int8 exports of the same weights differ when their variants or calibration texts
+        do). This also keeps out an int8 child exported before the lineage check moved to
+        the shipped graph, whose record described the fp32 graph that int8 replaced;
+      - both read texts alike (same encoder fingerprint and max_length: truncation);
+      - the task has the same labels and the same calibration in both (method, temperature,
+        isotonic knots): calibration changes the probabilities served, and the ECE the gate
+        compares. A task only one of the two answers is left as recorded: the gate compares
+        only the tasks both answer.
+    Empty when the first three fail (judge everything)."""
+    import math
+
     lineage = challenger.lineage
     if champion is None or lineage is None or lineage.parity is None:
         return []
     if not lineage.parity.passed or champion.run_id != lineage.parent_run:
         return []
-    return list(lineage.parity.tasks)
+    if challenger.precision != "fp32" or champion.precision != "fp32":
+        return []
+    if not champion.parity.passed:
+        return []
+    if (challenger.encoder.fingerprint, challenger.encoder.max_length) != (
+        champion.encoder.fingerprint,
+        champion.encoder.max_length,
+    ):
+        return []
+
+    def same_calibration(a: Any, b: Any) -> bool:
+        # Only what changes the answers (not the fit's ECE/NLL diagnostics). Refitted at
+        # each export on the graph's dev logits: measured on fp32 children and their
+        # parents, the same T to the last bit, while the diagnostics moved by ~1e-8 between
+        # exports (onnxruntime's threaded sums). The tolerances forgive such float noise
+        # only, far below what the logits' 1e-4 tolerance allows.
+        if a is None or b is None:
+            return a is None and b is None  # None: T = 1 (older artifacts)
+        if a.method != b.method or not math.isclose(a.temperature, b.temperature, rel_tol=1e-6):
+            return False
+        for xs, ys in ((a.knots_x, b.knots_x), (a.knots_y, b.knots_y)):
+            if (xs is None) != (ys is None):
+                return False
+            if xs is not None and (
+                len(xs) != len(ys) or any(abs(x - y) > 1e-6 for x, y in zip(xs, ys, strict=True))
+            ):
+                return False
+        return True
+
+    mine = {t.name: t for t in challenger.tasks}
+    theirs = {t.name: t for t in champion.tasks}
+    out = []
+    for task in lineage.parity.tasks:
+        a, b = mine.get(task), theirs.get(task)
+        if (
+            a is not None
+            and b is not None
+            and (a.labels != b.labels or not same_calibration(a.calibration, b.calibration))
+        ):
+            logger.info(
+                "gate: %s is judged: its labels or calibration differ from the champion's", task
+            )
+            continue
+        out.append(task)
+    return out

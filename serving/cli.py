@@ -13,22 +13,88 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+# Exit status after the reader of stdout went away (`polytask predict ... | head -1`): 128 +
+# SIGPIPE, as a shell reports a command killed by it (130 = 128 + SIGINT for Ctrl-C).
+EXIT_BROKEN_PIPE = 141
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {number}")
+    return number
+
+
+def port_number(value: str) -> int:
+    """argparse type: a TCP port, 1-65535 (0, "any free port", is refused: the log and the
+    clients would not know which port was taken)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535, got {number}")
+    return number
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has gone: poll reports an error or
+    a hang-up on it. True where poll is missing (not Unix); False for a stdout without a file
+    descriptor (a test's StringIO), whose writes raise no BrokenPipeError."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    if not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+def quiet_broken_pipe(err: BrokenPipeError) -> int:
+    """After BrokenPipeError on stdout (`... | head -1`): point stdout at /dev/null, so that
+    the interpreter's final flush does not fail again, and return EXIT_BROKEN_PIPE. A broken
+    pipe that is not stdout's (a subprocess, a connection) is raised again, not hidden."""
+    if not _stdout_reader_gone():
+        raise err
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """`serve`'s options (also what `polytask serve` can take)."""
     parser.add_argument("--model", help="model tag to pin (default: promoted, else latest)")
-    parser.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000)")
+    parser.add_argument(
+        "--port", type=port_number, default=3000, help="HTTP port, 1-65535 (default 3000)"
+    )
     parser.add_argument(
         "--host",
         default="127.0.0.1",
         help="interface to bind (default 127.0.0.1, this machine only; 0.0.0.0 for every "
         "interface, e.g. in a container: set POLYTASK_API_KEYS before exposing the service)",
     )
-    parser.add_argument("--workers", type=int, help="model worker processes (default 1)")
-    parser.add_argument("--api-workers", type=int, help="HTTP worker processes (default 1)")
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        help="model worker processes (default 1; a warning above the CPU count, refused above "
+        "4 per CPU)",
+    )
+    parser.add_argument(
+        "--api-workers", type=positive_int, help="HTTP worker processes (default 1)"
+    )
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,9 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             prediction = commands.predict_local(args.texts, model=args.model)
             print(commands.format_prediction(args.texts, prediction))
+            sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's exit
     except ValueError as err:  # no model in the store, a bad setting: the message names it
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError as err:  # `... | head -1`: the reader has what it wanted
+        return quiet_broken_pipe(err)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

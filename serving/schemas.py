@@ -110,7 +110,7 @@ class PredictRequest(BaseModel):
                     "env": MAX_TEXT_CHARS_ENV,
                 },
             )
-        blank = [i for i, t in enumerate(texts) if _is_blank(t)]
+        blank = blank_texts(texts)
         if blank:
             raise PydanticCustomError(
                 "empty_text",
@@ -119,7 +119,7 @@ class PredictRequest(BaseModel):
             )
         # JSON can carry an unpaired surrogate escape ("\\ud800"); Python keeps it in the
         # string, but it is not Unicode text and the tokenizer raises on it.
-        invalid = [i for i, t in enumerate(texts) if not _is_unicode(t)]
+        invalid = non_unicode_texts(texts)
         if invalid:
             raise PydanticCustomError(
                 "invalid_text",
@@ -287,6 +287,17 @@ _REASONS = {
 def _indices(indices: list[int]) -> str:
     shown = ", ".join(map(str, indices[:MAX_LISTED]))
     return f"[{shown}{', ...' if len(indices) > MAX_LISTED else ''}]"
+
+
+def blank_texts(texts: list[str]) -> list[int]:
+    """Indices of the texts that /predict refuses as `empty_text` (`polytask predict` too)."""
+    return [i for i, t in enumerate(texts) if _is_blank(t)]
+
+
+def non_unicode_texts(texts: list[str]) -> list[int]:
+    """Indices of the texts that /predict refuses as `invalid_text`: lone surrogates, from a
+    JSON escape or (`polytask predict`) from invalid UTF-8 in the command line."""
+    return [i for i, t in enumerate(texts) if not _is_unicode(t)]
 
 
 def _is_blank(text: str) -> bool:
