@@ -71,17 +71,6 @@ def _split_name(value: str, flag: str = "--split") -> str:
     return value
 
 
-def _non_negative_int(value: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {number}")
-    return number
-
-
 def _positive_float(value: str) -> float:
     """argparse type: a finite number > 0 (no nan, inf or negative learning rates)."""
     import math
@@ -407,7 +396,12 @@ def cmd_schedule_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from serving.cli import add_predict_arguments, add_serve_arguments, positive_int
+    from serving.cli import (
+        add_predict_arguments,
+        add_serve_arguments,
+        bounded_int,
+        positive_int,
+    )
 
     parser = argparse.ArgumentParser(
         prog="polytask", description="Train and evaluate multi-task text classifiers."
@@ -578,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="comma-separated label list, in output order")
     p.add_argument("--epochs", type=positive_int, help="epochs for the new heads (default RUN's)")
     p.add_argument(
-        "--align-epochs", type=_non_negative_int, help="Algorithm 1 epochs for R and A (10)"
+        "--align-epochs", type=bounded_int(0), help="Algorithm 1 epochs for R and A (10)"
     )
     p.add_argument("--align-lr", type=_positive_float, help="R's learning rate in them (1e-3)")
     p.add_argument("--run-name", help="run name (default: <parent>+<task>-<id>)")

@@ -15,34 +15,34 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # Exit status after the reader of stdout went away (`polytask predict ... | head -1`): 128 +
 # SIGPIPE, as a shell reports a command killed by it (130 = 128 + SIGINT for Ctrl-C).
 EXIT_BROKEN_PIPE = 141
 
 
-def positive_int(value: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {number}")
-    return number
+def bounded_int(
+    low: int, high: int | None = None, what: str = "an integer"
+) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper bound when high is None)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if number < low or (high is not None and number > high):
+            bounds = f">= {low}" if high is None else f"{low}-{high}"
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {number}")
+        return number
+
+    return parse
 
 
-def port_number(value: str) -> int:
-    """argparse type: a TCP port, 1-65535 (0, "any free port", is refused: the log and the
-    clients would not know which port was taken)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
-    if not 1 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1-65535, got {number}")
-    return number
+positive_int = bounded_int(1)
+# 0, "any free port", is refused: the log and the clients would not know which port was taken.
+port_number = bounded_int(1, 65535, "a port number")
 
 
 def _stdout_reader_gone() -> bool:

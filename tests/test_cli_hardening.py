@@ -115,9 +115,9 @@ def test_predict_lists_several_indices(no_model):
     [
         (["--workers", "0"], "--workers: expected an integer >= 1, got 0"),
         (["--api-workers", "0"], "--api-workers: expected an integer >= 1, got 0"),
-        (["--port", "70000"], "--port: a port is 1-65535, got 70000"),
-        (["--port", "0"], "--port: a port is 1-65535, got 0"),
-        (["--port", "-1"], "--port: a port is 1-65535, got -1"),
+        (["--port", "70000"], "--port: expected a port number 1-65535, got 70000"),
+        (["--port", "0"], "--port: expected a port number 1-65535, got 0"),
+        (["--port", "-1"], "--port: expected a port number 1-65535, got -1"),
         (["--port", "http"], "--port: expected a port number"),
     ],
 )
