@@ -733,20 +733,30 @@ def _write_child(
     state: dict[str, torch.Tensor],
 ) -> Path:
     """Write the child run next to the parent's storage, check it against the parent
-    (`check_child`) and point `latest` at it."""
+    (`check_child`) and point `latest` at it.
+
+    The child is written and checked in a hidden sibling, `.<run name>.partial-<hex>`, and
+    renamed into place only once it passed: a process killed meanwhile leaves no run directory
+    that looks complete but never passed the check (only the hidden partial one)."""
+    import uuid
+
     from pipeline.train.checkpoint import save_tensors
 
     storage = Path(config.storage_path)
     run_dir = storage / run_name
     if run_dir.exists():
         raise IncrementalError(f"{run_dir}: already exists; choose another --run-name")
-    (run_dir / MODEL_DIR).mkdir(parents=True)
-    save_tensors(model_path(run_dir), state)
-    write_run(run_dir, record, config)
+    work = storage / f".{run_name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        check_child(parent, run_dir)
+        (work / MODEL_DIR).mkdir(parents=True)
+        save_tensors(model_path(work), state)
+        write_run(work, record, config)
+        check_child(parent, work)
+        if run_dir.exists():  # taken meanwhile: rename would merge or fail obscurely
+            raise IncrementalError(f"{run_dir}: already exists; choose another --run-name")
+        work.rename(run_dir)
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)  # never leave a run that breaks the contract
+        shutil.rmtree(work, ignore_errors=True)  # never leave a run that breaks the contract
         raise
     point_latest(storage, run_dir)
     return run_dir

@@ -119,6 +119,10 @@ def serve(
         ServeError: a bad port, host or worker count, or the port is taken (checked first).
         ModelNotFoundError: no model to serve (checked before any process starts).
     """
+    for name in ("POLYTASK_WORKERS", "POLYTASK_API_WORKERS"):  # what the flags default to
+        raw = os.environ.get(name, "").strip()
+        if raw and (not raw.isdigit() or int(raw) < 1):
+            raise ServeError(f"{name}={raw!r}: at least 1 worker")
     check_serve_options(host, port, workers, api_workers)
     import bentoml
 

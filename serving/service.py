@@ -133,8 +133,16 @@ def _env_int(name: str, default: int) -> int:
     return int(raw)
 
 
-ENCODER_WORKERS = max(1, _env_int("POLYTASK_WORKERS", 1))
-API_WORKERS = max(1, _env_int("POLYTASK_API_WORKERS", 1))
+def _env_workers(name: str) -> int:
+    """A worker count from the environment (default 1); 0 is refused, not read as 1."""
+    value = _env_int(name, 1)
+    if value < 1:
+        raise ValueError(f"{name}={value}: at least 1 worker")
+    return value
+
+
+ENCODER_WORKERS = _env_workers("POLYTASK_WORKERS")
+API_WORKERS = _env_workers("POLYTASK_API_WORKERS")
 MAX_BATCH_SIZE = max(2, _env_int("POLYTASK_MAX_BATCH_SIZE", 64))
 # How long a request may wait in the batcher's queue before it is refused with a 503 ("process
 # is overloaded"); a bound against runaway queues, so it must not be tight.

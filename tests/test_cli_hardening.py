@@ -300,3 +300,52 @@ def test_remove_task_refuses_a_task_given_twice(tiny_run):
     code, _, err = _run(["remove-task", str(tiny_run), "topic", "topic"])
     assert code == 2 and "error: remove-task: task(s) ['topic'] given twice" in err
     assert sorted(p.name for p in tiny_run.parent.iterdir()) == before
+
+
+def test_a_child_run_appears_only_once_it_passed_its_check(tiny_run, monkeypatch):
+    # Review s24 #13: a child killed during its check left run.json and weights in place: a
+    # complete-looking run that `evaluate` accepted, though it never passed.
+    import pipeline.incremental as incremental
+
+    seen = {}
+    real = incremental.check_child
+
+    def check(parent, run_dir):
+        seen["checked"] = run_dir
+        seen["visible"] = (tiny_run.parent / "checked-child").exists()
+        real(parent, run_dir)
+
+    monkeypatch.setattr(incremental, "check_child", check)
+    result = incremental.remove_tasks(tiny_run, ["topic"], run_name="checked-child")
+    assert seen["visible"] is False and seen["checked"].name.startswith(".checked-child.partial-")
+    assert result.run_dir == tiny_run.parent / "checked-child"
+    assert (result.run_dir / "run.json").is_file() and not seen["checked"].exists()
+
+    def killed(parent, run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(incremental, "check_child", killed)
+    with pytest.raises(KeyboardInterrupt):
+        incremental.remove_tasks(tiny_run, ["topic"], run_name="killed-child")
+    assert not [p for p in tiny_run.parent.iterdir() if "killed-child" in p.name]
+
+
+@pytest.mark.parametrize("name", ["POLYTASK_WORKERS", "POLYTASK_API_WORKERS"])
+def test_a_worker_count_of_zero_from_the_environment_is_refused(monkeypatch, name):
+    # It silently meant 1 (review s24 #6, left after the flag was checked).
+    import os
+    import subprocess
+    import sys
+
+    from serving import commands
+
+    monkeypatch.setenv(name, "0")
+    with pytest.raises(commands.ServeError, match=f"{name}='0': at least 1 worker"):
+        commands.serve(port=3999)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import serving.service"],
+        env={**os.environ, name: "0"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and f"{name}=0: at least 1 worker" in proc.stderr
