@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from test_schedule import FakeClock
 
 from pipeline.jobs import schedule as sched
 from pipeline.jobs.schedule import (
@@ -49,17 +50,6 @@ from pipeline.jobs.submit import (
 
 T0 = dt.datetime(2026, 11, 22, 2, 0, tzinfo=dt.UTC)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class FakeClock:
-    def __init__(self, now: dt.datetime):
-        self.t = now
-
-    def now(self) -> dt.datetime:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += dt.timedelta(seconds=seconds)
 
 
 class FakeCluster:
