@@ -119,6 +119,7 @@ def export_run(
     output_dir: str | Path | None = None,
     tolerance: float = 1e-4,
     candidate: bool = False,
+    candidate_owner: str | None = None,
 ) -> ExportResult:
     """Export a finished run to an artifact directory and register it in the model store.
 
@@ -132,6 +133,8 @@ def export_run(
             artifact there is replaced.
         tolerance: Largest max-abs logit difference allowed between onnxruntime and PyTorch.
         candidate: Register it labelled `stage=candidate` (see `register_artifact`).
+        candidate_owner: With `candidate`, the token of the retraining job's
+            `serving.model_store.candidate_owner` lock, as the label `candidate_owner`.
 
     Returns:
         The artifact directory, the store tag (None if not registered) and the metadata.
@@ -154,7 +157,11 @@ def export_run(
         metadata = _write_artifact(
             run_dir, out, quantize=quantize, tolerance=tolerance, model_name=name
         )
-        tag = _register_artifact(out, name, candidate=candidate) if register else None
+        tag = (
+            _register_artifact(out, name, candidate=candidate, owner=candidate_owner)
+            if register
+            else None
+        )
     logger.info(
         "export of %s done in %.1fs: %s%s",
         metadata.run_id,
@@ -355,6 +362,7 @@ def _write_artifact(
                 f"{worst.batch_size}, seq {worst.seq_len}, "
                 f"{'padded' if worst.padded else 'unpadded'})"
             )
+        parity = parity.model_copy(update={"checked": "shipped"})
         metadata = metadata.model_copy(update={"parity": parity})
 
         if quantize == "int8":
@@ -366,10 +374,18 @@ def _write_artifact(
                 calibration_texts=calibration_sample([t.splits["train"].texts for t in data]),
                 min_speedup=min_int8_speedup,
             )
+            if quantization.kept:
+                # model.onnx is the int8 graph now: say which graph the parity cases ran, and
+                # what the shipped one's gap to PyTorch is on the same cases.
+                shipped = graph_parity()
+                parity = parity.model_copy(
+                    update={"checked": "fp32", "shipped_max_abs_diff": shipped.max_abs_diff}
+                )
             metadata = metadata.model_copy(
                 update={
                     "precision": "int8" if quantization.kept else "fp32",
                     "quantization": quantization,
+                    "parity": parity,
                 }
             )
         if record.lineage is not None:  # add-task / remove-task: kept tasks vs the parent
@@ -1209,12 +1225,12 @@ def quantize_if_accurate(
             candidates.append((candidate / ONNX_FILE, report))
             worst = max(decision.tasks.items(), key=lambda kv: kv[1].drop)
             logger.info(
-                "int8 %s: %s (worst %s %+.2f points), %.0f texts/s vs fp32 %.0f, built and "
-                "scored in %.0fs",
+                "int8 %s: %s (worst %s, %.2f points lost), %.0f texts/s vs fp32 %.0f, built "
+                "and scored in %.0fs",
                 variant.name,
                 "passes" if decision.kept else "refused",
                 worst[0],
-                -worst[1].drop,
+                worst[1].drop,  # fp32 minus int8, as the table and metadata.json give it
                 speed,
                 fp32_speed,
                 time.monotonic() - step,
@@ -1458,11 +1474,14 @@ def register_artifact(
         return _register_artifact(artifact_dir, model_name, candidate)
 
 
-def _register_artifact(artifact_dir: Path, model_name: str | None, candidate: bool) -> str:
-    """`register_artifact`, for a caller that holds `artifact_lock(artifact_dir)`."""
+def _register_artifact(
+    artifact_dir: Path, model_name: str | None, candidate: bool, owner: str | None = None
+) -> str:
+    """`register_artifact`, for a caller that holds `artifact_lock(artifact_dir)`; `owner`
+    labels a candidate with its retraining job's token (`export_run`)."""
     import bentoml
 
-    from serving.model_store import CANDIDATE_LABEL
+    from serving.model_store import CANDIDATE_LABEL, CANDIDATE_OWNER_LABEL
 
     metadata = ArtifactMetadata.read(artifact_dir)
     _check_plain_tree(artifact_dir)
@@ -1481,6 +1500,7 @@ def _register_artifact(artifact_dir: Path, model_name: str | None, candidate: bo
                 "precision": metadata.precision,
                 "polytask_version": metadata.polytask_version,
                 **({CANDIDATE_LABEL[0]: CANDIDATE_LABEL[1]} if candidate else {}),
+                **({CANDIDATE_OWNER_LABEL: owner} if candidate and owner else {}),
             },
             # Small, for `bentoml models get`; the full record is metadata.json inside the model.
             metadata={

@@ -255,6 +255,19 @@ class ParityReport(_Strict):
         description="The torch ONNX exporter that wrote the checked graph (None: not recorded, "
         "artifacts before session 5, all dynamo).",
     )
+    checked: Literal["shipped", "fp32"] | None = Field(
+        default=None,
+        description="Which graph the cases ran: 'shipped' (the artifact's model.onnx), or "
+        "'fp32' (an int8 artifact: the fp32 graph before quantization, which alone is held to "
+        "`tolerance`; the shipped graph's own gap is `shipped_max_abs_diff`). None: not "
+        "recorded (artifacts before session 25; their int8 ones were checked on fp32 too).",
+    )
+    shipped_max_abs_diff: float | None = Field(
+        default=None,
+        description="An int8 artifact: max abs logit difference of the shipped int8 graph vs "
+        "PyTorch on the same cases. Informative, no tolerance: int8 is judged by its dev "
+        "accuracy (`quantization`).",
+    )
 
 
 class QuantizedTask(_Strict):

@@ -12,6 +12,8 @@ first use (`get_metrics()`), inside the worker, never at import.
     polytask_rejected_requests_total{reason}        counter    refused requests: 4xx by reason,
                                                                503 as reason="unavailable"
     polytask_model_active{version}                  gauge      1 for the version a worker serves
+                                                               (one series per worker: see
+                                                               `ActiveVersion`)
     polytask_model_swaps_total                      counter    hot swaps to a newer model
     polytask_model_load_failures_total              counter    models that failed to load or to
                                                                answer known texts (once per
@@ -117,9 +119,9 @@ class Metrics:
             self.dev_truncated_share.labels(task=info.name).set(ref.truncated_share)
 
     def set_active_version(self, version: str, previous: str | None = None) -> None:
-        if previous is not None and previous != version:
-            self.model_active.labels(version=previous).set(0)
-        self.model_active.labels(version=version).set(1)
+        """`polytask_model_active{version}`: 1 for `version`; `previous` (and every other
+        version this worker served) has no series any more."""
+        self.model_active.set(version)
 
 
 @functools.cache
@@ -154,13 +156,7 @@ def get_metrics() -> Metrics:
             "Requests refused: bad input (4xx) by reason, or unavailable (503).",
             ["reason"],
         ),
-        # livemax: the value of live workers only; 1 while any worker serves that version.
-        model_active=Gauge(
-            "polytask_model_active",
-            "1 for the model version a worker serves.",
-            ["version"],
-            multiprocess_mode="livemax",
-        ),
+        model_active=ActiveVersion(),
         swaps=Counter("polytask_model_swaps", "Hot swaps to a newer model."),
         load_failures=Counter(
             "polytask_model_load_failures",
@@ -204,6 +200,90 @@ def get_metrics() -> Metrics:
             multiprocess_mode="livemostrecent",
         ),
     )
+
+
+# --------------------------------------------------------------------------- active version
+ACTIVE_METRIC = "polytask_model_active"
+ACTIVE_HELP = "1 for the model version a worker serves."
+# The collector reads every `*.db` of the directory, takes the metric type and multiprocess
+# mode from the name (`gauge_livemax_...`) and drops the pid for livemax: 1 while any worker
+# serves that version.
+ACTIVE_FILE = re.compile(r"gauge_livemax_(\d+)-active\.db")
+
+
+class ActiveVersion:
+    """`polytask_model_active{version}` with exactly one series per worker.
+
+    A prometheus_client gauge cannot drop a label set in multiprocess mode (its samples live in
+    the worker's mmap file until the worker ends), so a worker that swapped models a few hundred
+    times kept a series per version at 0. In multiprocess mode each worker writes its one sample
+    to its own file, `gauge_livemax_<pid>-active.db` in PROMETHEUS_MULTIPROC_DIR, rewritten
+    whole (a temporary file renamed over it) at each swap: /metrics sees the old file or the
+    new one. A worker removes its file when it exits, and each write removes the files of
+    workers that died without doing so (a crash, SIGKILL), which the regular gauge files keep.
+    In one process (tests, no PROMETHEUS_MULTIPROC_DIR) it is a plain gauge, cleared at each
+    swap.
+    """
+
+    # What a prometheus_client metric says of itself (tests/test_infra.py lists the metrics).
+    _type = "gauge"
+    _name = ACTIVE_METRIC
+
+    def __init__(self) -> None:
+        self._gauge: Any = None
+        self._cleanup_registered = False
+
+    def set(self, version: str) -> None:
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory:
+            self._write(Path(directory), version)
+            return
+        if self._gauge is None:
+            from prometheus_client import Gauge
+
+            self._gauge = Gauge(ACTIVE_METRIC, ACTIVE_HELP, ["version"])
+        self._gauge.clear()
+        self._gauge.labels(version=version).set(1)
+
+    def _write(self, directory: Path, version: str) -> None:
+        import atexit
+        import time
+
+        from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+        pid = os.getpid()
+        path = directory / f"gauge_livemax_{pid}-active.db"
+        tmp = directory / f".gauge_livemax_{pid}-active.tmp"  # not *.db: never collected
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        values = MmapedDict(str(tmp))
+        try:
+            key = mmap_key(ACTIVE_METRIC, ACTIVE_METRIC, ["version"], [version], ACTIVE_HELP)
+            values.write_value(key, 1.0, time.time())
+        finally:
+            values.close()
+        os.replace(tmp, path)
+        if not self._cleanup_registered:
+            self._cleanup_registered = True
+            atexit.register(_remove_quietly, path)
+        remove_dead_active_files(directory)
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def remove_dead_active_files(directory: Path) -> list[Path]:
+    """Remove the `polytask_model_active` files of workers that no longer run."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            match = ACTIVE_FILE.fullmatch(entry.name)
+            if match is not None and not _alive(int(match.group(1))):
+                _remove_quietly(Path(entry.path))
+                removed.append(Path(entry.path))
+    return removed
 
 
 # --------------------------------------------------------------------------- multiprocess dir

@@ -61,8 +61,13 @@ PROMOTION_LABEL = ("stage", "production")
 # The retraining job's challenger until its gate decides: promotion replaces the label (same
 # key), and neither the "latest" policy nor the fallback ever serves a candidate.
 CANDIDATE_LABEL = ("stage", "candidate")
+# Which retraining job registered a candidate: a token whose lock file that job holds while it
+# runs (`candidate_owner`), so that a candidate of a job killed outright can be told apart.
+CANDIDATE_OWNER_LABEL = "candidate_owner"
+OWNERS_DIR = Path("polytask") / "candidate-owners"
 HISTORY_FILE = Path("polytask") / "promotions.jsonl"
 LOCK_FILE = Path("polytask") / "store.lock"
+DECISIONS_LOCK_FILE = Path("polytask") / "decisions.lock"
 # A promotion holds the lock for a model load at most (rollback checks its target under it).
 LOCK_TIMEOUT_S = 300.0
 MODEL_YAML = "model.yaml"  # BentoML's model record (labels, metadata) in each version's directory
@@ -425,11 +430,120 @@ def _record(tag: str, by: str, reason: str) -> None:
     atomic_write(path, data + event.to_json().encode() + b"\n")
 
 
+# --------------------------------------------------------------------------- candidates
+@contextlib.contextmanager
+def candidate_owner() -> Iterator[str]:
+    """Mark the candidates this process registers as still awaiting their gate.
+
+    A retraining job registers its challenger labelled `stage=candidate` and removes it when
+    its gate does not promote it, whatever stopped the gate; but a SIGKILLed job (OOM killer,
+    a pod's hard deadline) runs no clean-up. So the job holds an exclusive `flock` on
+    `$BENTOML_HOME/polytask/candidate-owners/<token>.lock` while it runs and labels its
+    candidate `candidate_owner=<token>`: the kernel frees the lock when the process dies, however
+    it dies, and `remove_orphaned_candidates` (run when the next retraining job starts) deletes
+    candidates whose owner's lock is free. On a shared store over NFS this needs working
+    `flock` (NFSv4, or v3 with lockd).
+
+    Yields:
+        The token to label the candidate with (`CANDIDATE_OWNER_LABEL`).
+    """
+    import fcntl
+
+    token = uuid.uuid4().hex
+    path = bentoml_home() / OWNERS_DIR / f"{token}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh token: nobody else holds it
+        yield token
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def _owner_alive(token: str) -> bool:
+    """Whether the process that labelled a candidate with `token` still holds its lock."""
+    import fcntl
+
+    if not re.fullmatch(r"[0-9a-f]{32}", token):
+        return False  # not a token this code wrote: nothing can hold its lock
+    path = bentoml_home() / OWNERS_DIR / f"{token}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False  # the owner finished (it removes its file) or a sweep removed it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also frees the lock if this process took it
+    return False
+
+
+def keep_candidate(tag: str) -> None:
+    """Drop a candidate's owner label: its gate decided to keep it (refused, for `polytask
+    models promote` to override), so it is no orphan when its job ends."""
+    import bentoml
+
+    with store_lock():
+        model = bentoml.models.get(tag)
+        if model.info.labels.pop(CANDIDATE_OWNER_LABEL, None) is not None:
+            _write_model_yaml(model)
+
+
+def remove_orphaned_candidates(name: str | None = None) -> list[str]:
+    """Delete candidates (of `name`, or of every name) whose retraining job is gone.
+
+    Only a candidate labelled `candidate_owner` whose owner no longer holds its lock
+    (`candidate_owner`) is removed; a candidate of a running job, and one registered without
+    an owner (by hand, or by polytask before session 25), is left alone. Each removal is
+    decided under the store lock, on the version read again there: a gate that promoted the
+    candidate meanwhile keeps it.
+
+    Returns:
+        The tags removed.
+    """
+    import bentoml
+
+    removed: list[str] = []
+    versions, _ = scan_versions(name)
+    for model in versions:
+        token = model.info.labels.get(CANDIDATE_OWNER_LABEL)
+        if not _is_candidate(model) or token is None or _owner_alive(token):
+            continue
+        tag = str(model.tag)
+        with store_lock():
+            try:
+                current = bentoml.models.get(tag)
+            except Exception:
+                continue  # deleted meanwhile
+            if not _is_candidate(current) or _owner_alive(token):
+                continue
+            bentoml.models.delete(tag)
+        removed.append(tag)
+        with contextlib.suppress(OSError):
+            (bentoml_home() / OWNERS_DIR / f"{token}.lock").unlink()
+        logger.warning(
+            "model store: removed candidate %s: the retraining job that registered it is gone "
+            "(killed before its gate decided)",
+            tag,
+        )
+    return removed
+
+
 # --------------------------------------------------------------------------- history
 def bentoml_home() -> Path:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     return Path(BentoMLContainer.bentoml_home.get())
+
+
+def decisions_lock_path() -> Path:
+    """The lock file under which retraining jobs read back and push the decision counter
+    (pipeline.jobs.monitoring): jobs of one config share the store, not always a machine."""
+    return bentoml_home() / DECISIONS_LOCK_FILE
 
 
 def history_path() -> Path:

@@ -233,6 +233,11 @@ def test_int8_is_kept_only_if_no_task_drops_too_much(run_dir, tmp_path, reuse_gr
         run_dir, tmp_path / "k", quantize="int8", max_int8_drop=100.0, min_int8_speedup=0.0
     )
     assert kept.quantization.kept and kept.precision == "int8"
+    # Its parity record says it checked the fp32 graph, and gives the int8 graph's own gap
+    # (review s24, CLIs 3: before, it described the fp32 graph as if it were the shipped one).
+    assert kept.parity.passed and kept.parity.checked == "fp32"
+    assert kept.parity.shipped_max_abs_diff > kept.parity.max_abs_diff
+    assert result.metadata.parity.checked == ("fp32" if report.kept else "shipped")
     variant = next(v for v in INT8_VARIANTS if v.name == kept.quantization.variant)
     assert kept.quantization.method == variant.method
     graph = onnx.load(str(tmp_path / "k" / "model.onnx")).graph

@@ -79,6 +79,7 @@ def test_first_model_clearing_minimums_is_promoted(history):
     assert first.champion is None and first.promoted and not first.removed_from_store
     assert first.decision.tasks[0].minimum == 60.0
     record = json.loads((first.run_dir / "retrain.json").read_text())
+    assert record["status"] == "decided"
     assert record["promoted"] and record["tag"] == first.tag and record["run_name"] == "first"
     assert set(record["durations"]) == {"train", "export", "evaluate", "total"}
     assert record["decision"]["reason"].startswith("first model promoted")

@@ -35,6 +35,57 @@ def test_dirs_of_dead_servers_are_removed_and_nothing_else(tmp_path):
     assert not gone.exists() and live.is_dir() and other.is_dir() and link.is_symlink()
 
 
+def _collect(directory) -> dict[str, float]:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    return {
+        s.labels["version"]: s.value
+        for family in registry.collect()
+        if family.name == "polytask_model_active"
+        for s in family.samples
+    }
+
+
+def test_a_worker_exports_only_the_version_it_serves(tmp_path, monkeypatch):
+    # Review s24, jobs 16: a multiprocess gauge cannot drop a label set, so each version a
+    # worker had served stayed as a 0 series, one more per promotion.
+    # prometheus_client is imported before the variable is set: it picks its storage for the
+    # whole process at its first import.
+    import shutil
+
+    import prometheus_client.multiprocess  # noqa: F401
+
+    from serving.metrics import ActiveVersion
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    # A worker that dies without clean-up (os._exit runs no atexit, as SIGKILL).
+    code = (
+        "import os\n"
+        "from serving.metrics import ActiveVersion\n"
+        "ActiveVersion().set('v-old')\n"
+        "print(os.getpid(), flush=True)\n"
+        "os._exit(0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    dead = tmp_path / f"gauge_livemax_{int(out)}-active.db"
+    live = tmp_path / "gauge_livemax_1-active.db"  # pid 1 always runs: another live worker
+    shutil.copyfile(dead, live)
+    assert _collect(tmp_path) == {"v-old": 1.0}
+
+    active = ActiveVersion()
+    for n in range(50):
+        active.set(f"v{n}")
+    assert _collect(tmp_path) == {"v49": 1.0, "v-old": 1.0}  # no v0..v48 at 0
+    assert not dead.exists() and live.exists()
+    mine = f"gauge_livemax_{os.getpid()}-active.db"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine])
+
+
 def test_the_supervisor_chooses_its_own_dir_and_a_worker_keeps_its_own():
     code = (
         "import os, serving.service\n"

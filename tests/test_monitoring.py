@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -414,3 +415,73 @@ def test_a_trickling_pushgateway_cannot_hold_a_job_open(trickling_pushgateway, r
     assert time.monotonic() - start < 60
     abandoned = [r for r in caplog.records if "no complete answer within 1.5 s" in r.getMessage()]
     assert len(abandoned) == 2
+
+
+class CountingPushgateway(StubPushgateway):
+    """A Pushgateway stand-in that keeps what is pushed, as the real one does: GET /metrics
+    answers the last pushed decision counter of the group (after `delay` seconds, the window
+    in which two jobs read the same value)."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.decisions = {"promoted": 0.0, "refused": 0.0}
+        self.delay = delay
+        original = self.server.RequestHandlerClass
+        gw = self
+
+        class Handler(original):
+            def do_GET(self) -> None:
+                time.sleep(gw.delay)
+                gw.exposition = "# TYPE polytask_promotion_decisions_total counter\n" + "".join(
+                    f'polytask_promotion_decisions_total{{config="tiny",decision="{d}",'
+                    f'job="polytask_retrain"}} {v}\n'
+                    for d, v in gw.decisions.items()
+                )
+                super().do_GET()
+
+            def do_POST(self) -> None:
+                super().do_POST()
+                from prometheus_client.parser import text_string_to_metric_families
+
+                for family in text_string_to_metric_families(gw.requests[-1].body):
+                    for s in family.samples:
+                        if s.name == monitoring.DECISIONS_METRIC:
+                            gw.decisions[s.labels["decision"]] = s.value
+
+        self.server.RequestHandlerClass = Handler
+
+
+def test_two_jobs_of_one_config_finishing_together_both_count(run_record, tmp_path):
+    # Review s24, jobs 14: both read the counter back before either pushed, so one decision
+    # was lost. The read-back and push now run under one lock file.
+    gw = CountingPushgateway(delay=0.5)
+    server = threading.Thread(target=gw.server.serve_forever, daemon=True)
+    server.start()
+    try:
+        lock = tmp_path / "store" / "polytask" / "decisions.lock"
+        results: list[bool] = []
+
+        def job(promoted: bool) -> None:
+            results.append(
+                monitoring.push_retrain_metrics(
+                    gw.url,
+                    "polytask_retrain",
+                    "tiny",
+                    run_record,
+                    duration_seconds=1.0,
+                    promoted=promoted,
+                    lock_path=lock,
+                )
+            )
+
+        jobs = [threading.Thread(target=job, args=(p,)) for p in (True, True, False)]
+        for j in jobs:
+            j.start()
+        for j in jobs:
+            j.join()
+    finally:
+        gw.server.shutdown()
+        gw.server.server_close()
+        server.join()
+    assert results == [True, True, True]
+    assert gw.decisions == {"promoted": 2.0, "refused": 1.0}

@@ -4,6 +4,9 @@ gate failing after the challenger was registered. Tiny local-mode runs in isolat
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from conftest import use_bentoml_home
 from test_jobs import NAME, tiny_config
@@ -121,10 +124,21 @@ def test_a_gate_that_fails_leaves_no_candidate(champion_store, monkeypatch):
     def broken(*args, **kwargs):
         raise DataError(["eval.jsonl:3: something changed under the gate"])
 
-    monkeypatch.setattr(retrain_module, "evaluate_artifact", broken)
+    seen = []
+
+    def evaluate(artifact_dir, *args, **kwargs):
+        # What a job killed here would leave: a record saying the gate was running.
+        seen.append(json.loads((artifact_dir.parent / "retrain.json").read_text()))
+        broken()
+
+    monkeypatch.setattr(retrain_module, "evaluate_artifact", evaluate)
     with pytest.raises(DataError):
         retrain_module.retrain(config, "two")
     assert _stages() == {champion: "production"}
+    assert [r["status"] for r in seen] == ["gating"] and seen[0]["champion"] == champion
+    record = json.loads((Path(seen[0]["run_dir"]) / "retrain.json").read_text())
+    assert record["status"] == "failed" and "something changed under the gate" in record["error"]
+    assert record["tag"] == seen[0]["tag"]
 
 
 def test_sigterm_during_the_gate_pushes_the_failure_and_leaves_no_candidate(

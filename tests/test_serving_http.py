@@ -290,6 +290,10 @@ def test_promoted_model_is_swapped_in_under_load_without_failures(server, store)
             break
         time.sleep(0.5)
     assert active == [0, 1]
+    # No series left for the version swapped out (review s24, jobs 16).
+    assert not [
+        ls for (n, ls) in metrics if n == "polytask_model_active" and ("version", old_tag) in ls
+    ]
     assert _sum(metrics, "polytask_model_swaps_total") >= 2  # each of the 2 model workers
     assert httpx.get(f"{server}/tasks", timeout=10).json()["model_version"] == new_tag
 

@@ -37,7 +37,11 @@ Counters across pushes: the Pushgateway stores what it is given; it does not add
 decision counter is read back from the Pushgateway (`/metrics`, this group's samples), one is
 added to the decision taken, and both decisions are pushed, so `increase()` sees the step. If
 the Pushgateway restarts, the counter starts again from 0, which Prometheus treats as a counter
-reset. Two concurrent jobs of one config could lose an increment; the scheduler never runs two.
+reset. Two jobs of one config finishing together would both read the same value and lose an
+increment (two schedules of one config, or a manual `retrain` beside a scheduled one), so the
+read-back and the push run under a lock file in the model store, which such jobs share
+(`$BENTOML_HOME/polytask/decisions.lock`); a lock not had within the per-request timeout is
+given up on with a warning, and the push goes ahead without it.
 
 Monitoring never fails a retraining job, nor holds it open: no Pushgateway configured logs one
 line; a network error logs a warning; a push (reading the counter back included) that has no
@@ -47,10 +51,12 @@ warning.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -245,6 +251,7 @@ def _pushadd(
     config_name: str,
     make_registry: Callable[[], Any],
     timeout: float,
+    lock_path: Path | None = None,
 ) -> bool:
     """POST the registry `make_registry()` builds to this job's group; never raises, and
     returns within `PUSH_DEADLINE_FACTOR * timeout` seconds.
@@ -252,20 +259,22 @@ def _pushadd(
     `timeout` bounds each socket read, not a request: a Pushgateway (or a proxy) that trickles
     its answer a byte at a time would hold the job open for good, after its work is done. So
     the push runs in a daemon thread, abandoned at the deadline (it cannot keep the process
-    alive; one thread per push at most)."""
+    alive; one thread per push at most). With `lock_path`, the registry is built (which may
+    read the Pushgateway) and pushed while that lock file is held."""
     from prometheus_client import pushadd_to_gateway
 
     outcome: list[BaseException | None] = []
 
     def push() -> None:
         try:
-            pushadd_to_gateway(
-                pushgateway,
-                job=job,
-                registry=make_registry(),
-                grouping_key=grouping_key(config_name),
-                timeout=timeout,
-            )
+            with _held(lock_path, timeout, what):
+                pushadd_to_gateway(
+                    pushgateway,
+                    job=job,
+                    registry=make_registry(),
+                    grouping_key=grouping_key(config_name),
+                    timeout=timeout,
+                )
         except Exception as err:  # network or HTTP errors, an unexpected record: never fatal
             outcome.append(err)
         else:
@@ -290,6 +299,35 @@ def _pushadd(
     return True
 
 
+@contextlib.contextmanager
+def _held(lock_path: Path | None, timeout: float, what: str) -> Iterator[None]:
+    """Hold the lock file `lock_path` (nothing when None) for the block; if another process
+    holds it for `timeout` seconds, warn and run the block without it."""
+    if lock_path is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(lock_path), timeout=timeout)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except (Timeout, OSError) as err:
+        logger.warning(
+            "%s: pushing without the lock %s (%s): a job of this config finishing at the same "
+            "time may lose one decision count",
+            what,
+            lock_path,
+            type(err).__name__,
+        )
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def push_retrain_metrics(
     pushgateway: str | None,
     job: str,
@@ -300,6 +338,7 @@ def push_retrain_metrics(
     promoted: bool,
     finished: float | None = None,
     timeout: float = 10.0,
+    lock_path: Path | None = None,
 ) -> bool:
     """Push a successful job's metrics. Never raises: returns whether they were pushed.
 
@@ -312,6 +351,8 @@ def push_retrain_metrics(
         promoted: The gate's decision.
         finished: Unix time of success; default now.
         timeout: Seconds per HTTP request.
+        lock_path: A lock file shared by the jobs of this config (`retrain` uses the model
+            store's), held while the decision counter is read back and pushed.
     """
     if pushgateway is None:
         _not_configured()
@@ -327,7 +368,10 @@ def push_retrain_metrics(
             finished=time.time() if finished is None else finished,
         )
 
-    if not _pushadd("training metrics", pushgateway, job, config_name, registry, timeout):
+    pushed = _pushadd(
+        "training metrics", pushgateway, job, config_name, registry, timeout, lock_path
+    )
+    if not pushed:
         return False
     logger.info(
         "training metrics pushed to %s (job=%s, config=%s, decision=%s)",

@@ -20,6 +20,12 @@ registers it again). A challenger that does not load or does not answer known te
 (`serving.runtime.load_checked`) is broken, not just worse: it is deleted from the store and
 the job fails with the reason. So does the job when the promoted champion is broken (roll back
 or promote a working version first).
+
+A gate that does not finish (an error, Ctrl-C, SIGTERM) removes its undecided challenger. A job
+killed outright (SIGKILL: the OOM killer, a pod's hard deadline) cannot, so the challenger is
+labelled with a token whose lock the job holds while it runs
+(`serving.model_store.candidate_owner`); the next retraining job of that model name removes
+candidates whose job is gone before it trains (`remove_orphaned_candidates`).
 """
 
 from __future__ import annotations
@@ -85,9 +91,16 @@ class RetrainRecord:
     started: str
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = {"status": "decided", **asdict(self)}
         out["run_dir"] = str(self.run_dir)
         return out
+
+
+def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """Write `run_dir/retrain.json` atomically: a reader sees a whole record."""
+    from serving.model_store import atomic_write
+
+    atomic_write(run_dir / RETRAIN_RECORD, json.dumps(record, indent=1).encode())
 
 
 def check_promotion_config(config: RunConfig) -> None:
@@ -266,6 +279,7 @@ def retrain(
             the message).
     """
     from pipeline.jobs.monitoring import push_retrain_failure, push_retrain_metrics
+    from serving.model_store import decisions_lock_path
 
     mon = config.monitoring
     try:
@@ -281,6 +295,7 @@ def retrain(
         run_record,
         duration_seconds=record.durations["total"],
         promoted=record.promoted,
+        lock_path=decisions_lock_path(),
     )
     return record
 
@@ -289,17 +304,18 @@ def _retrain(
     config: RunConfig, run_name: str | None, model_name: str | None, incremental: bool = False
 ) -> tuple[RetrainRecord, RunRecord]:
     """`retrain` without monitoring: the record and the training run's record."""
-    import bentoml
-
     from pipeline.export import default_model_name, export_run
     from pipeline.jobs.monitoring import epoch_callback
     from pipeline.train.driver import train
+    from serving.model_store import candidate_owner, remove_orphaned_candidates
 
     check_promotion_config(config)
     check_evaluation_data(config)
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     t0 = time.monotonic()
     name = model_name or default_model_name(config.name)
+    # Challengers of jobs killed outright (SIGKILL runs no clean-up) are removed here.
+    remove_orphaned_candidates(name)
     # What the challenger will be compared with, as the run starts: a champion that is gone
     # by the time of the gate must not turn the comparison into the first model's rules.
     champion_at_start = promoted_tag(name)
@@ -314,15 +330,52 @@ def _retrain(
     else:
         result = train(config, run_name=run_name, callbacks=callbacks)
     t_train = time.monotonic()
-    # A candidate until the gate decides: never served as the latest version meanwhile.
-    exported = export_run(result.run_dir, model_name=name, register=True, candidate=True)
+    with candidate_owner() as owner:
+        # A candidate until the gate decides: never served as the latest version meanwhile.
+        exported = export_run(
+            result.run_dir, model_name=name, register=True, candidate=True, candidate_owner=owner
+        )
+        return _gate_or_remove(
+            config, result, exported, name, champion_at_start, started, t0, t_train
+        )
+
+
+def _gate_or_remove(
+    config: RunConfig,
+    result: Any,
+    exported: Any,
+    name: str,
+    champion_at_start: str | None,
+    started: str,
+    t0: float,
+    t_train: float,
+) -> tuple[RetrainRecord, RunRecord]:
+    """`_gate`, removing the challenger if the gate does not finish (`_retrain`).
+
+    `retrain.json` says `"status": "gating"` from here on, `"failed"` (with the error) if the
+    gate does not finish, and `"decided"` with the whole record once it has: a job killed
+    outright leaves `gating`, not nothing."""
+    import bentoml
+
     tag = str(exported.tag)
     t_export = time.monotonic()
+    partial = {
+        "run_name": result.run_dir.name,
+        "run_dir": str(result.run_dir),
+        "model_name": name,
+        "tag": tag,
+        "champion": champion_at_start,
+        "started": started,
+    }
+    _write_record(result.run_dir, {"status": "gating", **partial})
     try:
         return _gate(
             config, result, exported, name, champion_at_start, started, t0, t_train, t_export
         )
-    except BaseException:
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            error = f"{type(err).__name__}: {err}"
+            _write_record(result.run_dir, {"status": "failed", "error": error, **partial})
         # Whatever stopped the gate (a data error, a deleted champion, Ctrl-C), the challenger
         # must not stay behind as a candidate nobody decided on; unless it was promoted.
         if not _is_promoted(tag):
@@ -360,6 +413,8 @@ def _gate(
     record (`_retrain` after the export)."""
     import bentoml
     from bentoml.exceptions import NotFound
+
+    from serving.model_store import keep_candidate
 
     tag = str(exported.tag)
 
@@ -437,6 +492,8 @@ def _gate(
     elif champion is None:
         bentoml.models.delete(tag)
         removed = True
+    else:  # refused, kept as a candidate for `models promote`: no longer this job's to remove
+        keep_candidate(tag)
     logger.info(
         "promotion gate for %s (champion %s):\n%s", tag, champion, format_decision(decision)
     )
@@ -469,7 +526,7 @@ def _gate(
         },
         started=started,
     )
-    (result.run_dir / RETRAIN_RECORD).write_text(json.dumps(record.to_dict(), indent=1))
+    _write_record(result.run_dir, record.to_dict())
     logger.info(
         "retrain %s: %s %s in %.1fs",
         record.run_name,
