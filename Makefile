@@ -13,8 +13,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-# torch first, pinned: torch==2.13.0 is a CPU build on this machine's disk; letting the
-# project's range resolve it from PyPI would pull a multi-GB CUDA build.
+# torch first, pinned: on this project's machines torch==2.13.0 resolves to a CPU build from
+# the local wheel directory pip is configured with; elsewhere install the CPU wheel into
+# $(VENV) first (README, Quickstart), or the project's range may pull a multi-GB CUDA build.
+# The system packages the tests need have no target here: see .ci/run (apt-get line).
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
@@ -58,8 +60,9 @@ images:
 
 # Smoke tests of the built images (infra/images/smoke.py; loopback only, everything stopped at
 # the end). image-smoke: the train image validates, trains and exports a tiny model into a
-# store, which the serve image then serves. image-smoke-serve (CI): the serve image on a tiny
-# store made here. image-smoke-train: the train image alone.
+# store, which the serve image then serves (CI runs `make images image-smoke`, .ci/run).
+# image-smoke-serve: the serve image on a tiny store made here. image-smoke-train: the train
+# image alone.
 # Only image-smoke-serve needs the virtualenv (it trains the tiny model on this machine).
 SMOKE_STORE := infra/images/build/smoke-store
 image-smoke:

@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "experiment",
-        help="a suite of training runs compared in a report (transfer, capacity, noise, affinity)",
+        help="a suite of training runs compared in a report (transfer, capacity, noise, "
+        "affinity, incremental)",
         description="Train a suite of runs of CONFIG on the Ray cluster (several at a time) and "
         "write report.md, PNG plots and results.json into the suite directory.",
     )
@@ -499,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variants",
         help="transfer: comma-separated multi-task variants to train beside the single-task "
-        "models (mtl,align,svd,aux,all,routed; default all)",
+        "models: mtl,align,svd,aux,all,routed (the default: all six), and, only when named, "
+        "distil (routed, taught by the single-task runs) and own (routed with own paths; "
+        "fine-tuned configs)",
     )
     p.add_argument(
         "--noise-fractions",
@@ -509,7 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="per-task accuracy and macro-F1 of a run")
     p.add_argument("run", type=Path, help="run directory printed by `polytask train`")
-    p.add_argument("--data-dir", type=Path, help="directory with <task>/<split>.<format>")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="directory with <task>/<split>.<format> (default: the run's data root)",
+    )
     p.add_argument("--split", default="dev", help="dev, test, ... (default dev)")
     p.add_argument("--output", type=Path, help="write the results as JSON")
     p.set_defaults(func=cmd_evaluate)
@@ -527,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize",
         choices=["none", "int8"],
         default="none",
-        help="int8: dynamic quantization, kept only if no task loses > 0.5 dev accuracy points",
+        help="int8: tries dynamic and static-QDQ int8 variants; keeps the fastest that loses "
+        "at most 0.5 dev points on every task and is faster than fp32",
     )
     p.add_argument("--name", help="model store name (default: polytask-<config name>)")
     p.add_argument("--output", type=Path, help="artifact directory (default: RUN/artifact)")
